@@ -1,0 +1,149 @@
+"""The ``cfkd`` command: a table from subcommand to a plain function. Exit codes: 0 ok, 2 bad input, 1 internal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+
+def _data_square(args) -> None:
+    from pipeline import square
+    from pipeline.config import from_dict
+
+    sq = from_dict({"data": {"square": {k: getattr(args, k) for k in ("n", "poison", "noise", "size", "seed")}}}).data.square
+    table = square.generate(args.out, sq)
+    print(f"wrote {len(table)} images to {args.out}")
+
+
+def _data_check(args) -> None:
+    from pipeline.data import load_folder
+
+    folder = load_folder(args.root)
+    counts = folder.table.groupby(["split", "label"]).size().to_dict()
+    print(f"{folder.root}: {len(folder.table)} images, classes {folder.classes}, ok")
+    for (split, label), n in sorted(counts.items()):
+        print(f"  {split:5s} {label}: {n}")
+
+
+def _train(args) -> None:
+    from pipeline import train
+    from pipeline.config import from_dict
+    from pipeline.data import load_folder
+
+    raw = {k: v for k, v in vars(args).items() if k in ("arch", "epochs", "batch_size", "lr", "balanced", "seed") and v is not None}
+    config = from_dict({"classifier": raw, "data": {"image_size": args.image_size}})
+    result = train.run(load_folder(args.data), config.classifier, config.data.image_size, Path(args.out), args.verbose)
+    print(f"wrote {result.directory} ({result.card.metrics})")
+
+
+def _import(args) -> None:
+    from pipeline import models
+    from pipeline.data import load_folder
+
+    classes = load_folder(args.data).classes if args.data else [c.strip() for c in args.classes.split(",")]
+    card = models.import_weights(args.weights, args.arch, classes, args.image_size, Path(args.out))
+    print(f"imported {args.weights} as {card.arch} with classes {card.classes} into {args.out}")
+
+
+def _evaluate(args) -> None:
+    from pipeline import evaluate
+    from pipeline.data import load_folder
+
+    out = Path(args.out or Path(args.checkpoint) / f"eval_{args.split}")
+    metrics = evaluate.run(Path(args.checkpoint), load_folder(args.data), out, args.split)
+    print(f"accuracy {metrics['accuracy']:.3f}, worst-group {metrics['worst_group_accuracy']:.3f} ({metrics['worst_group']}); wrote {out}")
+
+
+def _run(args) -> None:
+    from pipeline import config, runner
+
+    conf = config.load(args.config)
+    root = Path(args.run_dir or Path("runs") / conf.name)
+    path = runner.run(conf, root, force=args.force, start=args.start, verbose=args.verbose)
+    print(f"report: {path}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cfkd", description="Find and remove Clever-Hans shortcuts in image classifiers.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", help="show library banners, warnings and tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the whole pipeline (default: the embedded Square demo)", parents=[common])
+    run.add_argument("--config", help="YAML config (default: the embedded default)")
+    run.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
+    run.add_argument("--force", action="store_true", help="recompute every stage")
+    run.add_argument("--from", dest="start", metavar="STAGE", help="recompute this stage and all later ones")
+    run.set_defaults(func=_run)
+
+    data = sub.add_parser("data", help="make or check datasets").add_subparsers(dest="data_command", required=True)
+    sq = data.add_parser("square", help="generate the Square dataset in the folder format", parents=[common])
+    sq.add_argument("--out", required=True)
+    sq.add_argument("--n", type=int, default=2000, help="images in all splits (default 2000)")
+    sq.add_argument("--poison", type=float, default=1.0, help="share of train/val images with confounder == class")
+    sq.add_argument("--size", type=int, default=64)
+    sq.add_argument("--noise", type=float, default=20.0, help="pixel noise std, 0-255 scale (default 20)")
+    sq.add_argument("--seed", type=int, default=0)
+    sq.set_defaults(func=_data_square)
+    check = data.add_parser("check", help="validate a folder dataset (metadata.csv)", parents=[common])
+    check.add_argument("root")
+    check.set_defaults(func=_data_check)
+
+    tr = sub.add_parser("train", help="train a classifier on a folder dataset", parents=[common])
+    tr.add_argument("--data", required=True, help="folder dataset")
+    tr.add_argument("--out", required=True, help="checkpoint directory to write")
+    tr.add_argument("--arch", help="torchvision model name or small_cnn (default resnet18)")
+    tr.add_argument("--epochs", type=int)
+    tr.add_argument("--batch-size", type=int)
+    tr.add_argument("--lr", type=float)
+    tr.add_argument("--balanced", action="store_true", default=None, help="class-balanced sampling")
+    tr.add_argument("--image-size", type=int, default=64)
+    tr.add_argument("--seed", type=int)
+    tr.set_defaults(func=_train)
+
+    im = sub.add_parser("import", help="import your own classifier weights (safetensors or .pt state_dict)", parents=[common])
+    im.add_argument("--weights", required=True)
+    im.add_argument("--arch", required=True, help="torchvision model name the weights belong to, or small_cnn")
+    group = im.add_mutually_exclusive_group(required=True)
+    group.add_argument("--data", help="folder dataset whose classes the model predicts")
+    group.add_argument("--classes", help="comma-separated class names in output order")
+    im.add_argument("--image-size", type=int, default=64)
+    im.add_argument("--out", required=True)
+    im.set_defaults(func=_import)
+
+    ev = sub.add_parser("evaluate", help="accuracy, per-group and worst-group accuracy, confusion matrix", parents=[common])
+    ev.add_argument("--checkpoint", required=True, help="checkpoint directory (model.safetensors + card.json)")
+    ev.add_argument("--data", required=True, help="folder dataset")
+    ev.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ev.add_argument("--out", help="output folder (default: <checkpoint>/eval_<split>)")
+    ev.set_defaults(func=_evaluate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from pipeline import quiet
+
+    quiet.configure(args.verbose)
+    try:
+        args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug of ours: one line by default, the traceback with --verbose
+        if args.verbose:
+            traceback.print_exc()
+        print(f"internal error: {type(exc).__name__}: {exc} (rerun with --verbose for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

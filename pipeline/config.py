@@ -1,0 +1,166 @@
+"""Run configuration: one frozen dataclass per stage; the YAML file maps onto them.
+
+Every problem in a config file is collected and reported at once (key, value received, what is allowed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import UserError
+
+
+@dataclass(frozen=True)
+class SquareConfig:
+    """The embedded Square dataset (DESIGN.md)."""
+
+    n: int = 2000  # images in all splits together
+    poison: float = 1.0  # share of train/val images whose confounder equals the class (0.5 = unbiased)
+    noise: float = 20.0  # std of the Gaussian pixel noise, 0-255 scale
+    size: int = 64  # image side in pixels
+    seed: int = 0  # generator seed; same seed, same dataset
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str | None = None  # a folder dataset (metadata.csv); None = generate Square into the run directory
+    square: SquareConfig = field(default_factory=SquareConfig)
+    image_size: int = 64  # images are resized to this side before the classifier
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    arch: str = "resnet18"  # any torchvision classification model name, or "small_cnn"
+    weights: str | None = None  # import these weights (safetensors or .pt state_dict) instead of training
+    epochs: int = 6
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    balanced: bool = False  # class-balanced sampling of the training split
+    accelerator: str = "auto"  # Lightning accelerator: auto, cpu, gpu, ...
+    devices: str | int = "auto"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    """The unbiased reference classifier: the upper limit of any correction, and later a simulated teacher."""
+
+    enabled: bool = True
+    poison: float = 0.5  # poison of the Square dataset it is trained on (0.5 = unbiased)
+    root: str | None = None  # or a user's unbiased folder dataset
+    weights: str | None = None  # or a user's own reference weights
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "default"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+
+
+# Value checks beyond the type: key -> (predicate, what is allowed)
+_CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
+    "data.square.n": (lambda v: v >= 20, "an integer >= 20"),
+    "data.square.poison": (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
+    "data.square.noise": (lambda v: v >= 0, "a number >= 0"),
+    "data.square.size": (lambda v: v >= 16, "an integer >= 16 (the square patch is 12 px)"),
+    "data.image_size": (lambda v: v >= 8, "an integer >= 8"),
+    "classifier.epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "classifier.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "classifier.lr": (lambda v: v > 0, "a number > 0"),
+    "classifier.weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "reference.poison": (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
+    "name": (lambda v: v and "/" not in v and "\\" not in v and v not in {".", ".."}, "a plain folder name"),
+}
+
+
+def _type_ok(value: typing.Any, hint: typing.Any) -> bool:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _build(cls: type, raw: typing.Any, prefix: str, issues: list[str]):
+    if not isinstance(raw, dict):
+        issues.append(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            issues.append(f"{prefix}{key}: unknown key (allowed: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        key, value, hint = f"{prefix}{f.name}", raw[f.name], hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _build(hint, value, key + ".", issues)
+        elif not _type_ok(value, hint):
+            issues.append(f"{key}: got {value!r}, expected {_hint_name(hint)}")
+        elif key in _CHECKS and value is not None and not _CHECKS[key][0](value):
+            issues.append(f"{key}: got {value!r}, expected {_CHECKS[key][1]}")
+        else:
+            kwargs[f.name] = float(value) if hint is float else value
+    return cls(**kwargs)
+
+
+def _hint_name(hint: typing.Any) -> str:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return " or ".join(_hint_name(h) for h in typing.get_args(hint))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def from_dict(raw: dict | None) -> RunConfig:
+    """Build a RunConfig from a plain mapping; raise one UserError listing every bad key."""
+    issues: list[str] = []
+    config = _build(RunConfig, raw or {}, "", issues)
+    if issues:
+        raise UserError("bad config: " + "; ".join(issues))
+    return config
+
+
+DEFAULT_RUN = Path(__file__).with_name("default.yaml")
+
+
+def load(path: str | Path | None) -> RunConfig:
+    """Read a YAML config file (None = the embedded default run, pipeline/default.yaml)."""
+    path = Path(path) if path is not None else DEFAULT_RUN
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return from_dict(raw)
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def dump(config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def fingerprint(*parts: typing.Any) -> str:
+    """A stable hash of JSON-able parts (configs as dicts, upstream fingerprints, file hashes)."""
+    blob = json.dumps([to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

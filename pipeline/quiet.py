@@ -1,0 +1,26 @@
+"""Quiet by default: Lightning's banners and tips and library warnings reach the user only with --verbose."""
+
+import logging
+import os
+import warnings
+
+# Lightning resets its package logger to INFO when imported, so quieten the modules that actually emit too.
+_NOISY = (
+    "lightning",
+    "lightning.pytorch",
+    "lightning.fabric",
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+    "lightning.pytorch.accelerators.cuda",
+    "diffusers",
+    "torch",
+)
+
+
+def configure(verbose: bool = False) -> None:
+    level = logging.INFO if verbose else logging.ERROR
+    for name in _NOISY:
+        logging.getLogger(name).setLevel(level)
+    if not verbose:
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")  # also for processes we start

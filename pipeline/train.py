@@ -1,0 +1,143 @@
+"""Train a classifier with Lightning (accelerator="auto"): the biased classifier, the reference, later CFKD.
+
+The nn.Module (backbone) stays apart from the LightningModule (system), so everything downstream loads the
+classifier from its safetensors checkpoint without Lightning.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torchmetrics
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from pipeline import models
+from pipeline.config import ClassifierConfig
+from pipeline.data import FolderData, ImageDataset, make_transform
+
+
+class ClassifierSystem(L.LightningModule):
+    def __init__(self, backbone: nn.Module, num_classes: int, lr: float = 1e-3, weight_decay: float = 0.0):
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone"])
+        self.backbone = backbone
+        self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
+        self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        logits = self(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        self.train_acc(logits, y)
+        self.log_dict({"train_loss": loss, "train_acc": self.train_acc}, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y, _ = batch
+        logits = self(x)
+        self.val_acc(logits, y)
+        self.log_dict({"val_loss": nn.functional.cross_entropy(logits, y), "val_acc": self.val_acc}, prog_bar=True)
+
+    def predict_step(self, batch, batch_idx):
+        return torch.softmax(self(batch[0]), dim=-1)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, hp.lr, total_steps=self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class KeepBest(L.Callback):
+    """Keep the backbone weights of the epoch with the lowest validation loss (no pickled checkpoints)."""
+
+    def __init__(self, monitor: str = "val_loss"):
+        self.monitor, self.best, self.best_epoch, self.state = monitor, float("inf"), -1, None
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        value = trainer.callback_metrics.get(self.monitor)
+        if trainer.sanity_checking or value is None or float(value) >= self.best:
+            return
+        self.best, self.best_epoch = float(value), trainer.current_epoch
+        self.state = copy.deepcopy({k: v.detach().cpu() for k, v in pl_module.backbone.state_dict().items()})
+
+
+class EpochBar(TQDMProgressBar):
+    """Lightning's bar without the nested validation bar (validation metrics still show on the epoch bar)."""
+
+    def init_validation_tqdm(self):
+        bar = super().init_validation_tqdm()
+        bar.disable = True
+        return bar
+
+
+@dataclass
+class TrainResult:
+    card: models.ModelCard
+    directory: Path
+
+
+def _loader(dataset: ImageDataset, batch_size: int, shuffle: bool, balanced: bool = False) -> DataLoader:
+    sampler = None
+    if balanced:
+        counts = np.bincount(dataset.targets)
+        weights = 1.0 / counts[dataset.targets]
+        sampler = WeightedRandomSampler(weights.tolist(), num_samples=len(dataset), replacement=True)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler)
+
+
+def trainer(out: Path | None, max_epochs: int, config: ClassifierConfig, callbacks=(), verbose: bool = False) -> L.Trainer:
+    loggers = [CSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="logs", version="")] if out else False
+    return L.Trainer(
+        max_epochs=max_epochs,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        logger=loggers,
+        callbacks=[EpochBar(), *callbacks],
+        enable_checkpointing=False,
+        enable_model_summary=verbose,
+        log_every_n_steps=5,
+        num_sanity_val_steps=0,
+    )
+
+
+def run(data: FolderData, config: ClassifierConfig, image_size: int, out: Path, verbose: bool = False) -> TrainResult:
+    """Train ``config.arch`` on the train split (model selection on val) and write the checkpoint to ``out``."""
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    transform = make_transform(image_size)
+    train_set = ImageDataset(data, "train", data.classes, transform)
+    val_set = ImageDataset(data, "val", data.classes, transform)
+    backbone = models.build(config.arch, len(data.classes), image_size)
+    system = ClassifierSystem(backbone, len(data.classes), config.lr, config.weight_decay)
+    keep = KeepBest()
+    started = time.perf_counter()
+    fit = trainer(out, config.epochs, config, [keep], verbose)
+    fit.fit(system, _loader(train_set, config.batch_size, True, config.balanced), _loader(val_set, 256, False))
+    if keep.state is not None:
+        backbone.load_state_dict(keep.state)
+    metrics = {k: round(float(v), 4) for k, v in fit.callback_metrics.items()}
+    metrics.update(best_epoch=keep.best_epoch, epochs=config.epochs, seconds=round(time.perf_counter() - started, 1))
+    card = models.ModelCard(
+        arch=config.arch, classes=data.classes, image_size=image_size, metrics=metrics, data_hash=data.fingerprint("train")
+    )
+    models.save(backbone.eval(), card, out)
+    return TrainResult(card, out)
+
+
+def predict(model: nn.Module, dataset: ImageDataset, config: ClassifierConfig = ClassifierConfig()) -> np.ndarray:
+    """Class probabilities for every item of ``dataset`` (Lightning batched inference)."""
+    system = ClassifierSystem(model, num_classes=len(dataset.classes))
+    batches = trainer(None, 1, config).predict(system, _loader(dataset, 256, False))
+    return torch.cat(batches).float().numpy()

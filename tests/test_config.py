@@ -1,0 +1,41 @@
+import pytest
+
+from pipeline import config
+from pipeline.errors import UserError
+
+
+def test_defaults_and_round_trip(tmp_path):
+    assert config.RunConfig().classifier.arch == "resnet18"  # what a user's config gets when it names none
+    default = config.load(None)  # the embedded default run
+    assert default.classifier.arch == "small_cnn" and default.data.square.poison == 1.0
+    config.dump(default, tmp_path / "c.yaml")
+    assert config.load(tmp_path / "c.yaml") == default
+
+
+def test_every_problem_is_reported_once(tmp_path):
+    (tmp_path / "c.yaml").write_text(
+        "name: x\nclassifer: {}\ndata:\n  square: {poison: 1.5, n: ten}\nclassifier: {epochs: 0, lr: -1}\n"
+    )
+    with pytest.raises(UserError) as err:
+        config.load(tmp_path / "c.yaml")
+    message = str(err.value)
+    assert "classifer: unknown key" in message
+    assert "data.square.poison: got 1.5, expected a number in [0, 1]" in message
+    assert "data.square.n: got 'ten', expected int" in message
+    assert "classifier.epochs: got 0" in message and "classifier.lr: got -1" in message
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    (tmp_path / "bad.yaml").write_text("data: [unclosed")
+    with pytest.raises(UserError, match="not valid YAML"):
+        config.load(tmp_path / "bad.yaml")
+    with pytest.raises(UserError, match="not found"):
+        config.load(tmp_path / "missing.yaml")
+    with pytest.raises(UserError, match="name: got '../x'"):
+        config.from_dict({"name": "../x"})
+
+
+def test_fingerprint_tracks_config():
+    a, b = config.RunConfig(), config.from_dict({"classifier": {"epochs": 2}})
+    assert config.fingerprint(a.classifier) != config.fingerprint(b.classifier)
+    assert config.fingerprint(a.data) == config.fingerprint(b.data)
