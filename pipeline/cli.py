@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import traceback
 from pathlib import Path
@@ -58,6 +59,14 @@ def _evaluate(args) -> None:
     print(f"accuracy {metrics['accuracy']:.3f}, worst-group {metrics['worst_group_accuracy']:.3f} ({metrics['worst_group']}); wrote {out}")
 
 
+def _generator_train(args) -> None:
+    from pipeline import codec
+
+    config = codec.CodecConfig(kind=args.kind, max_steps=args.steps, max_minutes=args.minutes, seed=args.seed)
+    card = codec.train(Path(args.out), config, args.verbose)
+    print(json.dumps({k: v for k, v in card.items() if k not in ("config", "corpus")}, indent=2))
+
+
 def _run(args) -> None:
     from pipeline import config, runner
 
@@ -92,6 +101,17 @@ def parser() -> argparse.ArgumentParser:
     check = data.add_parser("check", help="validate a folder dataset (metadata.csv)", parents=[common])
     check.add_argument("root")
     check.set_defaults(func=_data_check)
+
+    gen = sub.add_parser("generator", help="the generative model of the explain stage").add_subparsers(
+        dest="generator_command", required=True
+    )
+    gt = gen.add_parser("train", help="train the embedded generic codec on the procedural corpus", parents=[common])
+    gt.add_argument("--out", default="checkpoints/generic-codec")
+    gt.add_argument("--kind", default="AutoencoderTiny", choices=["AutoencoderTiny", "AutoencoderKL"])
+    gt.add_argument("--steps", type=int, default=3000)
+    gt.add_argument("--minutes", type=float, default=50.0, help="CPU budget; training stops at steps or minutes")
+    gt.add_argument("--seed", type=int, default=0)
+    gt.set_defaults(func=_generator_train)
 
     tr = sub.add_parser("train", help="train a classifier on a folder dataset", parents=[common])
     tr.add_argument("--data", required=True, help="folder dataset")

@@ -5,7 +5,7 @@ import pytest
 
 from pipeline import cli
 
-SUBCOMMANDS = [["run"], ["data", "square"], ["data", "check"], ["train"], ["import"], ["evaluate"]]
+SUBCOMMANDS = [["run"], ["data", "square"], ["data", "check"], ["generator", "train"], ["train"], ["import"], ["evaluate"]]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

@@ -1,0 +1,89 @@
+"""The generative model of the explain stage: a diffusers ``AutoencoderKL`` or ``AutoencoderTiny`` loaded with
+``from_pretrained`` from a local folder or a hub id (offline: from the local cache only, with a clear error).
+
+``Codec`` gives the explainer one interface: ``encode(x) -> z`` and ``decode(z) -> x`` on images in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import UserError
+
+CLASSES = ("AutoencoderKL", "AutoencoderTiny")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SOURCE = "checkpoints/generic-codec"  # the embedded codec, trained by `cfkd generator train`
+
+
+class Codec(nn.Module):
+    """Encode / decode through either autoencoder class; deterministic (the KL posterior's mean)."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        self.kind = type(vae).__name__
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.vae.encode(x)
+        return out.latent_dist.mean if hasattr(out, "latent_dist") else out.latents
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z).sample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+
+def resolve(source: str) -> Path | None:
+    """A local folder for ``source`` (as given, or relative to the repository), or None for a hub id."""
+    for candidate in (Path(source).expanduser(), REPO_ROOT / source):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def _class_of(folder: Path) -> str:
+    try:
+        name = json.loads((folder / "config.json").read_text()).get("_class_name", "")
+    except FileNotFoundError:
+        raise UserError(f"generator.source {folder} has no config.json: not a diffusers model folder") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"generator.source {folder}/config.json is not valid JSON ({exc})") from None
+    if name not in CLASSES:
+        raise UserError(f"generator.source {folder} holds a {name or 'unknown model'}, expected one of {', '.join(CLASSES)}")
+    return name
+
+
+def load(source: str = DEFAULT_SOURCE, subfolder: str | None = None) -> Codec:
+    """Load a codec from a local folder or a hub id (``subfolder="vae"`` for a full pipeline repository)."""
+    import diffusers
+
+    folder = resolve(source)
+    if folder is not None:
+        path = folder / subfolder if subfolder else folder
+        return Codec(getattr(diffusers, _class_of(path)).from_pretrained(path))
+    if "/" not in source or source.startswith((".", "/", "~")):
+        raise UserError(f"generator.source '{source}': no such folder (and not a hub id like 'madebyollin/taesd')")
+    errors = []
+    for name in CLASSES:  # a hub id: only what is already in the local cache can be used offline
+        try:
+            vae = getattr(diffusers, name).from_pretrained(source, subfolder=subfolder, local_files_only=True)
+            return Codec(vae)
+        except (OSError, ValueError, EnvironmentError) as exc:
+            errors.append(str(exc).splitlines()[0])
+    raise UserError(
+        f"generator.source '{source}' is a hub id but the model hub is unreachable and the model is not in the "
+        f"local cache; on a connected machine run `huggingface-cli download {source}` (or save_pretrained it) and "
+        "point generator.source at the downloaded folder"
+    )
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2), averaged over the batch's pixels."""
+    mse = torch.mean((a.clamp(-1, 1) - b.clamp(-1, 1)) ** 2).item()
+    return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
