@@ -49,7 +49,11 @@ def main() -> int:
     }
     result = {
         "benchmark": "spine: cfkd run on the embedded default",
-        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": {
+            "cpus": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+        },
         "wall_seconds": round(wall, 1),
         "peak_rss_mib": round(peak_mib),
         "stage_seconds": {

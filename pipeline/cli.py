@@ -15,7 +15,9 @@ def _data_square(args) -> None:
     from pipeline import square
     from pipeline.config import from_dict
 
-    sq = from_dict({"data": {"square": {k: getattr(args, k) for k in ("n", "poison", "noise", "size", "seed")}}}).data.square
+    sq = from_dict(
+        {"data": {"square": {k: getattr(args, k) for k in ("n", "poison", "noise", "size", "seed")}}}
+    ).data.square
     table = square.generate(args.out, sq)
     print(f"wrote {len(table)} images to {args.out}")
 
@@ -35,9 +37,15 @@ def _train(args) -> None:
     from pipeline.config import from_dict
     from pipeline.data import load_folder
 
-    raw = {k: v for k, v in vars(args).items() if k in ("arch", "epochs", "batch_size", "lr", "balanced", "seed") and v is not None}
+    raw = {
+        k: v
+        for k, v in vars(args).items()
+        if k in ("arch", "epochs", "batch_size", "lr", "balanced", "seed") and v is not None
+    }
     config = from_dict({"classifier": raw, "data": {"image_size": args.image_size}})
-    result = train.run(load_folder(args.data), config.classifier, config.data.image_size, Path(args.out), args.verbose)
+    result = train.run(
+        load_folder(args.data), config.classifier, config.data.image_size, Path(args.out), args.verbose
+    )
     print(f"wrote {result.directory} ({result.card.metrics})")
 
 
@@ -56,7 +64,9 @@ def _evaluate(args) -> None:
 
     out = Path(args.out or Path(args.checkpoint) / f"eval_{args.split}")
     metrics = evaluate.run(Path(args.checkpoint), load_folder(args.data), out, args.split)
-    print(f"accuracy {metrics['accuracy']:.3f}, worst-group {metrics['worst_group_accuracy']:.3f} ({metrics['worst_group']}); wrote {out}")
+    print(
+        f"accuracy {metrics['accuracy']:.3f}, worst-group {metrics['worst_group_accuracy']:.3f} ({metrics['worst_group']}); wrote {out}"
+    )
 
 
 def _generator_train(args) -> None:
@@ -65,6 +75,24 @@ def _generator_train(args) -> None:
     config = codec.CodecConfig(kind=args.kind, max_steps=args.steps, max_minutes=args.minutes, seed=args.seed)
     card = codec.train(Path(args.out), config, args.verbose)
     print(json.dumps({k: v for k, v in card.items() if k not in ("config", "corpus")}, indent=2))
+
+
+def _explain(args) -> None:
+    from pipeline import config, explain
+    from pipeline.data import load_folder
+
+    conf = config.load(args.config)
+    summary = explain.run(
+        Path(args.checkpoint),
+        load_folder(args.data),
+        conf.explain,
+        conf.generator,
+        Path(args.out),
+        args.verbose,
+    )
+    print(
+        f"{summary['counterfactuals']} counterfactuals, validity {summary['validity']:.3f}; wrote {args.out}"
+    )
 
 
 def _run(args) -> None:
@@ -77,23 +105,33 @@ def _run(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cfkd", description="Find and remove Clever-Hans shortcuts in image classifiers.")
+    p = argparse.ArgumentParser(
+        prog="cfkd", description="Find and remove Clever-Hans shortcuts in image classifiers."
+    )
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--verbose", action="store_true", help="show library banners, warnings and tracebacks")
+    common.add_argument(
+        "--verbose", action="store_true", help="show library banners, warnings and tracebacks"
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run the whole pipeline (default: the embedded Square demo)", parents=[common])
+    run = sub.add_parser(
+        "run", help="run the whole pipeline (default: the embedded Square demo)", parents=[common]
+    )
     run.add_argument("--config", help="YAML config (default: the embedded default)")
     run.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
     run.add_argument("--force", action="store_true", help="recompute every stage")
     run.add_argument("--from", dest="start", metavar="STAGE", help="recompute this stage and all later ones")
     run.set_defaults(func=_run)
 
-    data = sub.add_parser("data", help="make or check datasets").add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="make or check datasets").add_subparsers(
+        dest="data_command", required=True
+    )
     sq = data.add_parser("square", help="generate the Square dataset in the folder format", parents=[common])
     sq.add_argument("--out", required=True)
     sq.add_argument("--n", type=int, default=2000, help="images in all splits (default 2000)")
-    sq.add_argument("--poison", type=float, default=1.0, help="share of train/val images with confounder == class")
+    sq.add_argument(
+        "--poison", type=float, default=1.0, help="share of train/val images with confounder == class"
+    )
     sq.add_argument("--size", type=int, default=64)
     sq.add_argument("--noise", type=float, default=20.0, help="pixel noise std, 0-255 scale (default 20)")
     sq.add_argument("--seed", type=int, default=0)
@@ -105,13 +143,26 @@ def parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generator", help="the generative model of the explain stage").add_subparsers(
         dest="generator_command", required=True
     )
-    gt = gen.add_parser("train", help="train the embedded generic codec on the procedural corpus", parents=[common])
+    gt = gen.add_parser(
+        "train", help="train the embedded generic codec on the procedural corpus", parents=[common]
+    )
     gt.add_argument("--out", default="checkpoints/generic-codec")
     gt.add_argument("--kind", default="AutoencoderTiny", choices=["AutoencoderTiny", "AutoencoderKL"])
     gt.add_argument("--steps", type=int, default=3000)
-    gt.add_argument("--minutes", type=float, default=50.0, help="CPU budget; training stops at steps or minutes")
+    gt.add_argument(
+        "--minutes", type=float, default=50.0, help="CPU budget; training stops at steps or minutes"
+    )
     gt.add_argument("--seed", type=int, default=0)
     gt.set_defaults(func=_generator_train)
+
+    ex = sub.add_parser("explain", help="SCE-LITE-HQ counterfactuals for a classifier", parents=[common])
+    ex.add_argument("--checkpoint", required=True, help="classifier checkpoint directory")
+    ex.add_argument("--data", required=True, help="folder dataset")
+    ex.add_argument("--out", required=True, help="output folder (images, manifest.csv, desiderata.json)")
+    ex.add_argument(
+        "--config", help="YAML whose explain: and generator: sections apply (default: the embedded default)"
+    )
+    ex.set_defaults(func=_explain)
 
     tr = sub.add_parser("train", help="train a classifier on a folder dataset", parents=[common])
     tr.add_argument("--data", required=True, help="folder dataset")
@@ -125,9 +176,13 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int)
     tr.set_defaults(func=_train)
 
-    im = sub.add_parser("import", help="import your own classifier weights (safetensors or .pt state_dict)", parents=[common])
+    im = sub.add_parser(
+        "import", help="import your own classifier weights (safetensors or .pt state_dict)", parents=[common]
+    )
     im.add_argument("--weights", required=True)
-    im.add_argument("--arch", required=True, help="torchvision model name the weights belong to, or small_cnn")
+    im.add_argument(
+        "--arch", required=True, help="torchvision model name the weights belong to, or small_cnn"
+    )
     group = im.add_mutually_exclusive_group(required=True)
     group.add_argument("--data", help="folder dataset whose classes the model predicts")
     group.add_argument("--classes", help="comma-separated class names in output order")
@@ -135,8 +190,12 @@ def parser() -> argparse.ArgumentParser:
     im.add_argument("--out", required=True)
     im.set_defaults(func=_import)
 
-    ev = sub.add_parser("evaluate", help="accuracy, per-group and worst-group accuracy, confusion matrix", parents=[common])
-    ev.add_argument("--checkpoint", required=True, help="checkpoint directory (model.safetensors + card.json)")
+    ev = sub.add_parser(
+        "evaluate", help="accuracy, per-group and worst-group accuracy, confusion matrix", parents=[common]
+    )
+    ev.add_argument(
+        "--checkpoint", required=True, help="checkpoint directory (model.safetensors + card.json)"
+    )
     ev.add_argument("--data", required=True, help="folder dataset")
     ev.add_argument("--split", default="test", choices=["train", "val", "test"])
     ev.add_argument("--out", help="output folder (default: <checkpoint>/eval_<split>)")
@@ -160,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug of ours: one line by default, the traceback with --verbose
         if args.verbose:
             traceback.print_exc()
-        print(f"internal error: {type(exc).__name__}: {exc} (rerun with --verbose for the traceback)", file=sys.stderr)
+        print(
+            f"internal error: {type(exc).__name__}: {exc} (rerun with --verbose for the traceback)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

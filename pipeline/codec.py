@@ -90,7 +90,9 @@ class CodecSystem(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, self.hparams.lr, total_steps=self.hparams.max_steps, pct_start=0.05)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, self.hparams.lr, total_steps=self.hparams.max_steps, pct_start=0.05
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
@@ -112,7 +114,7 @@ def square_psnr(codec: generator.Codec, size: int = 64, n: int = 48, seed: int =
 
             x = torch.stack([transform(Image.open(data.root / p).convert("RGB")) for p in data.table["path"]])
             result[f"psnr_{size}px_noise{int(noise)}"] = round(generator.psnr(codec(x), x), 2)
-    result[f"noise_floor_{size}px_noise20"] = round(20 * np.log10(255 / 20), 2)
+    result[f"noise_floor_{size}px_noise20"] = round(float(20 * np.log10(255 / 20)), 2)
     return result
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.counterfactual import Settings as SearchConfig
 from pipeline.errors import UserError
 
 
@@ -61,12 +62,39 @@ class ReferenceConfig:
 
 
 @dataclass(frozen=True)
+class GeneratorConfig:
+    """The pretrained generative model whose latent the explainer searches (a diffusers autoencoder)."""
+
+    source: str = "checkpoints/generic-codec"  # local folder or hub id (offline: local cache only)
+    subfolder: str | None = None  # e.g. "vae" inside a full pipeline repository
+    unet: str | None = None  # optional diffusers UNet2DModel + scheduler folder for gradient filtering
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    enabled: bool = True
+    split: str = "val"  # counterfactuals for correctly classified images of this split
+    per_pair: int = 16  # images per ordered (source, target) class pair
+    batch_size: int = 32
+    surrogate: bool = (
+        True  # gradients from a smooth surrogate (smoothing 1; smoothing 2 is search.smoothgrad)
+    )
+    surrogate_epochs: int = 2  # distillation epochs of the smooth surrogate
+    search: SearchConfig = field(default_factory=SearchConfig)
+    accelerator: str = "auto"
+    devices: str | int = "auto"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "default"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
 
 
 # Value checks beyond the type: key -> (predicate, what is allowed)
@@ -81,6 +109,20 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "classifier.lr": (lambda v: v > 0, "a number > 0"),
     "classifier.weight_decay": (lambda v: v >= 0, "a number >= 0"),
     "reference.poison": (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
+    "explain.split": (lambda v: v in ("train", "val", "test"), "train, val or test"),
+    "explain.per_pair": (lambda v: v >= 1, "an integer >= 1"),
+    "explain.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "explain.surrogate_epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "explain.search.attempts": (lambda v: v >= 1, "an integer >= 1"),
+    "explain.search.goal": (lambda v: 0.5 <= v < 1.0, "a probability in [0.5, 1)"),
+    "explain.search.steps": (lambda v: v >= 1, "an integer >= 1"),
+    "explain.search.lr": (lambda v: v > 0, "a number > 0"),
+    "explain.search.temperature": (lambda v: v > 0, "a number > 0"),
+    "explain.search.l1": (lambda v: v >= 0, "a number >= 0"),
+    "explain.search.smoothgrad": (lambda v: v >= 0, "an integer >= 0"),
+    "explain.search.paste_threshold": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "explain.search.blur": (lambda v: v >= 1 and v % 2 == 1, "an odd integer >= 1"),
+    "explain.search.filter_timestep": (lambda v: v >= 0, "an integer >= 0"),
     "name": (lambda v: v and "/" not in v and "\\" not in v and v not in {".", ".."}, "a plain folder name"),
 }
 

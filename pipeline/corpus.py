@@ -21,7 +21,7 @@ def _gradient(rng, size: int) -> np.ndarray:
     a, b = np.array(_colour(rng), float), np.array(_colour(rng), float)
     angle = rng.uniform(0, 2 * np.pi)
     yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
-    t = (np.cos(angle) * xx + np.sin(angle) * yy)
+    t = np.cos(angle) * xx + np.sin(angle) * yy
     t = (t - t.min()) / max(np.ptp(t), 1e-6)
     return a + (b - a) * t[..., None]
 

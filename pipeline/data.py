@@ -97,7 +97,9 @@ def _row_problems(root: Path, row: dict, seen: dict[str, int], line: int) -> lis
             if isinstance(mask_size, str):
                 problems.append(f"feature_mask: {mask_size}")
             elif mask_size != size:
-                problems.append(f"feature_mask '{mask_rel}' is {mask_size[0]}x{mask_size[1]}, image is {size[0]}x{size[1]}")
+                problems.append(
+                    f"feature_mask '{mask_rel}' is {mask_size[0]}x{mask_size[1]}, image is {size[0]}x{size[1]}"
+                )
     return problems
 
 
@@ -127,7 +129,9 @@ def load_folder(root: str | Path) -> FolderData:
         line = index + 2  # line 1 is the header
         bad += [f"line {line}: {p}" for p in _row_problems(root, row, seen, line)]
     if bad:
-        listed = "; ".join(bad[:MAX_LISTED]) + (f"; ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else "")
+        listed = "; ".join(bad[:MAX_LISTED]) + (
+            f"; ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+        )
         raise UserError(f"{csv}: {len(bad)} problem(s): {listed}")
     table = table.assign(
         path=table["path"].str.strip(),
@@ -158,7 +162,9 @@ class ImageDataset(torch.utils.data.Dataset):
         self.root, self.rows = data.root, data.split(split)
         unknown = sorted(set(self.rows["label"]) - set(classes))
         if unknown:
-            raise UserError(f"labels {unknown} in {data.root} are not among the classifier's classes {classes}")
+            raise UserError(
+                f"labels {unknown} in {data.root} are not among the classifier's classes {classes}"
+            )
         self.classes = classes
         self.targets = [classes.index(label) for label in self.rows["label"]]
         self.transform = transform

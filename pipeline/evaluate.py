@@ -3,7 +3,6 @@ confusion matrix; written as metrics.json, predictions.csv and a PNG plot."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -40,7 +39,9 @@ def metrics_from_predictions(table: pd.DataFrame, classes: list[str]) -> dict:
     return {
         "n": int(len(table)),
         "accuracy": float(accuracy_score(target, pred)),
-        "per_class": {cls: float(correct[target == i].mean()) for i, cls in enumerate(classes) if (target == i).any()},
+        "per_class": {
+            cls: float(correct[target == i].mean()) for i, cls in enumerate(classes) if (target == i).any()
+        },
         "per_group": per_group,
         "worst_group": worst,
         "worst_group_accuracy": per_group[worst]["accuracy"],
@@ -49,12 +50,16 @@ def metrics_from_predictions(table: pd.DataFrame, classes: list[str]) -> dict:
     }
 
 
-def evaluate(model: nn.Module, card: models.ModelCard, data: FolderData, split: str = "test") -> tuple[dict, pd.DataFrame]:
+def evaluate(
+    model: nn.Module, card: models.ModelCard, data: FolderData, split: str = "test"
+) -> tuple[dict, pd.DataFrame]:
     if data.split(split).empty:
         raise UserError(f"dataset {data.root} has no '{split}' images to evaluate on")
     dataset = ImageDataset(data, split, card.classes, make_transform(card.image_size, card.mean, card.std))
     probs = predict(model, dataset)
-    table = dataset.rows[["path", "label", "split", "group"]].assign(pred=probs.argmax(1), confidence=probs.max(1))
+    table = dataset.rows[["path", "label", "split", "group"]].assign(
+        pred=probs.argmax(1), confidence=probs.max(1)
+    )
     for i, cls in enumerate(card.classes):
         table[f"p_{cls}"] = probs[:, i]
     return metrics_from_predictions(table, card.classes), table
@@ -79,7 +84,9 @@ def plot(metrics: dict, title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def run(checkpoint: Path, data: FolderData, out: Path, split: str = "test", title: str = "classifier") -> dict:
+def run(
+    checkpoint: Path, data: FolderData, out: Path, split: str = "test", title: str = "classifier"
+) -> dict:
     model, card = models.load(checkpoint)
     metrics, table = evaluate(model, card, data, split)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -47,15 +48,30 @@ def resolve(source: str) -> Path | None:
     return None
 
 
+def fingerprint(source: str) -> str:
+    """Identity of a generator for stage skipping: a hash of a local folder's weights, else the hub id."""
+    folder = resolve(source)
+    if folder is None:
+        return source
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*.safetensors")) + sorted(folder.rglob("config.json")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def _class_of(folder: Path) -> str:
     try:
         name = json.loads((folder / "config.json").read_text()).get("_class_name", "")
     except FileNotFoundError:
-        raise UserError(f"generator.source {folder} has no config.json: not a diffusers model folder") from None
+        raise UserError(
+            f"generator.source {folder} has no config.json: not a diffusers model folder"
+        ) from None
     except json.JSONDecodeError as exc:
         raise UserError(f"generator.source {folder}/config.json is not valid JSON ({exc})") from None
     if name not in CLASSES:
-        raise UserError(f"generator.source {folder} holds a {name or 'unknown model'}, expected one of {', '.join(CLASSES)}")
+        raise UserError(
+            f"generator.source {folder} holds a {name or 'unknown model'}, expected one of {', '.join(CLASSES)}"
+        )
     return name
 
 
@@ -68,13 +84,15 @@ def load(source: str = DEFAULT_SOURCE, subfolder: str | None = None) -> Codec:
         path = folder / subfolder if subfolder else folder
         return Codec(getattr(diffusers, _class_of(path)).from_pretrained(path))
     if "/" not in source or source.startswith((".", "/", "~")):
-        raise UserError(f"generator.source '{source}': no such folder (and not a hub id like 'madebyollin/taesd')")
+        raise UserError(
+            f"generator.source '{source}': no such folder (and not a hub id like 'madebyollin/taesd')"
+        )
     errors = []
     for name in CLASSES:  # a hub id: only what is already in the local cache can be used offline
         try:
             vae = getattr(diffusers, name).from_pretrained(source, subfolder=subfolder, local_files_only=True)
             return Codec(vae)
-        except (OSError, ValueError, EnvironmentError) as exc:
+        except (OSError, ValueError) as exc:
             errors.append(str(exc).splitlines()[0])
     raise UserError(
         f"generator.source '{source}' is a hub id but the model hub is unreachable and the model is not in the "
@@ -87,3 +105,23 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of images in [-1, 1] (peak-to-peak 2), averaged over the batch's pixels."""
     mse = torch.mean((a.clamp(-1, 1) - b.clamp(-1, 1)) ** 2).item()
     return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
+
+
+def load_denoiser(source: str):
+    """(UNet2DModel, DDPMScheduler) from a folder holding unet/ and scheduler/ (a diffusers pipeline layout), or
+    from a hub id already in the local cache; used for the gradient-filtering noise/denoise pass."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    folder = resolve(source)
+    where = str(folder) if folder is not None else source
+    try:
+        unet = UNet2DModel.from_pretrained(where, subfolder="unet", local_files_only=folder is None)
+        scheduler = DDPMScheduler.from_pretrained(
+            where, subfolder="scheduler", local_files_only=folder is None
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"generator.unet '{source}': cannot load a UNet2DModel and scheduler ({str(exc).splitlines()[0]}); "
+            "give a local folder with unet/ and scheduler/ subfolders"
+        ) from None
+    return unet.eval().requires_grad_(False), scheduler

@@ -84,7 +84,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as exc:
         raise UserError(f"cannot read weights {path}: {str(exc).splitlines()[0]}") from None
     except Exception as exc:  # weights_only refuses pickled objects with its own exception types
-        raise UserError(f"{path} is not a plain state_dict ({type(exc).__name__}); save model.state_dict()") from None
+        raise UserError(
+            f"{path} is not a plain state_dict ({type(exc).__name__}); save model.state_dict()"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -97,7 +99,11 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or shapes:
         parts = [f"{len(missing)} missing key(s) e.g. {missing[:3]}" if missing else ""]
         parts.append(f"{len(unexpected)} unexpected key(s) e.g. {unexpected[:3]}" if unexpected else "")
@@ -124,7 +130,9 @@ def load(directory: str | Path) -> tuple[nn.Module, ModelCard]:
     return model.eval(), card
 
 
-def import_weights(weights: str | Path, arch: str, classes: list[str], image_size: int, out: Path) -> ModelCard:
+def import_weights(
+    weights: str | Path, arch: str, classes: list[str], image_size: int, out: Path
+) -> ModelCard:
     """Turn a user's own weights file into a checkpoint directory, checking that it fits ``arch``."""
     weights = Path(weights)
     model = build(arch, len(classes), image_size)

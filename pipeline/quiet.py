@@ -24,3 +24,4 @@ def configure(verbose: bool = False) -> None:
     if not verbose:
         warnings.filterwarnings("ignore")
         os.environ.setdefault("PYTHONWARNINGS", "ignore")  # also for processes we start
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # read when diffusers creates its logger

@@ -21,7 +21,10 @@ from pipeline.data import FolderData  # noqa: E402
 from pipeline.evaluate import group_names  # noqa: E402
 from pipeline.rundir import read_json  # noqa: E402
 
-CLASSIFIERS = {"classifier": "classifier (trained on the given data)", "reference": "reference (unbiased data)"}
+CLASSIFIERS = {
+    "classifier": "classifier (trained on the given data)",
+    "reference": "reference (unbiased data)",
+}
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f3f3f3}img{max-width:100%}h2{border-bottom:1px solid #ddd;padding-bottom:4px}
@@ -60,7 +63,13 @@ def summary_section(root: Path, data: FolderData) -> str | None:
                 "val accuracy": training.get("val_acc"),
             }
         )
-    groups = pd.DataFrame({CLASSIFIERS[n]: {g: v["accuracy"] for g, v in m["per_group"].items()} for n, m in metrics.items() if n in CLASSIFIERS})
+    groups = pd.DataFrame(
+        {
+            CLASSIFIERS[n]: {g: v["accuracy"] for g, v in m["per_group"].items()}
+            for n, m in metrics.items()
+            if n in CLASSIFIERS
+        }
+    )
     return (
         "<h2>Accuracy</h2><p class=note>Test split; a group is a label x group-attribute cell. A classifier that takes a "
         "shortcut scores well where the shortcut agrees with the label and fails in the group where it does not.</p>"
@@ -85,7 +94,11 @@ def samples_section(root: Path, data: FolderData, per_cell: int = 6) -> str:
 
 
 def curves_section(root: Path, data: FolderData) -> str | None:
-    logs = {n: root / n / "logs" / "metrics.csv" for n in CLASSIFIERS if (root / n / "logs" / "metrics.csv").exists()}
+    logs = {
+        n: root / n / "logs" / "metrics.csv"
+        for n in CLASSIFIERS
+        if (root / n / "logs" / "metrics.csv").exists()
+    }
     if not logs:
         return None
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.2))
@@ -108,10 +121,48 @@ def evaluation_section(root: Path, data: FolderData) -> str | None:
     plots = [(n, p) for n, p in plots if p.exists()]
     if not plots:
         return None
-    return "<h2>Confusion matrices</h2>" + "".join(f"<h3>{CLASSIFIERS[n]}</h3>{img_tag(p.read_bytes(), n)}" for n, p in plots)
+    return "<h2>Confusion matrices</h2>" + "".join(
+        f"<h3>{CLASSIFIERS[n]}</h3>{img_tag(p.read_bytes(), n)}" for n, p in plots
+    )
 
 
-SECTIONS = [summary_section, samples_section, curves_section, evaluation_section]
+def explain_section(root: Path, data: FolderData) -> str | None:
+    folder = root / "explain"
+    if not (folder / "desiderata.json").exists():
+        return None
+    d = read_json(folder / "desiderata.json")
+    rows = {
+        "counterfactuals (image x target x attempt)": d["counterfactuals"],
+        "validity (flip rate), all attempts": d["validity"],
+        **{f"validity, attempt {a}": v for a, v in d["validity_by_attempt"].items()},
+        "validity, any attempt": d["validity_any_attempt"],
+        "proximity: mean |change| per pixel (L1, [-1, 1])": d["l1"],
+        "proximity: L2 per image": d["l2"],
+        "sparsity: changed area": d["changed_area"],
+        "realism: kNN distance ratio (1 = like real images)": d["realism"],
+        "diversity: pairwise L2 between attempts": d.get("diversity", {}).get("pairwise_l2"),
+        "diversity: IoU of attempts' change masks": d.get("diversity", {}).get("mask_iou"),
+        "gradient steps per counterfactual": d["steps"],
+        "network evaluations per counterfactual": d["evaluations_per_counterfactual"],
+        "counterfactuals per second": d["counterfactuals_per_second"],
+        "surrogate agreement with the classifier": d.get("surrogate_agreement"),
+    }
+    for attempt, where in d.get("where_changed", {}).items():
+        rows[f"attempt {attempt}: valid ones changing mainly the background"] = where["background"]
+        rows[f"attempt {attempt}: valid ones changing mainly the true feature"] = where["feature"]
+    table = pd.DataFrame({"value": rows}).to_html(float_format="%.3f", na_rep="-")
+    grids = "".join(
+        f"<h3>{html.escape(p.stem[5:].replace('_to_', ' &rarr; '))}</h3>{img_tag(p.read_bytes(), p.stem)}"
+        for p in sorted(folder.glob("grid_*.png"))
+    )
+    return (
+        "<h2>Counterfactuals (SCE-LITE-HQ)</h2><p class=note>Minimal edits in the generator's latent that flip the "
+        "classifier; attempt k may only change what earlier attempts left untouched. Change maps: red = brighter, "
+        "blue = darker; 'x' marks an attempt that did not reach the goal.</p>" + table + grids
+    )
+
+
+SECTIONS = [summary_section, samples_section, curves_section, evaluation_section, explain_section]
 
 
 def write(root: Path, data: FolderData) -> Path:

@@ -1,6 +1,6 @@
 """``cfkd run``: the stages of a run in order, each skipped when its fingerprint (config + inputs) is unchanged.
 
-data -> data_reference -> classifier -> reference -> evaluate -> report
+data -> data_reference -> classifier -> reference -> evaluate -> explain -> report
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from pipeline import config as cfg
-from pipeline import evaluate, models, report, square, train
+from pipeline import evaluate, explain, generator, models, report, square, train
 from pipeline.data import FolderData, load_folder
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir, file_hash, read_json, write_json
 
-STAGES = ("data", "data_reference", "classifier", "reference", "evaluate", "report")
+STAGES = ("data", "data_reference", "classifier", "reference", "evaluate", "explain", "report")
 
 
 class Run:
@@ -57,9 +57,13 @@ class Run:
         if r.root:
             return load_folder(r.root)
         if c.root is not None:
-            raise UserError("reference.enabled needs reference.root or reference.weights when data.root is a user dataset")
+            raise UserError(
+                "reference.enabled needs reference.root or reference.weights when data.root is a user dataset"
+            )
         unbiased = replace(c.square, poison=r.poison, seed=c.square.seed + 1)  # same kind of data, fresh draw
-        self._stage("data_reference", cfg.fingerprint("square", unbiased), lambda tmp: square.generate(tmp, unbiased))
+        self._stage(
+            "data_reference", cfg.fingerprint("square", unbiased), lambda tmp: square.generate(tmp, unbiased)
+        )
         return load_folder(self.dir.path("data_reference"))
 
     # -- classifiers -----------------------------------------------------------------------------------------
@@ -88,10 +92,26 @@ class Run:
         write_json(self.dir.root / "metrics.json", metrics)
         return metrics
 
+    def explain(self, data: FolderData) -> dict:
+        c, gen = self.config.explain, self.config.generator
+        key = cfg.fingerprint(
+            "explain", c, gen, generator.fingerprint(gen.source), self.keys["classifier"], self.keys["data"]
+        )
+        self._stage(
+            "explain",
+            key,
+            lambda tmp: explain.run(self.dir.path("classifier"), data, c, gen, tmp, self.verbose),
+        )
+        return read_json(self.dir.path("explain") / "desiderata.json")
+
 
 def _summary(folder: FolderData) -> dict:
     counts = folder.table.groupby(["split", "label"]).size()
-    return {"root": str(folder.root), "classes": folder.classes, "counts": {f"{s}/{l}": int(n) for (s, l), n in counts.items()}}
+    return {
+        "root": str(folder.root),
+        "classes": folder.classes,
+        "counts": {f"{s}/{label}": int(n) for (s, label), n in counts.items()},
+    }
 
 
 def resolve_redo(force: bool, start: str | None) -> set[str]:
@@ -104,7 +124,14 @@ def resolve_redo(force: bool, start: str | None) -> set[str]:
     return set(STAGES[STAGES.index(start) :])
 
 
-def run(config: cfg.RunConfig, root: Path, force: bool = False, start: str | None = None, verbose: bool = False, log=print) -> Path:
+def run(
+    config: cfg.RunConfig,
+    root: Path,
+    force: bool = False,
+    start: str | None = None,
+    verbose: bool = False,
+    log=print,
+) -> Path:
     """Every stage of the default pipeline; returns the path of report.html."""
     r = Run(config, root, resolve_redo(force, start), verbose, log)
     cfg.dump(config, r.dir.root / "config.yaml")
@@ -113,7 +140,10 @@ def run(config: cfg.RunConfig, root: Path, force: bool = False, start: str | Non
     r.classifier("classifier", data, config.classifier.weights)
     if config.reference.enabled:
         r.classifier("reference", reference_data or data, config.reference.weights)
-    r.evaluate(data)
+    metrics = r.evaluate(data)
+    if config.explain.enabled:
+        metrics["explain"] = r.explain(data)
+        write_json(r.dir.root / "metrics.json", metrics)
     path = report.write(r.dir.root, data)
     log(f"[report] {path}")
     return path

@@ -33,7 +33,9 @@ def _intensities(rng: np.random.Generator, high: np.ndarray) -> np.ndarray:
     return np.where(high, rng.integers(128, 256, high.size), rng.integers(0, 128, high.size))
 
 
-def _render(rng: np.random.Generator, a: int, b: int, size: int, noise: float) -> tuple[np.ndarray, np.ndarray]:
+def _render(
+    rng: np.random.Generator, a: int, b: int, size: int, noise: float
+) -> tuple[np.ndarray, np.ndarray]:
     image = np.full((size, size, 3), float(b))
     x, y = rng.integers(0, size - PATCH + 1, 2)
     o = (PATCH - INNER) // 2

@@ -41,14 +41,18 @@ class ClassifierSystem(L.LightningModule):
         logits = self(x)
         loss = nn.functional.cross_entropy(logits, y)
         self.train_acc(logits, y)
-        self.log_dict({"train_loss": loss, "train_acc": self.train_acc}, on_step=False, on_epoch=True, prog_bar=True)
+        self.log_dict(
+            {"train_loss": loss, "train_acc": self.train_acc}, on_step=False, on_epoch=True, prog_bar=True
+        )
         return loss
 
     def validation_step(self, batch, batch_idx):
         x, y, _ = batch
         logits = self(x)
         self.val_acc(logits, y)
-        self.log_dict({"val_loss": nn.functional.cross_entropy(logits, y), "val_acc": self.val_acc}, prog_bar=True)
+        self.log_dict(
+            {"val_loss": nn.functional.cross_entropy(logits, y), "val_acc": self.val_acc}, prog_bar=True
+        )
 
     def predict_step(self, batch, batch_idx):
         return torch.softmax(self(batch[0]), dim=-1)
@@ -56,7 +60,9 @@ class ClassifierSystem(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, hp.lr, total_steps=self.trainer.estimated_stepping_batches)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, hp.lr, total_steps=self.trainer.estimated_stepping_batches
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
@@ -98,8 +104,14 @@ def _loader(dataset: ImageDataset, batch_size: int, shuffle: bool, balanced: boo
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler)
 
 
-def trainer(out: Path | None, max_epochs: int, config: ClassifierConfig, callbacks=(), verbose: bool = False) -> L.Trainer:
-    loggers = [CSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="logs", version="")] if out else False
+def trainer(
+    out: Path | None, max_epochs: int, config: ClassifierConfig, callbacks=(), verbose: bool = False
+) -> L.Trainer:
+    loggers = (
+        [CSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="logs", version="")]
+        if out
+        else False
+    )
     return L.Trainer(
         max_epochs=max_epochs,
         accelerator=config.accelerator,
@@ -113,7 +125,9 @@ def trainer(out: Path | None, max_epochs: int, config: ClassifierConfig, callbac
     )
 
 
-def run(data: FolderData, config: ClassifierConfig, image_size: int, out: Path, verbose: bool = False) -> TrainResult:
+def run(
+    data: FolderData, config: ClassifierConfig, image_size: int, out: Path, verbose: bool = False
+) -> TrainResult:
     """Train ``config.arch`` on the train split (model selection on val) and write the checkpoint to ``out``."""
     L.seed_everything(config.seed, workers=True, verbose=False)
     transform = make_transform(image_size)
@@ -124,19 +138,29 @@ def run(data: FolderData, config: ClassifierConfig, image_size: int, out: Path, 
     keep = KeepBest()
     started = time.perf_counter()
     fit = trainer(out, config.epochs, config, [keep], verbose)
-    fit.fit(system, _loader(train_set, config.batch_size, True, config.balanced), _loader(val_set, 256, False))
+    fit.fit(
+        system, _loader(train_set, config.batch_size, True, config.balanced), _loader(val_set, 256, False)
+    )
     if keep.state is not None:
         backbone.load_state_dict(keep.state)
     metrics = {k: round(float(v), 4) for k, v in fit.callback_metrics.items()}
-    metrics.update(best_epoch=keep.best_epoch, epochs=config.epochs, seconds=round(time.perf_counter() - started, 1))
+    metrics.update(
+        best_epoch=keep.best_epoch, epochs=config.epochs, seconds=round(time.perf_counter() - started, 1)
+    )
     card = models.ModelCard(
-        arch=config.arch, classes=data.classes, image_size=image_size, metrics=metrics, data_hash=data.fingerprint("train")
+        arch=config.arch,
+        classes=data.classes,
+        image_size=image_size,
+        metrics=metrics,
+        data_hash=data.fingerprint("train"),
     )
     models.save(backbone.eval(), card, out)
     return TrainResult(card, out)
 
 
-def predict(model: nn.Module, dataset: ImageDataset, config: ClassifierConfig = ClassifierConfig()) -> np.ndarray:
+def predict(
+    model: nn.Module, dataset: ImageDataset, config: ClassifierConfig = ClassifierConfig()
+) -> np.ndarray:
     """Class probabilities for every item of ``dataset`` (Lightning batched inference)."""
     system = ClassifierSystem(model, num_classes=len(dataset.classes))
     batches = trainer(None, 1, config).predict(system, _loader(dataset, 256, False))

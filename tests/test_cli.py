@@ -5,7 +5,16 @@ import pytest
 
 from pipeline import cli
 
-SUBCOMMANDS = [["run"], ["data", "square"], ["data", "check"], ["generator", "train"], ["train"], ["import"], ["evaluate"]]
+SUBCOMMANDS = [
+    ["run"],
+    ["data", "square"],
+    ["data", "check"],
+    ["generator", "train"],
+    ["explain"],
+    ["train"],
+    ["import"],
+    ["evaluate"],
+]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
@@ -17,13 +26,20 @@ def test_every_subcommand_has_help(command, capsys):
 
 
 def test_console_script_is_installed_and_lists_subcommands():
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for name in ("run", "data", "train", "import", "evaluate"):
         assert name in out
 
 
 def test_data_square_then_check(tmp_path, capsys):
-    assert cli.main(["data", "square", "--out", str(tmp_path / "sq"), "--n", "40", "--size", "32", "--seed", "1"]) == 0
+    assert (
+        cli.main(
+            ["data", "square", "--out", str(tmp_path / "sq"), "--n", "40", "--size", "32", "--seed", "1"]
+        )
+        == 0
+    )
     assert cli.main(["data", "check", str(tmp_path / "sq")]) == 0
     assert "40 images, classes ['0', '1'], ok" in capsys.readouterr().out
 
@@ -35,7 +51,17 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, square_dir):
         ["data", "square", "--out", str(tmp_path / "x"), "--poison", "2"],
         ["data", "check", str(tmp_path)],
         ["evaluate", "--checkpoint", str(tmp_path), "--data", str(square_dir)],
-        ["import", "--weights", str(tmp_path / "none.pt"), "--arch", "resnet18", "--classes", "a,b", "--out", str(tmp_path / "o")],
+        [
+            "import",
+            "--weights",
+            str(tmp_path / "none.pt"),
+            "--arch",
+            "resnet18",
+            "--classes",
+            "a,b",
+            "--out",
+            str(tmp_path / "o"),
+        ],
         ["train", "--data", str(square_dir), "--out", str(tmp_path / "t"), "--arch", "nonet"],
     ]
     for argv in cases:
@@ -64,10 +90,38 @@ def test_internal_error_exits_1_without_traceback(monkeypatch, capsys, tmp_path)
 
 def test_train_and_evaluate_commands(tmp_path, square_dir, capsys):
     ckpt = tmp_path / "ckpt"
-    argv = ["train", "--data", str(square_dir), "--out", str(ckpt), "--arch", "small_cnn", "--epochs", "1", "--image-size", "32"]
+    argv = [
+        "train",
+        "--data",
+        str(square_dir),
+        "--out",
+        str(ckpt),
+        "--arch",
+        "small_cnn",
+        "--epochs",
+        "1",
+        "--image-size",
+        "32",
+    ]
     assert cli.main(argv) == 0
     assert cli.main(["evaluate", "--checkpoint", str(ckpt), "--data", str(square_dir)]) == 0
     assert "worst-group" in capsys.readouterr().out
     assert (ckpt / "eval_test" / "metrics.json").exists()
-    assert cli.main(["import", "--weights", str(ckpt / "model.safetensors"), "--arch", "small_cnn", "--data", str(square_dir),
-                     "--image-size", "32", "--out", str(tmp_path / "imported")]) == 0
+    assert (
+        cli.main(
+            [
+                "import",
+                "--weights",
+                str(ckpt / "model.safetensors"),
+                "--arch",
+                "small_cnn",
+                "--data",
+                str(square_dir),
+                "--image-size",
+                "32",
+                "--out",
+                str(tmp_path / "imported"),
+            ]
+        )
+        == 0
+    )

@@ -1,0 +1,229 @@
+"""SCE-LITE-HQ: counterfactuals by optimising the latent of a pretrained autoencoder.
+
+For a batch of images x (in [-1, 1]) and target classes, each attempt k = 1..K:
+  1. z0 = E(x); z = z0 is optimised with Adam; the candidate is x_cf = x + m * free * (D(z) - D(z0)), so every
+     pixel the optimisation leaves alone stays exact even with a lossy codec ("HQ" at any resolution);
+  2. sparsity: m pastes the original back wherever the blurred change map is below a threshold relative to its
+     strongest region (RePaint-style), and an L1 term keeps the edit small;
+  3. smoothing: the gradient comes from a smooth surrogate of the classifier and/or is averaged over noisy latent
+     copies (SmoothGrad); success is always judged on the original classifier;
+  4. optional gradient filtering: the candidate passes a partial noise/denoise step of a diffusion UNet;
+  5. per-sample early stop at the goal probability; the best iterate is kept; finished samples stop changing;
+  6. diversification: attempt k may only change pixels (free = 1) that attempts 1..k-1 left untouched.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class Settings:
+    attempts: int = 2  # K: structurally different counterfactuals per image
+    goal: float = 0.9  # tau: target-class probability (original classifier) that counts as a flip
+    steps: int = 60  # most gradient steps per attempt
+    lr: float = 0.05  # Adam on the latent
+    temperature: float = 3.0  # softmax temperature of the loss (the SCE authors use 3)
+    l1: float = 0.5  # weight of L1(x_cf, x)
+    smoothgrad: int = 0  # SmoothGrad copies of the latent per step (0 = off)
+    smoothgrad_sigma: float = 0.2  # their noise std, relative to the latent's std
+    sparsity: bool = True  # paste the original back where the blurred change is small
+    paste_threshold: float = 0.15  # ... below this share of the strongest blurred change
+    blur: int = 5  # Gaussian blur kernel (pixels) for change maps
+    diversify: bool = True  # attempt k only changes what attempts < k left untouched
+    dilate: int = 3  # grow the used region by this many pixels before blocking it
+    filter_timestep: int = 0  # gradient filtering through the UNet at this timestep (0 = off)
+
+
+def _blur(change: torch.Tensor, size: int) -> torch.Tensor:
+    """Gaussian blur of a (B, 1, H, W) map."""
+    if size <= 1:
+        return change
+    sigma = size / 3
+    r = torch.arange(size, dtype=change.dtype, device=change.device) - (size - 1) / 2
+    k = torch.exp(-(r**2) / (2 * sigma**2))
+    k = k / k.sum()
+    change = F.conv2d(F.pad(change, (size // 2,) * 4, mode="replicate"), k.view(1, 1, 1, -1))
+    return F.conv2d(change, k.view(1, 1, -1, 1))
+
+
+def change_mask(delta: torch.Tensor, settings: Settings) -> torch.Tensor:
+    """1 where the blurred absolute change reaches paste_threshold x its per-image maximum: (B, 1, H, W)."""
+    change = _blur(delta.abs().sum(1, keepdim=True), settings.blur)
+    peak = change.flatten(1).amax(1).clamp_min(1e-8).view(-1, 1, 1, 1)
+    return (change >= settings.paste_threshold * peak).float()
+
+
+def dilate(mask: torch.Tensor, pixels: int) -> torch.Tensor:
+    return F.max_pool2d(mask, 2 * pixels + 1, stride=1, padding=pixels) if pixels > 0 else mask
+
+
+class Explainer(nn.Module):
+    """Holds the codec, the original classifier and the gradient model (classifier or surrogate)."""
+
+    def __init__(
+        self,
+        codec,
+        classifier: nn.Module,
+        settings: Settings,
+        surrogate: nn.Module | None = None,
+        denoiser=None,
+    ):
+        super().__init__()
+        self.codec, self.classifier, self.settings = codec, classifier.eval(), settings
+        self.surrogate = surrogate.eval() if surrogate is not None else None
+        self.denoiser = denoiser  # (unet, scheduler) or None
+        for module in (self.classifier, self.surrogate):
+            if module is not None:
+                module.requires_grad_(False)
+
+    def _gradient_logits(self, x_cf: torch.Tensor) -> torch.Tensor:
+        if self.denoiser is not None and self.settings.filter_timestep > 0:
+            x_cf = self._filter(x_cf)
+        return (self.surrogate or self.classifier)(x_cf)
+
+    def _filter(self, x: torch.Tensor) -> torch.Tensor:
+        """One partial noise/denoise pass: x_t = sqrt(a) x + sqrt(1 - a) eps; x0 = (x_t - sqrt(1 - a) eps_hat) / sqrt(a)."""
+        unet, scheduler = self.denoiser
+        t = torch.full((x.shape[0],), self.settings.filter_timestep, device=x.device, dtype=torch.long)
+        a = scheduler.alphas_cumprod.to(x.device)[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x + (1 - a).sqrt() * torch.randn_like(x)
+        return (x_t - (1 - a).sqrt() * unet(x_t, t).sample) / a.sqrt()
+
+    def attempt(
+        self, x: torch.Tensor, target: torch.Tensor, free: torch.Tensor, generator: torch.Generator
+    ) -> dict:
+        """One attempt for a batch: returns the best counterfactual per sample and its statistics."""
+        s, n = self.settings, x.shape[0]
+        with torch.no_grad():
+            z0 = self.codec.encode(x)
+            d0 = self.codec.decode(z0)
+            p_before = self._p_target(x, target)
+        z = z0.clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([z], lr=s.lr)
+        best, best_p = x.clone(), p_before.clone()
+        done = torch.zeros(n, dtype=torch.bool, device=x.device)
+        steps = torch.zeros(n, dtype=torch.long, device=x.device)
+        copies = max(1, s.smoothgrad)
+        sigma = s.smoothgrad_sigma * z0.std()
+        for _ in range(s.steps):
+            # 1. candidate(s): SmoothGrad evaluates noisy copies of the latent and averages their gradients
+            zs = z.repeat(copies, 1, 1, 1)
+            if s.smoothgrad:
+                zs = zs + sigma * torch.randn(zs.shape, generator=generator, device=z.device)
+            delta = self.codec.decode(zs) - d0.repeat(copies, 1, 1, 1)
+            x_rep, free_rep = x.repeat(copies, 1, 1, 1), free.repeat(copies, 1, 1, 1)
+            # 2. sparsity: the candidate keeps only the region of strong change; the gradient still reaches every
+            #    free pixel (straight-through), or an all-zero first change could never grow
+            edit = free_rep * delta
+            if s.sparsity:
+                keep = change_mask(edit.detach(), s)
+                edit = keep * edit + (1 - keep) * (edit - edit.detach())
+            x_cf = (x_rep + edit).clamp(-1, 1)
+            # 3. loss: tempered cross-entropy to the target + L1 proximity
+            logits = self._gradient_logits(x_cf)
+            ce = F.cross_entropy(logits / s.temperature, target.repeat(copies), reduction="none")
+            l1 = (x_cf - x_rep).abs().flatten(1).mean(1)
+            loss = ((ce + s.l1 * l1).view(copies, n) * (~done).float()).sum() / copies
+            optimizer.zero_grad()
+            loss.backward()
+            # 4. judge the noise-free candidate on the original classifier; keep the best iterate
+            with torch.no_grad():
+                current = x_cf[:n] if not s.smoothgrad else self.candidate(x, z, d0, free)
+                p = self._p_target(current, target)
+                better = (~done) & (p > best_p)
+                best[better], best_p[better] = current[better], p[better]
+                steps += (~done).long()
+                done |= best_p >= s.goal
+            if done.all():
+                break
+            frozen = z.detach().clone()
+            optimizer.step()
+            with torch.no_grad():  # finished samples stop changing (Adam's momentum would move them)
+                z[done] = frozen[done]
+        return {
+            "x_cf": best,
+            "p_before": p_before,
+            "p_after": best_p,
+            "success": best_p >= s.goal,
+            "steps": steps,
+        }
+
+    @torch.no_grad()
+    def confine(self, x, x_cf, target, success, iterations: int = 8) -> dict:
+        """Paste back as much as possible: bisect, per sample, the largest threshold t (share of the strongest
+        blurred change) such that keeping only the change above t still reaches the goal. Confines attempt 1 to
+        the region it needs, which leaves the rest free for the next attempt."""
+        delta = x_cf - x
+        change = _blur(delta.abs().sum(1, keepdim=True), self.settings.blur)
+        peak = change.flatten(1).amax(1).clamp_min(1e-8).view(-1, 1, 1, 1)
+        low = torch.full_like(
+            peak, self.settings.paste_threshold
+        )  # this threshold is known to work (or fail)
+        high = torch.ones_like(peak)
+        for _ in range(iterations):
+            mid = (low + high) / 2
+            p = self._p_target(x + (change >= mid * peak) * delta, target)
+            ok = (p >= self.settings.goal).view(-1, 1, 1, 1)
+            low, high = torch.where(ok, mid, low), torch.where(ok, high, mid)
+        low = torch.where(success.view(-1, 1, 1, 1), low, torch.full_like(low, self.settings.paste_threshold))
+        mask = (change >= low * peak).float() * (delta.abs().sum(1, keepdim=True) > 0)
+        confined = x + mask * delta
+        return {"x_cf": confined, "p_after": self._p_target(confined, target), "mask": mask}
+
+    @torch.no_grad()
+    def candidate(self, x, z, d0, free):
+        delta = self.codec.decode(z) - d0
+        keep = change_mask(delta * free, self.settings) if self.settings.sparsity else torch.ones_like(free)
+        return (x + keep * free * delta).clamp(-1, 1)
+
+    @torch.no_grad()
+    def _p_target(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.classifier(x), -1).gather(1, target[:, None]).squeeze(1)
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor, seed: int = 0) -> list[dict]:
+        """All attempts for a batch; each result also carries its change mask and wall seconds."""
+        generator = torch.Generator(device=x.device).manual_seed(seed)
+        free = torch.ones_like(x[:, :1])
+        results = []
+        for _ in range(self.settings.attempts):
+            started = time.perf_counter()
+            result = self.attempt(x, target, free, generator)
+            if self.settings.sparsity:
+                result.update(self.confine(x, result["x_cf"], target, result["success"]))
+            else:
+                result["mask"] = ((result["x_cf"] - x).abs().sum(1, keepdim=True) > 0).float()
+            result["seconds"] = time.perf_counter() - started
+            results.append(result)
+            if self.settings.diversify:
+                free = free * (1 - dilate(result["mask"], self.settings.dilate))
+        return results
+
+    def evaluations_per_step(self) -> int:
+        """Network evaluations (forward or backward passes) per gradient step per sample: a hardware-free cost."""
+        copies = max(1, self.settings.smoothgrad)
+        decoder, model = 2 * copies, 2 * copies  # forward + backward each
+        unet = 2 * copies if self.denoiser is not None and self.settings.filter_timestep > 0 else 0
+        check = 1 + (1 if self.settings.smoothgrad else 0)  # original classifier (+ the noise-free decode)
+        return decoder + model + unet + check
+
+    def evaluations_per_attempt(self) -> int:
+        """Fixed cost per attempt: encode + reference decode, and the classifier calls of confine()."""
+        return 2 + (8 + 1 if self.settings.sparsity else 0)
+
+
+class PixelCodec(nn.Module):
+    """The identity 'codec': the same search directly in pixel space (the baseline without a generator)."""
+
+    kind = "pixels"
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z

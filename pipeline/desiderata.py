@@ -1,0 +1,100 @@
+"""Desiderata of counterfactuals, measured per run: validity, proximity, sparsity, realism, diversity, and where
+the dataset has feature masks, whether the change sits on the true feature or on the background (the shortcut).
+
+Realism proxy (offline, no external model): in the codec's latent space, average-pooled to 4x4 so it reads
+colour and layout rather than pixels, the mean distance of a counterfactual to its k nearest real images of the
+target class, divided by the same distance for real target-class images (leave-one-out). 1.0 = as close to the
+real data as real images are to each other; larger = further from anything real.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.nn import functional as F
+
+CHANGED = 0.05  # a pixel counts as changed when its channel-summed |delta| exceeds this ([-1, 1] scale)
+
+
+def per_counterfactual(
+    x: torch.Tensor, x_cf: torch.Tensor, feature_mask: torch.Tensor | None
+) -> dict[str, np.ndarray]:
+    """Proximity and sparsity per image; share of the change on the feature mask when one is given."""
+    delta = (x_cf - x).abs().sum(1)  # (B, H, W)
+    out = {
+        "l1": (x_cf - x).abs().flatten(1).mean(1).numpy(),
+        "l2": (x_cf - x).flatten(1).norm(dim=1).numpy(),
+        "changed_area": (delta > CHANGED).float().flatten(1).mean(1).numpy(),
+    }
+    if feature_mask is not None:  # dilate by 2 px: the patch's ring belongs to the object, not the background
+        mask = F.max_pool2d(feature_mask, 5, stride=1, padding=2)[:, 0]
+        total = delta.flatten(1).sum(1).clamp_min(1e-8)
+        out["feature_share"] = ((delta * mask).flatten(1).sum(1) / total).numpy()
+    return out
+
+
+def latent_features(codec, images: torch.Tensor, batch: int = 128) -> torch.Tensor:
+    with torch.no_grad():
+        feats = [
+            F.adaptive_avg_pool2d(codec.encode(images[i : i + batch]), 4).flatten(1)
+            for i in range(0, len(images), batch)
+        ]
+    return torch.cat(feats)
+
+
+def realism(cf_feats: torch.Tensor, real_feats: torch.Tensor, k: int = 5) -> np.ndarray:
+    """kNN distance ratio per counterfactual (see module docstring)."""
+    k = min(k, len(real_feats) - 1)
+    real_d = torch.cdist(real_feats, real_feats)
+    real_d.fill_diagonal_(float("inf"))
+    scale = real_d.topk(k, largest=False).values.mean().clamp_min(1e-8)
+    return (torch.cdist(cf_feats, real_feats).topk(k, largest=False).values.mean(1) / scale).numpy()
+
+
+def diversity(x: torch.Tensor, attempts: list[torch.Tensor], masks: list[torch.Tensor]) -> dict[str, float]:
+    """Mean pairwise L2 between attempts and IoU of their change masks (over samples with both changed)."""
+    dists, ious = [], []
+    for i in range(len(attempts)):
+        for j in range(i + 1, len(attempts)):
+            dists.append((attempts[i] - attempts[j]).flatten(1).norm(dim=1))
+            a, b = masks[i].flatten(1) > 0, masks[j].flatten(1) > 0
+            union = (a | b).sum(1)
+            iou = (a & b).sum(1) / union.clamp_min(1)
+            ious.append(iou[(a.sum(1) > 0) & (b.sum(1) > 0)])
+    if not dists:
+        return {}
+    ious = torch.cat(ious)
+    return {
+        "pairwise_l2": float(torch.cat(dists).mean()),
+        "mask_iou": float(ious.mean()) if len(ious) else 0.0,
+    }
+
+
+def summarise(manifest: pd.DataFrame) -> dict:
+    """Run-level numbers from the manifest (one row per counterfactual attempt)."""
+    ok = manifest[manifest["success"]]
+    summary = {
+        "counterfactuals": int(len(manifest)),
+        "validity": float(manifest["success"].mean()),
+        "validity_by_attempt": {int(a): float(g["success"].mean()) for a, g in manifest.groupby("attempt")},
+        "validity_any_attempt": float(manifest.groupby("id_sample")["success"].any().mean()),
+        "l1": float(ok["l1"].mean()) if len(ok) else None,
+        "l2": float(ok["l2"].mean()) if len(ok) else None,
+        "changed_area": float(ok["changed_area"].mean()) if len(ok) else None,
+        "realism": float(ok["realism"].mean()) if len(ok) else None,
+        "steps": float(manifest["steps"].mean()),
+        "evaluations_per_counterfactual": float(manifest["evaluations"].mean()),
+        "seconds_per_counterfactual": float(manifest["seconds"].mean()),
+    }
+    if "feature_share" in manifest and manifest["feature_share"].notna().any():
+        by_attempt = {}
+        for attempt, group in ok.groupby("attempt"):
+            on_feature = group["feature_share"] > 0.5
+            by_attempt[int(attempt)] = {
+                "n_valid": int(len(group)),
+                "background": float((~on_feature).mean()),
+                "feature": float(on_feature.mean()),
+            }
+        summary["where_changed"] = by_attempt
+    return summary

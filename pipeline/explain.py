@@ -1,0 +1,269 @@
+"""The explain stage: SCE-LITE-HQ counterfactuals for correctly classified images, every ordered (source, target)
+class pair, N per pair, K attempts each; run as Lightning ``Trainer.predict`` (GPUs and devices by config).
+
+Writes originals/, counterfactuals/, differences/ (PNG), manifest.csv (one row per attempt), desiderata.json
+and one grid per class pair for the report.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+from pipeline import desiderata, generator, models, surrogate  # noqa: E402
+from pipeline.config import ExplainConfig, GeneratorConfig  # noqa: E402
+from pipeline.counterfactual import Explainer  # noqa: E402
+from pipeline.data import MEAN, STD, FolderData, ImageDataset, make_transform  # noqa: E402
+from pipeline.errors import UserError  # noqa: E402
+from pipeline.rundir import write_json  # noqa: E402
+from pipeline.train import EpochBar, predict  # noqa: E402
+
+
+class Normalised(nn.Module):
+    """Feeds [-1, 1] images to a classifier trained with other mean/std."""
+
+    def __init__(self, model: nn.Module, mean, std):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return self.model(((x + 1) / 2 - self.mean) / self.std)
+
+
+def for_explainer(model: nn.Module, card: models.ModelCard) -> nn.Module:
+    same = tuple(card.mean) == MEAN and tuple(card.std) == STD
+    return model if same else Normalised(model, card.mean, card.std)
+
+
+class Requests(Dataset):
+    """(image in [-1, 1], target class, row in the split, feature mask or zeros, has-mask flag)."""
+
+    def __init__(self, images: ImageDataset, rows: list[int], targets: list[int], size: int):
+        self.images, self.rows, self.targets, self.size = images, rows, targets, size
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        row = self.rows[i]
+        x, _, _ = self.images[row]
+        rel = self.images.rows["feature_mask"][row] if "feature_mask" in self.images.rows else ""
+        mask = torch.zeros(1, self.size, self.size)
+        if rel:
+            with Image.open(self.images.root / rel) as m:
+                mask = torch.from_numpy(
+                    np.asarray(m.convert("L").resize((self.size, self.size), Image.NEAREST)) > 127
+                )[None].float()
+        return {"x": x, "target": self.targets[i], "row": row, "mask": mask, "has_mask": bool(rel)}
+
+
+class ExplainSystem(L.LightningModule):
+    def __init__(self, explainer: Explainer, seed: int):
+        super().__init__()
+        self.explainer, self.seed = explainer, seed
+
+    def predict_step(self, batch, batch_idx):
+        with torch.enable_grad():  # Trainer.predict runs without autograd; the search needs it
+            attempts = self.explainer(batch["x"], batch["target"], seed=self.seed + batch_idx)
+        n = len(batch["x"])
+        return {
+            "batch": {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()},
+            "attempts": [
+                {k: v.cpu() if torch.is_tensor(v) else v / n for k, v in a.items()} for a in attempts
+            ],
+        }
+
+
+def select(probs: np.ndarray, targets: list[int], per_pair: int, seed: int) -> tuple[list[int], list[int]]:
+    """Rows the classifier gets right, per_pair of them for every ordered (source, target) pair."""
+    rng = np.random.default_rng(seed)
+    pred, n_classes = probs.argmax(1), probs.shape[1]
+    rows, goals = [], []
+    for source in range(n_classes):
+        correct = np.flatnonzero((pred == source) & (np.asarray(targets) == source))
+        for target in range(n_classes):
+            if target != source and len(correct):
+                chosen = np.sort(rng.choice(correct, min(per_pair, len(correct)), replace=False))
+                rows += chosen.tolist()
+                goals += [target] * len(chosen)
+    return rows, goals
+
+
+def heatmap(delta: torch.Tensor) -> Image.Image:
+    """Signed change (mean over channels) as a red (brighter) / blue (darker) image, fixed scale [-1, 1]."""
+    signed = delta.mean(0).clamp(-1, 1).numpy()
+    return Image.fromarray((plt.get_cmap("RdBu_r")((signed + 1) / 2)[..., :3] * 255).astype(np.uint8))
+
+
+def to_image(x: torch.Tensor) -> Image.Image:
+    return Image.fromarray(((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+
+
+def build_explainer(classifier, card, data, config: ExplainConfig, gen: GeneratorConfig, verbose=False):
+    codec = generator.load(gen.source, gen.subfolder)
+    model = for_explainer(classifier, card)
+    smooth, agreement = None, None
+    if config.surrogate:
+        train_set = ImageDataset(data, "train", card.classes, make_transform(card.image_size))
+        smooth, agreement = surrogate.distil(model, train_set, config.surrogate_epochs, config.accelerator)
+    denoiser = generator.load_denoiser(gen.unet) if gen.unet else None
+    return Explainer(codec, model, config.search, smooth, denoiser), agreement
+
+
+def run(
+    checkpoint: Path,
+    data: FolderData,
+    config: ExplainConfig,
+    gen: GeneratorConfig,
+    out: Path,
+    verbose: bool = False,
+) -> dict:
+    L.seed_everything(
+        config.seed, verbose=False
+    )  # surrogate distillation, noise: same seed, same counterfactuals
+    classifier, card = models.load(checkpoint)
+    images = ImageDataset(data, config.split, card.classes, make_transform(card.image_size))
+    if len(images) == 0:
+        raise UserError(f"dataset {data.root} has no '{config.split}' images to explain (explain.split)")
+    probs = predict(for_explainer(classifier, card), images)
+    rows, targets = select(probs, images.targets, config.per_pair, config.seed)
+    if not rows:
+        raise UserError(f"the classifier gets no '{config.split}' image right: nothing to explain")
+    explainer, agreement = build_explainer(classifier, card, data, config, gen, verbose)
+    requests = Requests(images, rows, targets, card.image_size)
+    trainer = L.Trainer(
+        accelerator=config.accelerator,
+        devices=config.devices,
+        logger=False,
+        inference_mode=False,
+        enable_model_summary=False,
+        callbacks=[EpochBar()],
+    )
+    started = time.perf_counter()
+    outputs = trainer.predict(
+        ExplainSystem(explainer, config.seed), DataLoader(requests, batch_size=config.batch_size)
+    )
+    seconds = time.perf_counter() - started
+    manifest = write_outputs(outputs, images, card, explainer, data, out)
+    summary = desiderata.summarise(manifest)
+    summary.update(
+        surrogate_agreement=agreement,
+        wall_seconds=round(seconds, 1),
+        counterfactuals_per_second=len(manifest) / seconds,
+        settings=config.search.__dict__,
+    )
+    summary.update(attempt_diversity(outputs))
+    write_json(out / "desiderata.json", summary)
+    for (source, target), group in manifest.groupby(["source_class", "target_class"]):
+        grid(group, out, out / f"grid_{source}_to_{target}.png")
+    return summary
+
+
+def attempt_diversity(outputs) -> dict:
+    xs = torch.cat([o["batch"]["x"] for o in outputs])
+    k = len(outputs[0]["attempts"])
+    attempts = [torch.cat([o["attempts"][a]["x_cf"] for o in outputs]) for a in range(k)]
+    masks = [torch.cat([o["attempts"][a]["mask"] for o in outputs]) for a in range(k)]
+    return {"diversity": desiderata.diversity(xs, attempts, masks)}
+
+
+def _real_features(codec, data: FolderData, card, target: int, limit: int = 400) -> torch.Tensor:
+    train = ImageDataset(data, "train", card.classes, make_transform(card.image_size))
+    rows = [i for i, t in enumerate(train.targets) if t == target][:limit]
+    return desiderata.latent_features(codec, torch.stack([train[i][0] for i in rows]))
+
+
+def write_outputs(
+    outputs, images: ImageDataset, card, explainer: Explainer, data: FolderData, out: Path
+) -> pd.DataFrame:
+    for folder in ("originals", "counterfactuals", "differences"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    split = images.rows["split"][0]
+    real = {t: _real_features(explainer.codec, data, card, t) for t in range(len(card.classes))}
+    records = []
+    for output in outputs:
+        batch = output["batch"]
+        for k, attempt in enumerate(output["attempts"], start=1):
+            masks = batch["mask"] if batch["has_mask"].any() else None
+            stats = desiderata.per_counterfactual(batch["x"], attempt["x_cf"], masks)
+            feats = desiderata.latent_features(explainer.codec, attempt["x_cf"])
+            for i, row in enumerate(batch["row"].tolist()):
+                target = int(batch["target"][i])
+                sample = f"{split}-{row:05d}-to-{card.classes[target]}"
+                cf_id = f"{sample}-a{k}"
+                original = f"originals/{split}-{row:05d}.png"
+                to_image(batch["x"][i]).save(out / original)
+                to_image(attempt["x_cf"][i]).save(out / f"counterfactuals/{cf_id}.png")
+                heatmap(attempt["x_cf"][i] - batch["x"][i]).save(out / f"differences/{cf_id}.png")
+                records.append(
+                    {
+                        "id": cf_id,
+                        "id_sample": sample,
+                        "source_path": images.rows["path"][row],
+                        "original": original,
+                        "counterfactual": f"counterfactuals/{cf_id}.png",
+                        "difference": f"differences/{cf_id}.png",
+                        "split": split,
+                        "label": images.rows["label"][row],
+                        "source_class": card.classes[images.targets[row]],
+                        "target_class": card.classes[target],
+                        "attempt": k,
+                        "p_target_before": float(attempt["p_before"][i]),
+                        "p_target_after": float(attempt["p_after"][i]),
+                        "success": bool(attempt["success"][i]),
+                        "l1": float(stats["l1"][i]),
+                        "l2": float(stats["l2"][i]),
+                        "changed_area": float(stats["changed_area"][i]),
+                        "feature_share": float(stats["feature_share"][i])
+                        if masks is not None and batch["has_mask"][i]
+                        else np.nan,
+                        "realism": float(desiderata.realism(feats[i : i + 1], real[target])[0]),
+                        "steps": int(attempt["steps"][i]),
+                        "evaluations": int(attempt["steps"][i]) * explainer.evaluations_per_step()
+                        + explainer.evaluations_per_attempt(),
+                        "seconds": float(attempt["seconds"]),
+                    }
+                )
+    manifest = pd.DataFrame.from_records(records)
+    manifest.to_csv(out / "manifest.csv", index=False)
+    return manifest
+
+
+def grid(group: pd.DataFrame, out: Path, path: Path, samples: int = 6) -> None:
+    """original | attempt 1..K | change 1..K, one row per sample."""
+    k = int(group["attempt"].max())
+    sample_ids = list(dict.fromkeys(group["id_sample"]))[:samples]
+    fig, axes = plt.subplots(
+        len(sample_ids), 1 + 2 * k, figsize=((1 + 2 * k) * 1.3, len(sample_ids) * 1.4), squeeze=False
+    )
+    for row_axes, sample in zip(axes, sample_ids):
+        rows = group[group["id_sample"] == sample].sort_values("attempt")
+        panels = [(rows.iloc[0]["original"], "original")]
+        panels += [
+            (r.counterfactual, f"a{r.attempt} p={r.p_target_after:.2f}{'' if r.success else ' x'}")
+            for r in rows.itertuples()
+        ]
+        panels += [(r.difference, f"change a{r.attempt}") for r in rows.itertuples()]
+        for ax, (rel, title) in zip(row_axes, panels):
+            ax.imshow(Image.open(out / rel))
+            ax.set_title(title, fontsize=7)
+            ax.axis("off")
+    first = group.iloc[0]
+    fig.suptitle(f"{first['source_class']} -> {first['target_class']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -1,0 +1,153 @@
+import dataclasses
+
+import pandas as pd
+import pytest
+import torch
+
+from pipeline import explain, generator, models
+from pipeline.config import ExplainConfig, GeneratorConfig
+from pipeline.counterfactual import Explainer, PixelCodec, Settings
+from pipeline.data import ImageDataset, make_transform
+from pipeline.errors import UserError
+
+MANIFEST = [
+    "id",
+    "id_sample",
+    "source_path",
+    "original",
+    "counterfactual",
+    "difference",
+    "split",
+    "label",
+    "source_class",
+    "target_class",
+    "attempt",
+    "p_target_before",
+    "p_target_after",
+    "success",
+    "l1",
+    "l2",
+    "changed_area",
+    "feature_share",
+    "realism",
+    "steps",
+    "evaluations",
+    "seconds",
+]
+
+
+def _batch(tiny_biased, n=12):
+    ckpt, data = tiny_biased
+    model, card = models.load(ckpt)
+    images = ImageDataset(data, "val", card.classes, make_transform(32))
+    x = torch.stack([images[i][0] for i in range(n)])
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    return model, x, 1 - pred  # target: the other class
+
+
+def test_explainer_reaches_the_target_and_keeps_finished_samples_still(tiny_biased, tiny_codec):
+    model, x, target = _batch(tiny_biased)
+    codec = generator.load(str(tiny_codec))
+    settings = Settings(attempts=1, goal=0.8, steps=80, lr=0.1, l1=0.1)
+    explainer = Explainer(codec, model, settings)
+    free = torch.ones_like(x[:, :1])
+    short = explainer.attempt(x, target, free, torch.Generator().manual_seed(0))
+    assert short["success"].float().mean() >= 0.75
+    with torch.no_grad():
+        p = torch.softmax(model(short["x_cf"]), -1).gather(1, target[:, None]).squeeze(1)
+    assert torch.allclose(p, short["p_after"], atol=1e-5)  # judged on the original classifier
+    # a longer budget must not move samples that had already finished
+    longer = Explainer(codec, model, dataclasses.replace(settings, steps=120)).attempt(
+        x, target, free, torch.Generator().manual_seed(0)
+    )
+    finished = short["success"]
+    assert torch.equal(short["x_cf"][finished], longer["x_cf"][finished])
+    assert torch.equal(short["steps"][finished], longer["steps"][finished])
+
+
+def test_second_attempt_avoids_the_first_attempts_region(tiny_biased, tiny_codec):
+    model, x, target = _batch(tiny_biased)
+    settings = Settings(attempts=2, goal=0.8, steps=60, lr=0.1, l1=0.1, dilate=1)
+    first, second = Explainer(generator.load(str(tiny_codec)), model, settings)(x, target)
+    blocked = first["mask"] > 0
+    changed_second = (second["x_cf"] - x).abs().sum(1, keepdim=True) > 0
+    assert not (changed_second & blocked).any()  # attempt 2 never touches what attempt 1 used
+    a, b = first["mask"].flatten(1) > 0, second["mask"].flatten(1) > 0
+    iou = (a & b).sum(1) / (a | b).sum(1).clamp_min(1)
+    assert iou.max() < 0.05
+
+
+def test_pixel_baseline_and_smoothgrad_run(tiny_biased):
+    model, x, target = _batch(tiny_biased, n=4)
+    settings = Settings(attempts=1, goal=0.8, steps=30, lr=0.05, smoothgrad=3)
+    result = Explainer(PixelCodec(), model, settings)(x, target, seed=1)[0]
+    assert result["x_cf"].shape == x.shape and result["steps"].max() <= 30
+    assert Explainer(PixelCodec(), model, settings).evaluations_per_step() == 2 * 3 + 2 * 3 + 2
+
+
+def _config(**search):
+    return ExplainConfig(
+        split="val",
+        per_pair=3,
+        batch_size=8,
+        surrogate=True,
+        surrogate_epochs=1,
+        search=Settings(attempts=2, goal=0.8, steps=25, lr=0.1, l1=0.1, **search),
+    )
+
+
+def test_explain_stage_writes_manifest_images_and_desiderata(tiny_biased, tiny_codec, tmp_path):
+    ckpt, data = tiny_biased
+    summary = explain.run(ckpt, data, _config(), GeneratorConfig(source=str(tiny_codec)), tmp_path / "a")
+    manifest = pd.read_csv(tmp_path / "a" / "manifest.csv")
+    assert list(manifest.columns) == MANIFEST
+    assert len(manifest) == 2 * 3 * 2  # 2 ordered pairs x 3 images x 2 attempts
+    assert manifest["id"].is_unique
+    for rel in pd.concat([manifest["original"], manifest["counterfactual"], manifest["difference"]]):
+        assert (tmp_path / "a" / rel).is_file()
+    assert set(manifest["attempt"]) == {1, 2} and (manifest["source_class"] != manifest["target_class"]).all()
+    assert (manifest["p_target_before"] < 0.5).all()  # only correctly classified images are explained
+    assert manifest["feature_share"].between(0, 1).all()  # Square has feature masks
+    assert 0 <= summary["validity"] <= 1 and summary["surrogate_agreement"] > 0.5
+    assert summary["evaluations_per_counterfactual"] > 0 and "where_changed" in summary
+    assert (tmp_path / "a" / "grid_0_to_1.png").exists() and (tmp_path / "a" / "desiderata.json").exists()
+
+    # same seed, same counterfactuals
+    explain.run(ckpt, data, _config(), GeneratorConfig(source=str(tiny_codec)), tmp_path / "b")
+    again = pd.read_csv(tmp_path / "b" / "manifest.csv")
+    pd.testing.assert_frame_equal(manifest.drop(columns="seconds"), again.drop(columns="seconds"))
+    for rel in manifest["counterfactual"]:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+
+
+def test_gradient_filtering_through_a_local_unet(tiny_biased, tiny_codec, tmp_path):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    UNet2DModel(
+        sample_size=32,
+        block_out_channels=(8, 8),
+        norm_num_groups=8,
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    ).save_pretrained(tmp_path / "diffusion" / "unet")
+    DDPMScheduler(num_train_timesteps=100).save_pretrained(tmp_path / "diffusion" / "scheduler")
+    ckpt, data = tiny_biased
+    config = dataclasses.replace(
+        _config(filter_timestep=5),
+        surrogate=False,
+        per_pair=1,
+        search=Settings(attempts=1, steps=5, filter_timestep=5),
+    )
+    gen = GeneratorConfig(source=str(tiny_codec), unet=str(tmp_path / "diffusion"))
+    summary = explain.run(ckpt, data, config, gen, tmp_path / "out")
+    assert summary["counterfactuals"] == 2
+    assert summary["evaluations_per_counterfactual"] > 0
+
+
+def test_nothing_to_explain_is_a_user_error(tiny_biased, tiny_codec, tmp_path):
+    ckpt, data = tiny_biased
+    empty = dataclasses.replace(data, table=data.table[data.table["split"] != "val"])
+    with pytest.raises(UserError, match="no 'val' images"):
+        explain.run(ckpt, empty, _config(), GeneratorConfig(source=str(tiny_codec)), tmp_path)
