@@ -107,11 +107,14 @@ class Explainer(nn.Module):
         z = z0.clone().requires_grad_(True)
         optimizer = torch.optim.Adam([z], lr=s.lr)
         best, best_p = x.clone(), p_before.clone()
-        done = torch.zeros(n, dtype=torch.bool, device=x.device)
+        no_room = (
+            free.flatten(1).mean(1) < 0.01
+        )  # earlier attempts used (almost) everything: nothing to search
+        done = no_room.clone()
         steps = torch.zeros(n, dtype=torch.long, device=x.device)
         copies = max(1, s.smoothgrad)
         sigma = s.smoothgrad_sigma * z0.std()
-        for _ in range(s.steps):
+        for _ in range(0 if done.all() else s.steps):
             # 1. candidate(s): SmoothGrad evaluates noisy copies of the latent and averages their gradients
             zs = z.repeat(copies, 1, 1, 1)
             if s.smoothgrad:
@@ -140,8 +143,8 @@ class Explainer(nn.Module):
                 best[better], best_p[better] = current[better], p[better]
                 steps += (~done).long()
                 done |= best_p >= s.goal
-            if done.all():
-                break
+                if done.all():
+                    break
             frozen = z.detach().clone()
             optimizer.step()
             with torch.no_grad():  # finished samples stop changing (Adam's momentum would move them)
@@ -150,8 +153,9 @@ class Explainer(nn.Module):
             "x_cf": best,
             "p_before": p_before,
             "p_after": best_p,
-            "success": best_p >= s.goal,
+            "success": (best_p >= s.goal) & ~no_room,
             "steps": steps,
+            "no_room": no_room,
         }
 
     @torch.no_grad()

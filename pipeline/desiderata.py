@@ -84,6 +84,7 @@ def summarise(manifest: pd.DataFrame) -> dict:
         "changed_area": float(ok["changed_area"].mean()) if len(ok) else None,
         "realism": float(ok["realism"].mean()) if len(ok) else None,
         "steps": float(manifest["steps"].mean()),
+        "no_room_by_attempt": {int(a): float(g["no_room"].mean()) for a, g in manifest.groupby("attempt")},
         "evaluations_per_counterfactual": float(manifest["evaluations"].mean()),
         "seconds_per_counterfactual": float(manifest["seconds"].mean()),
     }

@@ -233,6 +233,7 @@ def write_outputs(
                         else np.nan,
                         "realism": float(desiderata.realism(feats[i : i + 1], real[target])[0]),
                         "steps": int(attempt["steps"][i]),
+                        "no_room": bool(attempt["no_room"][i]),
                         "evaluations": int(attempt["steps"][i]) * explainer.evaluations_per_step()
                         + explainer.evaluations_per_attempt(),
                         "seconds": float(attempt["seconds"]),

@@ -147,6 +147,8 @@ def explain_section(root: Path, data: FolderData) -> str | None:
         "counterfactuals per second": d["counterfactuals_per_second"],
         "surrogate agreement with the classifier": d.get("surrogate_agreement"),
     }
+    for attempt, share in d.get("no_room_by_attempt", {}).items():
+        rows[f"attempt {attempt}: no region left by earlier attempts"] = share
     for attempt, where in d.get("where_changed", {}).items():
         rows[f"attempt {attempt}: valid ones changing mainly the background"] = where["background"]
         rows[f"attempt {attempt}: valid ones changing mainly the true feature"] = where["feature"]

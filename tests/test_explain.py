@@ -31,6 +31,7 @@ MANIFEST = [
     "feature_share",
     "realism",
     "steps",
+    "no_room",
     "evaluations",
     "seconds",
 ]

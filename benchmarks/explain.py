@@ -1,0 +1,161 @@
+"""Benchmark of the explain stage on the embedded default: SCE-LITE-HQ against each ablation and a pixel-space
+baseline, on the same images in one run; plus seconds per counterfactual at 64, 128 and 256 px.
+
+Writes benchmarks/results/explain.json and explain.png.
+
+    .venv/bin/python benchmarks/explain.py [--per-pair 16] [--run-dir runs/bench-explain]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline import config, explain, generator, models, quiet, runner  # noqa: E402
+from pipeline.counterfactual import Explainer, PixelCodec  # noqa: E402
+from pipeline.data import load_folder  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+# SCE (pixel space, per-dataset DDPM): 15 differentiated denoising steps per gradient step, 50-100 steps, 2 attempts.
+# Per attempt and gradient step: 15 UNet forward + 15 backward, classifier forward + backward.
+SCE_EVALUATIONS_PER_ATTEMPT = {"steps_50": 50 * (2 * 15 + 2), "steps_100": 100 * (2 * 15 + 2)}
+
+
+def variants(base: config.ExplainConfig) -> dict[str, config.ExplainConfig]:
+    s = base.search
+    return {
+        "sce-lite-hq": base,
+        "no-smoothing": dataclasses.replace(
+            base, surrogate=False, search=dataclasses.replace(s, smoothgrad=0)
+        ),
+        "smoothgrad-only": dataclasses.replace(
+            base, surrogate=False, search=dataclasses.replace(s, smoothgrad=4)
+        ),
+        "no-diversification": dataclasses.replace(base, search=dataclasses.replace(s, diversify=False)),
+        "no-sparsity": dataclasses.replace(base, search=dataclasses.replace(s, sparsity=False)),
+        "pixel-baseline": base,  # same loss and mechanisms, no generator (see run_variant)
+    }
+
+
+def run_variant(name, checkpoint, data, c, gen, out) -> dict:
+    if name == "pixel-baseline":  # swap the codec for the identity: the search happens on pixels
+        original = generator.load
+        generator.load = lambda *a, **k: PixelCodec()
+        try:
+            return explain.run(checkpoint, data, c, gen, out)
+        finally:
+            generator.load = original
+    return explain.run(checkpoint, data, c, gen, out)
+
+
+def scaling(
+    checkpoint: Path, codec_source: str, sizes=(64, 128, 256), steps: int = 8, batch: int = 8
+) -> dict:
+    """Seconds per counterfactual (fixed number of steps, goal out of reach) as the image grows."""
+    model, _ = models.load(checkpoint)  # small_cnn pools globally, so it takes any size
+    codec = generator.load(codec_source)
+    settings = dataclasses.replace(config.load(None).explain.search, attempts=1, steps=steps, goal=0.999999)
+    out = {}
+    for size in sizes:
+        x = torch.rand(batch, 3, size, size) * 2 - 1
+        target = torch.zeros(batch, dtype=torch.long)
+        explainer = Explainer(codec, model, settings)
+        explainer(x[:2], target[:2])  # warm-up
+        started = time.perf_counter()
+        explainer(x, target)
+        out[f"{size}px"] = (time.perf_counter() - started) / batch
+    base = out[f"{sizes[0]}px"]
+    out["ratio_to_pixel_ratio"] = {f"{s}px": (out[f"{s}px"] / base) / (s * s / sizes[0] ** 2) for s in sizes}
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    names = list(results)
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.2))
+    for ax, (key, label) in zip(
+        axes,
+        [
+            ("validity", "validity"),
+            ("realism", "realism ratio (lower = more real)"),
+            ("l1", "L1 per pixel"),
+            ("evaluations_per_counterfactual", "network evaluations / CF"),
+        ],
+    ):
+        ax.barh(names, [results[n][key] or 0 for n in names])
+        ax.set_title(label, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--per-pair", type=int, default=16)
+    parser.add_argument("--run-dir", default="runs/bench-explain")
+    parser.add_argument("--only", nargs="*", help="variants to run (default: all)")
+    args = parser.parse_args()
+    quiet.configure(False)
+    base = config.load(None)
+    # the classifier under test: the default run's biased classifier (stages reused when already finished)
+    runner.run(
+        dataclasses.replace(base, explain=dataclasses.replace(base.explain, enabled=False)),
+        Path(args.run_dir),
+    )
+    checkpoint, data = Path(args.run_dir) / "classifier", load_folder(Path(args.run_dir) / "data")
+    c = dataclasses.replace(base.explain, per_pair=args.per_pair)
+    results = {}
+    for name, variant in variants(c).items():
+        if args.only and name not in args.only:
+            continue
+        started = time.perf_counter()
+        summary = run_variant(
+            name, checkpoint, data, variant, base.generator, Path(args.run_dir) / "bench" / name
+        )
+        summary["bench_seconds"] = round(time.perf_counter() - started, 1)
+        results[name] = summary
+        print(
+            name,
+            json.dumps(
+                {
+                    k: summary[k]
+                    for k in (
+                        "validity_by_attempt",
+                        "realism",
+                        "l1",
+                        "steps",
+                        "evaluations_per_counterfactual",
+                    )
+                }
+            ),
+            flush=True,
+        )
+    ours = results.get("sce-lite-hq", {}).get("evaluations_per_counterfactual")
+    report = {
+        "benchmark": "explain: SCE-LITE-HQ vs ablations vs pixel baseline on the embedded default's biased classifier",
+        "per_pair": args.per_pair,
+        "codec": json.loads((generator.resolve(base.generator.source) / "cfkd_card.json").read_text()),
+        "variants": results,
+        "sce_evaluations_per_counterfactual": SCE_EVALUATIONS_PER_ATTEMPT,
+        "evaluation_ratio_vs_sce_50_steps": SCE_EVALUATIONS_PER_ATTEMPT["steps_50"] / ours if ours else None,
+        "seconds_per_counterfactual_by_size": scaling(checkpoint, base.generator.source),
+        "threads": torch.get_num_threads(),
+    }
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "explain.json").write_text(json.dumps(report, indent=2, default=float))
+    plot(results, HERE / "results" / "explain.png")
+    print(json.dumps({k: v for k, v in report.items() if k not in ("variants", "codec")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
