@@ -26,8 +26,8 @@ from torch.nn import functional as F
 class Settings:
     attempts: int = 2  # K: structurally different counterfactuals per image
     goal: float = 0.9  # tau: target-class probability (original classifier) that counts as a flip
-    steps: int = 60  # most gradient steps per attempt
-    lr: float = 0.05  # Adam on the latent
+    steps: int = 100  # most gradient steps per attempt (early stop makes most attempts far shorter)
+    lr: float = 0.1  # Adam on the latent
     temperature: float = 3.0  # softmax temperature of the loss (the SCE authors use 3)
     l1: float = 0.5  # weight of L1(x_cf, x)
     smoothgrad: int = 0  # SmoothGrad copies of the latent per step (0 = off)
