@@ -95,6 +95,20 @@ def _explain(args) -> None:
     )
 
 
+def _teach(args) -> None:
+    from pipeline import config, teach
+
+    run_dir = Path(args.run_dir)
+    conf = config.load(run_dir / "config.yaml") if (run_dir / "config.yaml").exists() else config.load(None)
+    data_root = Path(conf.data.root) if conf.data.root else run_dir / "data"
+    reference = Path(args.reference) if args.reference else run_dir / "reference"
+    result = teach.run(run_dir, args.teacher, data_root, reference, args.noise, args.round, args.seed)
+    print(
+        f"{result['annotator']}: {result['labelled']} verdicts ({result.get('true', 0)} true, "
+        f"{result.get('spurious', 0)} spurious), {result['skipped']} abstained; wrote {run_dir / 'feedback.sqlite'}"
+    )
+
+
 def _run(args) -> None:
     from pipeline import config, runner
 
@@ -163,6 +177,21 @@ def parser() -> argparse.ArgumentParser:
         "--config", help="YAML whose explain: and generator: sections apply (default: the embedded default)"
     )
     ex.set_defaults(func=_explain)
+
+    te = sub.add_parser(
+        "teach", help="label a run's counterfactuals with a simulated teacher", parents=[common]
+    )
+    te.add_argument("--run-dir", required=True)
+    te.add_argument("--teacher", required=True, choices=["mask", "model"], help="mask oracle or model oracle")
+    te.add_argument(
+        "--reference", help="reference classifier for the model oracle (default: <run-dir>/reference)"
+    )
+    te.add_argument(
+        "--noise", type=float, default=0.0, help="share of verdicts flipped at random (imperfect expert)"
+    )
+    te.add_argument("--round", type=int, default=1)
+    te.add_argument("--seed", type=int, default=0)
+    te.set_defaults(func=_teach)
 
     tr = sub.add_parser("train", help="train a classifier on a folder dataset", parents=[common])
     tr.add_argument("--data", required=True, help="folder dataset")

@@ -103,6 +103,12 @@ def select(probs: np.ndarray, targets: list[int], per_pair: int, seed: int) -> t
     return rows, goals
 
 
+def read_manifest(path: Path) -> pd.DataFrame:
+    """manifest.csv with class names kept as strings (a class called "0" must not become the number 0)."""
+    text = {c: str for c in ("id", "id_sample", "label", "source_class", "target_class", "source_path")}
+    return pd.read_csv(path, dtype=text, keep_default_na=False, na_values={"feature_share": [""]})
+
+
 def heatmap(delta: torch.Tensor) -> Image.Image:
     """Signed change (mean over channels) as a red (brighter) / blue (darker) image, fixed scale [-1, 1]."""
     signed = delta.mean(0).clamp(-1, 1).numpy()

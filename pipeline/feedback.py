@@ -54,7 +54,9 @@ class FeedbackStore:
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a killed process never loses a committed event
+        db.execute(
+            "PRAGMA synchronous=NORMAL"
+        )  # WAL + NORMAL: a killed process never loses a committed event
         return db
 
     def _retry(self, work):
@@ -76,7 +78,9 @@ class FeedbackStore:
 
     # -- writing ---------------------------------------------------------------------------------------------
     def add(self, cf_id: str, annotator: str, label: str, round: int = 1, comment: str = "") -> str:
-        return self.add_many([{"cf_id": cf_id, "annotator": annotator, "label": label, "round": round, "comment": comment}])[0]
+        return self.add_many(
+            [{"cf_id": cf_id, "annotator": annotator, "label": label, "round": round, "comment": comment}]
+        )[0]
 
     def add_many(self, events: Iterable[dict]) -> list[str]:
         """Append events in one transaction; each gets an event_id and a timestamp unless it has them."""
@@ -87,14 +91,25 @@ class FeedbackStore:
                 raise UserError(f"label '{label}' for {e['cf_id']}: expected one of {', '.join(LABELS)}")
             if not annotator:
                 raise UserError("an annotator name is required")
-            rows.append((e.get("event_id") or uuid.uuid4().hex, str(e["cf_id"]), int(e.get("round", 1)), annotator,
-                         label, str(e.get("comment", "") or ""), e.get("created_at") or _now()))
+            rows.append(
+                (
+                    e.get("event_id") or uuid.uuid4().hex,
+                    str(e["cf_id"]),
+                    int(e.get("round", 1)),
+                    annotator,
+                    label,
+                    str(e.get("comment", "") or ""),
+                    e.get("created_at") or _now(),
+                )
+            )
 
         def write(db):
             db.execute("BEGIN IMMEDIATE")
             db.executemany(
                 "INSERT OR IGNORE INTO events (event_id, cf_id, round, annotator, label, comment, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
             db.execute("COMMIT")
 
         self._retry(write)
@@ -111,13 +126,19 @@ class FeedbackStore:
         return previous
 
     # -- reading ---------------------------------------------------------------------------------------------
-    def events(self, round: int | None = None, annotator: str | None = None, cf_id: str | None = None) -> pd.DataFrame:
+    def events(
+        self, round: int | None = None, annotator: str | None = None, cf_id: str | None = None
+    ) -> pd.DataFrame:
         where, args = [], []
         for column, value in (("round", round), ("annotator", annotator), ("cf_id", cf_id)):
             if value is not None:
                 where.append(f"{column} = ?")
                 args.append(value)
-        sql = f"SELECT {', '.join(COLUMNS)} FROM events" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY seq"
+        sql = (
+            f"SELECT {', '.join(COLUMNS)} FROM events"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY seq"
+        )
         return self._retry(lambda db: pd.read_sql_query(sql, db, params=args))
 
     def labels(self, round: int | None = None) -> pd.DataFrame:
@@ -134,20 +155,33 @@ class FeedbackStore:
             counts = group["label"].value_counts()
             top = counts[counts == counts.max()]
             label = top.index[0] if len(top) == 1 and len(group) >= min_votes else "unsure"
-            rows.append({"cf_id": cf_id, "label": label, "votes": len(group), **{f"n_{x}": int(counts.get(x, 0)) for x in LABELS}})
+            rows.append(
+                {
+                    "cf_id": cf_id,
+                    "label": label,
+                    "votes": len(group),
+                    **{f"n_{x}": int(counts.get(x, 0)) for x in LABELS},
+                }
+            )
         return pd.DataFrame(rows, columns=["cf_id", "label", "votes", *(f"n_{x}" for x in LABELS)])
 
     # -- exchange --------------------------------------------------------------------------------------------
     def export(self, path: str | Path) -> int:
         path, events = Path(path), self.events()
-        events.to_parquet(path, index=False) if path.suffix == ".parquet" else events.to_csv(path, index=False)
+        events.to_parquet(path, index=False) if path.suffix == ".parquet" else events.to_csv(
+            path, index=False
+        )
         return len(events)
 
     def import_(self, path: str | Path) -> int:
         """Merge an export (CSV or Parquet); events already present (same event_id) are skipped."""
         path = Path(path)
         try:
-            table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype=str, keep_default_na=False)
+            table = (
+                pd.read_parquet(path)
+                if path.suffix == ".parquet"
+                else pd.read_csv(path, dtype=str, keep_default_na=False)
+            )
         except Exception as exc:  # pandas raises many types for unreadable files
             raise UserError(f"cannot read feedback export {path}: {exc}") from None
         missing = [c for c in COLUMNS if c not in table.columns]

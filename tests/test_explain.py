@@ -101,7 +101,7 @@ def _config(**search):
 def test_explain_stage_writes_manifest_images_and_desiderata(tiny_biased, tiny_codec, tmp_path):
     ckpt, data = tiny_biased
     summary = explain.run(ckpt, data, _config(), GeneratorConfig(source=str(tiny_codec)), tmp_path / "a")
-    manifest = pd.read_csv(tmp_path / "a" / "manifest.csv")
+    manifest = explain.read_manifest(tmp_path / "a" / "manifest.csv")
     assert list(manifest.columns) == MANIFEST
     assert len(manifest) == 2 * 3 * 2  # 2 ordered pairs x 3 images x 2 attempts
     assert manifest["id"].is_unique
@@ -116,7 +116,7 @@ def test_explain_stage_writes_manifest_images_and_desiderata(tiny_biased, tiny_c
 
     # same seed, same counterfactuals
     explain.run(ckpt, data, _config(), GeneratorConfig(source=str(tiny_codec)), tmp_path / "b")
-    again = pd.read_csv(tmp_path / "b" / "manifest.csv")
+    again = explain.read_manifest(tmp_path / "b" / "manifest.csv")
     pd.testing.assert_frame_equal(manifest.drop(columns="seconds"), again.drop(columns="seconds"))
     for rel in manifest["counterfactual"]:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()

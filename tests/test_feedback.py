@@ -21,7 +21,9 @@ for i in range(int(sys.argv[3])):
 
 
 def _writer(path, name, n):
-    return subprocess.Popen([sys.executable, "-c", WRITER, str(path), name, str(n)], stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path), name, str(n)], stdout=subprocess.PIPE, text=True
+    )
 
 
 def test_two_processes_writing_at_once_lose_nothing(tmp_path):
@@ -89,7 +91,9 @@ def test_consensus_majority_ties_and_min_votes(tmp_path):
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
 def test_export_import_round_trip_without_duplicates(tmp_path, suffix):
     source = FeedbackStore(tmp_path / "a.sqlite")
-    source.add_many([{"cf_id": f"cf-{i}", "annotator": "alice", "label": "true", "round": 2} for i in range(5)])
+    source.add_many(
+        [{"cf_id": f"cf-{i}", "annotator": "alice", "label": "true", "round": 2} for i in range(5)]
+    )
     assert source.export(tmp_path / f"export{suffix}") == 5
     target = FeedbackStore(tmp_path / "b.sqlite")
     target.add("cf-9", "bob", "spurious")
@@ -97,7 +101,9 @@ def test_export_import_round_trip_without_duplicates(tmp_path, suffix):
     assert target.import_(tmp_path / f"export{suffix}") == 0  # merging twice adds nothing
     merged = target.events()
     assert len(merged) == 6 and set(merged["round"]) == {1, 2}
-    pd.testing.assert_frame_equal(merged[merged["annotator"] == "alice"].reset_index(drop=True), source.events())
+    pd.testing.assert_frame_equal(
+        merged[merged["annotator"] == "alice"].reset_index(drop=True), source.events()
+    )
 
 
 def test_bad_files_are_user_errors(tmp_path):

@@ -1,0 +1,105 @@
+"""Simulated teachers: label counterfactuals automatically, writing to the same feedback store as experts.
+
+- mask oracle: the change weighted by the centred feature mask (positive on the true feature, negative
+  elsewhere); a positive mean means the edit sits on the real evidence -> true, else spurious.
+- model oracle: the unbiased reference classifier; it flips too -> true, else spurious; it abstains where it
+  gets the original image wrong itself.
+Only counterfactuals that flipped the classifier get a verdict. An optional noise rate flips verdicts at random
+to simulate imperfect experts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from pipeline import models
+from pipeline.data import make_transform
+from pipeline.errors import UserError
+from pipeline.explain import for_explainer, read_manifest
+from pipeline.feedback import FeedbackStore
+
+TEACHERS = ("mask", "model")
+
+
+def _image(path: Path, size: int) -> torch.Tensor:
+    with Image.open(path) as image:
+        return make_transform(size)(image.convert("RGB"))
+
+
+def mask_verdicts(manifest: pd.DataFrame, explain_dir: Path, data_root: Path) -> pd.Series:
+    table = pd.read_csv(data_root / "metadata.csv", dtype=str, keep_default_na=False)
+    masks = dict(zip(table["path"], table["feature_mask"])) if "feature_mask" in table else {}
+    verdicts = {}
+    for row in manifest.itertuples():
+        if not masks.get(row.source_path):
+            continue  # no feature mask for this image: the oracle abstains
+        with Image.open(explain_dir / row.original) as o, Image.open(explain_dir / row.counterfactual) as c:
+            delta = np.abs(np.asarray(c, float) - np.asarray(o, float)).sum(-1)
+        with Image.open(data_root / masks[row.source_path]) as m:
+            mask = np.asarray(m.convert("L").resize(delta.shape[::-1], Image.NEAREST), float) / 255
+        centred = mask - mask.mean()
+        verdicts[row.id] = "true" if (delta * centred).mean() > 0 else "spurious"
+    return pd.Series(verdicts, dtype=object)
+
+
+@torch.no_grad()
+def model_verdicts(manifest: pd.DataFrame, explain_dir: Path, reference: Path) -> pd.Series:
+    model, card = models.load(reference)
+    model = for_explainer(model, card)
+    verdicts = {}
+    for row in manifest.itertuples():
+        x = _image(explain_dir / row.original, card.image_size)[None]
+        x_cf = _image(explain_dir / row.counterfactual, card.image_size)[None]
+        if card.classes[int(model(x).argmax())] != row.source_class:
+            continue  # the oracle gets the original wrong: it abstains
+        flipped = card.classes[int(model(x_cf).argmax())] == row.target_class
+        verdicts[row.id] = "true" if flipped else "spurious"
+    return pd.Series(verdicts, dtype=object)
+
+
+def run(
+    run_dir: Path,
+    teacher: str,
+    data_root: Path,
+    reference: Path | None = None,
+    noise: float = 0.0,
+    round: int = 1,
+    seed: int = 0,
+) -> dict:
+    """Label every successful counterfactual of ``run_dir/explain`` and write the verdicts to the store."""
+    if teacher not in TEACHERS:
+        raise UserError(f"unknown teacher '{teacher}' (choose {', '.join(TEACHERS)})")
+    explain_dir = run_dir / "explain"
+    try:
+        manifest = read_manifest(explain_dir / "manifest.csv")
+    except FileNotFoundError:
+        raise UserError(f"no counterfactuals in {explain_dir}: run the explain stage first") from None
+    manifest = manifest[manifest["success"]]
+    if teacher == "mask":
+        verdicts = mask_verdicts(manifest, explain_dir, data_root)
+    else:
+        if reference is None or not (reference / "card.json").exists():
+            raise UserError(
+                "the model oracle needs the reference classifier (reference stage or --reference)"
+            )
+        verdicts = model_verdicts(manifest, explain_dir, reference)
+    if noise > 0:
+        flip = np.random.default_rng(seed).random(len(verdicts)) < noise
+        verdicts[flip] = verdicts[flip].map({"true": "spurious", "spurious": "true"})
+    annotator = f"teacher:{teacher}"
+    FeedbackStore(run_dir / "feedback.sqlite").add_many(
+        {"cf_id": cf_id, "annotator": annotator, "label": label, "round": round}
+        for cf_id, label in verdicts.items()
+    )
+    counts = verdicts.value_counts().to_dict()
+    return {
+        "annotator": annotator,
+        "labelled": int(len(verdicts)),
+        "skipped": int(len(manifest) - len(verdicts)),
+        **counts,
+    }
