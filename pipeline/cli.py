@@ -109,6 +109,39 @@ def _teach(args) -> None:
     )
 
 
+def _annotate(args) -> None:
+    import os
+    import subprocess
+
+    run_dir = Path(args.run_dir).resolve()
+    if not run_dir.is_dir():
+        raise UserError(f"run directory not found: {run_dir}")
+    app = Path(__file__).resolve().parent.parent / "annotation_app" / "app.py"
+    env = {**os.environ, "CFKD_RUN_DIR": str(run_dir)}
+    token = args.token or os.environ.get("CFKD_TOKEN", "")
+    if token:
+        env["CFKD_TOKEN"] = token
+    command = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(app),
+        "--server.port",
+        str(args.port),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+        "--server.address",
+        args.address,
+    ]
+    print(
+        f"annotation app for {run_dir}: http://{args.address}:{args.port}" + ("/?token=..." if token else "")
+    )
+    subprocess.run(command, env=env, check=False)
+
+
 def _run(args) -> None:
     from pipeline import config, runner
 
@@ -192,6 +225,17 @@ def parser() -> argparse.ArgumentParser:
     te.add_argument("--round", type=int, default=1)
     te.add_argument("--seed", type=int, default=0)
     te.set_defaults(func=_teach)
+
+    an = sub.add_parser(
+        "annotate", help="start the expert annotation app (Streamlit) on a run", parents=[common]
+    )
+    an.add_argument("--run-dir", default="runs/default")
+    an.add_argument("--port", type=int, default=8501)
+    an.add_argument(
+        "--address", default="127.0.0.1", help="interface to listen on (0.0.0.0 to share on a network)"
+    )
+    an.add_argument("--token", help="access token the app asks for (or CFKD_TOKEN)")
+    an.set_defaults(func=_annotate)
 
     tr = sub.add_parser("train", help="train a classifier on a folder dataset", parents=[common])
     tr.add_argument("--data", required=True, help="folder dataset")

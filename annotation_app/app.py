@@ -1,0 +1,93 @@
+"""cfkd annotation app: experts label each counterfactual as true class evidence or a spurious shortcut.
+
+Started by ``cfkd annotate``, which passes the run directory (CFKD_RUN_DIR) and the optional token (CFKD_TOKEN).
+"""
+
+import os
+from pathlib import Path
+
+import streamlit as st
+
+from annotation_app import services, views
+from pipeline.feedback import FeedbackStore
+
+st.set_page_config(page_title="cfkd annotate", layout="wide")
+run_dir = Path(os.environ.get("CFKD_RUN_DIR", "runs/default")).resolve()
+token = os.environ.get("CFKD_TOKEN", "")
+if token and not views.token_gate(token):
+    st.stop()
+
+# 1. who is labelling (kept in the URL, so a reload or a bookmark resumes as the same annotator)
+with st.sidebar:
+    st.title("cfkd annotate")
+    annotator = st.text_input(
+        "Your name", value=st.query_params.get("annotator", ""), key="annotator"
+    ).strip()
+    if annotator:
+        st.query_params["annotator"] = annotator
+    found = services.rounds(run_dir)
+    if not found:
+        st.error(f"No counterfactuals in {run_dir}: run `cfkd run` (explain stage) first.")
+        st.stop()
+    round_number = st.selectbox("Round", sorted(found), index=len(found) - 1, key="round")
+    view = st.radio("View", ["Label", "Clusters", "Agreement"], key="view")
+if not annotator:
+    st.info("Enter your name in the sidebar to start labelling.")
+    st.stop()
+
+# 2. the round's counterfactuals and this annotator's labels
+try:
+    rnd = services.load_round(run_dir, round_number)
+except services.AppError as exc:
+    st.error(str(exc))
+    st.stop()
+if rnd.refused or rnd.missing:
+    st.warning(
+        f"{rnd.refused} counterfactual(s) refused (paths outside the run directory), "
+        f"{rnd.missing} with missing images: not shown."
+    )
+store = FeedbackStore(run_dir / "feedback.sqlite")
+labels = store.labels(round_number)
+mine = labels[labels["annotator"] == annotator].set_index("cf_id")["label"]
+
+if view == "Clusters":
+    views.cluster_view(rnd, store, annotator)
+    st.stop()
+if view == "Agreement":
+    views.agreement_view(store, round_number)
+    st.stop()
+
+# 3. filters, progress, and the card
+with st.sidebar:
+    unlabelled = st.checkbox("Unlabelled only", key="unlabelled")
+    pairs = sorted(set(rnd.manifest["source_class"] + " -> " + rnd.manifest["target_class"]))
+    pair = st.selectbox("Class pair", ["all", *pairs], key="pair")
+    attempt = st.selectbox(
+        "Attempt", ["all", *sorted(rnd.manifest["attempt"].unique())], key="attempt_filter"
+    )
+    disagreement = st.checkbox("Annotators disagree", key="disagreement")
+ids = services.queue(
+    rnd.manifest,
+    labels,
+    annotator,
+    unlabelled,
+    None if pair == "all" else pair,
+    None if attempt == "all" else int(attempt),
+    disagreement,
+)
+done = int(rnd.manifest["id"].isin(mine.index).sum())
+st.progress(done / len(rnd.manifest), text=f"{annotator}: {done} of {len(rnd.manifest)} labelled")
+if st.session_state.get("last"):
+    st.caption(f"last: {st.session_state['last']}")
+if not ids:
+    st.success("Nothing left to label with these filters.")
+    st.stop()
+current = st.session_state.get("current")
+if (
+    current not in ids
+):  # first visit or filters changed: resume at the first card this annotator has not labelled
+    current = next((cf for cf in ids if cf not in mine.index), ids[0])
+st.session_state["current"] = current
+row = rnd.manifest.set_index("id", drop=False).loc[current]
+st.caption(f"{ids.index(current) + 1} / {len(ids)}")
+views.card(row, store, annotator, round_number, ids, mine.get(current))
