@@ -73,7 +73,8 @@ def _move(ids: list[str], cf_id: str, step: int) -> None:
 def card(
     row: pd.Series, store: FeedbackStore, annotator: str, round: int, ids: list[str], mine: str | None
 ) -> None:
-    """original | counterfactual | signed change, probabilities, label buttons with keys T / S / U, arrows, Z."""
+    """original | counterfactual | signed change, probabilities, label buttons with keys T / S / U, arrows, Z
+    (Streamlit shows each button's key beside its label)."""
     st.markdown(
         f"**{row['source_class']} &rarr; {row['target_class']}** &middot; attempt {row['attempt']} &middot; "
         f"p(target) {float(row.get('p_target_before', float('nan'))):.2f} &rarr; "
@@ -94,7 +95,7 @@ def card(
     buttons = st.columns(6)
     for column, (label, key) in zip(buttons, KEYS.items()):
         column.button(
-            f"{label.capitalize()} ({key})",
+            label.capitalize(),
             key=f"label-{label}",
             shortcut=key,
             help=HELP[label],
@@ -102,10 +103,10 @@ def card(
             on_click=_label,
             args=(store, ids, row["id"], annotator, label, round),
         )
-    buttons[3].button("Back (←)", key="prev", shortcut="Left", on_click=_move, args=(ids, row["id"], -1))
-    buttons[4].button("Next (→)", key="next", shortcut="Right", on_click=_move, args=(ids, row["id"], 1))
+    buttons[3].button("Back", key="prev", shortcut="Left", on_click=_move, args=(ids, row["id"], -1))
+    buttons[4].button("Next", key="next", shortcut="Right", on_click=_move, args=(ids, row["id"], 1))
     buttons[5].button(
-        "Undo (Z)", key="undo", shortcut="Z", on_click=_undo, args=(store, row["id"], annotator, round)
+        "Undo", key="undo", shortcut="Z", on_click=_undo, args=(store, row["id"], annotator, round)
     )
 
 
