@@ -35,9 +35,16 @@ if not annotator:
     st.info("Enter your name in the sidebar to start labelling.")
     st.stop()
 
-# 2. the round's counterfactuals and this annotator's labels
+
+# 2. the round's counterfactuals (cached until the manifest changes) and this annotator's labels
+@st.cache_resource(show_spinner=False, max_entries=8)  # shared, not copied: the manifest is read-only
+def load_round(run_dir: Path, number: int, stamp: float) -> services.Round:
+    return services.load_round(run_dir, number)
+
+
 try:
-    rnd = services.load_round(run_dir, round_number)
+    manifest_file = found[round_number] / "manifest.csv"
+    rnd = load_round(run_dir, round_number, manifest_file.stat().st_mtime if manifest_file.exists() else 0.0)
 except services.AppError as exc:
     st.error(str(exc))
     st.stop()
@@ -47,8 +54,6 @@ if rnd.refused or rnd.missing:
         f"{rnd.missing} with missing images: not shown."
     )
 store = FeedbackStore(run_dir / "feedback.sqlite")
-labels = store.labels(round_number)
-mine = labels[labels["annotator"] == annotator].set_index("cf_id")["label"]
 
 if view == "Clusters":
     views.cluster_view(rnd, store, annotator)
@@ -57,37 +62,38 @@ if view == "Agreement":
     views.agreement_view(store, round_number)
     st.stop()
 
-# 3. filters, progress, and the card
+# 3. filters in the sidebar; the progress and the card in a fragment, so a label reruns only the card
 with st.sidebar:
     unlabelled = st.checkbox("Unlabelled only", key="unlabelled")
     pairs = sorted(set(rnd.manifest["source_class"] + " -> " + rnd.manifest["target_class"]))
     pair = st.selectbox("Class pair", ["all", *pairs], key="pair")
-    attempt = st.selectbox(
-        "Attempt", ["all", *sorted(rnd.manifest["attempt"].unique())], key="attempt_filter"
-    )
+    attempts = ["all", *sorted(rnd.manifest["attempt"].unique())]
+    attempt = st.selectbox("Attempt", attempts, key="attempt_filter")
     disagreement = st.checkbox("Annotators disagree", key="disagreement")
-ids = services.queue(
-    rnd.manifest,
-    labels,
-    annotator,
-    unlabelled,
-    None if pair == "all" else pair,
-    None if attempt == "all" else int(attempt),
-    disagreement,
-)
-done = int(rnd.manifest["id"].isin(mine.index).sum())
-st.progress(done / len(rnd.manifest), text=f"{annotator}: {done} of {len(rnd.manifest)} labelled")
-if st.session_state.get("last"):
-    st.caption(f"last: {st.session_state['last']}")
-if not ids:
-    st.success("Nothing left to label with these filters.")
-    st.stop()
-current = st.session_state.get("current")
-if (
-    current not in ids
-):  # first visit or filters changed: resume at the first card this annotator has not labelled
-    current = next((cf for cf in ids if cf not in mine.index), ids[0])
-st.session_state["current"] = current
-row = rnd.manifest.set_index("id", drop=False).loc[current]
-st.caption(f"{ids.index(current) + 1} / {len(ids)}")
-views.card(row, store, annotator, round_number, ids, mine.get(current))
+
+
+@st.fragment
+def labelling() -> None:
+    labels = store.labels(round_number)
+    mine = labels[labels["annotator"] == annotator].set_index("cf_id")["label"]
+    pair_filter, attempt_filter = None if pair == "all" else pair, None if attempt == "all" else int(attempt)
+    ids = services.queue(
+        rnd.manifest, labels, annotator, unlabelled, pair_filter, attempt_filter, disagreement
+    )
+    done = int(rnd.manifest["id"].isin(mine.index).sum())
+    st.progress(done / len(rnd.manifest), text=f"{annotator}: {done} of {len(rnd.manifest)} labelled")
+    if st.session_state.get("last"):
+        st.caption(f"last: {st.session_state['last']}")
+    if not ids:
+        st.success("Nothing left to label with these filters.")
+        return
+    current = st.session_state.get("current")
+    if current not in ids:  # first visit or filters changed: resume at the first card not yet labelled
+        current = next((cf for cf in ids if cf not in mine.index), ids[0])
+    st.session_state["current"] = current
+    row = rnd.manifest.loc[rnd.manifest["id"] == current].iloc[0]
+    st.caption(f"{ids.index(current) + 1} / {len(ids)}")
+    views.card(row, store, annotator, round_number, ids, mine.get(current))
+
+
+labelling()

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cdp import render
+from cdp import Browser
 from PIL import Image
 from test_app import make_run
+
+from pipeline.feedback import FeedbackStore
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTEFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -52,7 +54,15 @@ def test_card_renders_in_a_real_browser(tmp_path):
     try:
         url = f"http://127.0.0.1:{port}/?annotator=browser-test"
         _wait(f"http://127.0.0.1:{port}/_stcore/health")
-        dom, png = render(CHROMIUM, url, ready="Undo", profile=tmp_path / "profile")
+        browser = Browser(CHROMIUM, tmp_path / "profile")
+        try:
+            dom = browser.open(url, ready=">Undo<")
+            time.sleep(2)  # let the images finish loading
+            dom, png = browser.dom(), browser.screenshot()
+            browser.key("s")  # keyboard-only labelling: S marks the card spurious and shows the next one
+            browser.wait(lambda html: "cf-1" in html)
+        finally:
+            browser.close()
         assert all(f">{label}<" in dom for label in ("True", "Spurious", "Unsure", "Undo"))
         assert dom.count("<img") >= 4  # original, counterfactual, change map, colour bar
         assert "cf-0" in dom
@@ -61,6 +71,9 @@ def test_card_renders_in_a_real_browser(tmp_path):
         shot.write_bytes(png)
         pixels = np.asarray(Image.open(shot).convert("L"), float)
         assert pixels.std() > 10  # not a blank page
+        assert FeedbackStore(run / "feedback.sqlite").labels()[["cf_id", "label"]].values.tolist() == [
+            ["cf-0", "spurious"]
+        ]
     finally:
         server.terminate()
         server.wait(timeout=30)
