@@ -142,6 +142,16 @@ def _annotate(args) -> None:
     subprocess.run(command, env=env, check=False)
 
 
+def _feedback(args) -> None:
+    from pipeline.feedback import FeedbackStore
+
+    store = FeedbackStore(Path(args.run_dir) / "feedback.sqlite")
+    if args.feedback_command == "export":
+        print(f"exported {store.export(args.file)} label events to {args.file}")
+    else:
+        print(f"imported {store.import_(args.file)} new label events from {args.file}")
+
+
 def _run(args) -> None:
     from pipeline import config, runner
 
@@ -236,6 +246,18 @@ def parser() -> argparse.ArgumentParser:
     )
     an.add_argument("--token", help="access token the app asks for (or CFKD_TOKEN)")
     an.set_defaults(func=_annotate)
+
+    fb = sub.add_parser("feedback", help="export or merge the label events of a run").add_subparsers(
+        dest="feedback_command", required=True
+    )
+    for name, text in (
+        ("export", "write every label event to CSV or Parquet"),
+        ("import", "merge an export (no duplicates)"),
+    ):
+        command = fb.add_parser(name, help=text, parents=[common])
+        command.add_argument("--run-dir", required=True)
+        command.add_argument("file", help="a .csv or .parquet file")
+        command.set_defaults(func=_feedback)
 
     tr = sub.add_parser("train", help="train a classifier on a folder dataset", parents=[common])
     tr.add_argument("--data", required=True, help="folder dataset")

@@ -11,6 +11,10 @@ SUBCOMMANDS = [
     ["data", "check"],
     ["generator", "train"],
     ["explain"],
+    ["teach"],
+    ["annotate"],
+    ["feedback", "export"],
+    ["feedback", "import"],
     ["train"],
     ["import"],
     ["evaluate"],
@@ -29,7 +33,18 @@ def test_console_script_is_installed_and_lists_subcommands():
     out = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for name in ("run", "data", "train", "import", "evaluate"):
+    for name in (
+        "run",
+        "data",
+        "generator",
+        "explain",
+        "teach",
+        "annotate",
+        "feedback",
+        "train",
+        "import",
+        "evaluate",
+    ):
         assert name in out
 
 
@@ -124,4 +139,20 @@ def test_train_and_evaluate_commands(tmp_path, square_dir, capsys):
             ]
         )
         == 0
+    )
+
+
+def test_feedback_export_and_import(tmp_path, capsys):
+    from pipeline.feedback import FeedbackStore
+
+    FeedbackStore(tmp_path / "a" / "feedback.sqlite").add("cf-1", "alice", "true")
+    assert (
+        cli.main(["feedback", "export", "--run-dir", str(tmp_path / "a"), str(tmp_path / "x.parquet")]) == 0
+    )
+    assert (
+        cli.main(["feedback", "import", "--run-dir", str(tmp_path / "b"), str(tmp_path / "x.parquet")]) == 0
+    )
+    assert "imported 1 new label events" in capsys.readouterr().out
+    assert (
+        cli.main(["feedback", "import", "--run-dir", str(tmp_path / "b"), str(tmp_path / "missing.csv")]) == 2
     )
