@@ -44,6 +44,7 @@ def variants(base: config.ExplainConfig) -> dict[str, config.ExplainConfig]:
         "no-diversification": dataclasses.replace(base, search=dataclasses.replace(s, diversify=False)),
         "no-sparsity": dataclasses.replace(base, search=dataclasses.replace(s, sparsity=False)),
         "pixel-baseline": base,  # same loss and mechanisms, no generator (see run_variant)
+        "reference-classifier": base,  # the method on the unbiased reference: its strategy should be the square
     }
 
 

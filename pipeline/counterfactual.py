@@ -30,6 +30,9 @@ class Settings:
     lr: float = 0.1  # Adam on the latent
     temperature: float = 3.0  # softmax temperature of the loss (the SCE authors use 3)
     l1: float = 0.5  # weight of L1(x_cf, x)
+    prototype: float = (
+        1.0  # weight of the pull toward real target-class images in the codec's latent (0 = off)
+    )
     smoothgrad: int = 0  # SmoothGrad copies of the latent per step (0 = off)
     smoothgrad_sigma: float = 0.2  # their noise std, relative to the latent's std
     sparsity: bool = True  # paste the original back where the blurred change is small
@@ -59,6 +62,11 @@ def change_mask(delta: torch.Tensor, settings: Settings) -> torch.Tensor:
     return (change >= settings.paste_threshold * peak).float()
 
 
+def pooled(z: torch.Tensor, side: int = 4) -> torch.Tensor:
+    """A latent code average-pooled to side x side: colour and layout, not pixels."""
+    return F.adaptive_avg_pool2d(z, side).flatten(1)
+
+
 def dilate(mask: torch.Tensor, pixels: int) -> torch.Tensor:
     return F.max_pool2d(mask, 2 * pixels + 1, stride=1, padding=pixels) if pixels > 0 else mask
 
@@ -73,9 +81,11 @@ class Explainer(nn.Module):
         settings: Settings,
         surrogate: nn.Module | None = None,
         denoiser=None,
+        prototypes: dict[int, torch.Tensor] | None = None,
     ):
         super().__init__()
         self.codec, self.classifier, self.settings = codec, classifier.eval(), settings
+        self.prototypes = prototypes or {}  # target class -> pooled latent codes of real images of that class
         self.surrogate = surrogate.eval() if surrogate is not None else None
         self.denoiser = denoiser  # (unet, scheduler) or None
         for module in (self.classifier, self.surrogate):
@@ -104,6 +114,7 @@ class Explainer(nn.Module):
             z0 = self.codec.encode(x)
             d0 = self.codec.decode(z0)
             p_before = self._p_target(x, target)
+            proto = self._prototype(z0, target)
         z = z0.clone().requires_grad_(True)
         optimizer = torch.optim.Adam([z], lr=s.lr)
         best, best_p = x.clone(), p_before.clone()
@@ -132,7 +143,14 @@ class Explainer(nn.Module):
             logits = self._gradient_logits(x_cf)
             ce = F.cross_entropy(logits / s.temperature, target.repeat(copies), reduction="none")
             l1 = (x_cf - x_rep).abs().flatten(1).mean(1)
-            loss = ((ce + s.l1 * l1).view(copies, n) * (~done).float()).sum() / copies
+            objective = ce + s.l1 * l1
+            if (
+                proto is not None
+            ):  # realism: stay near real images of the target class (Van Looveren & Klaise 2021)
+                objective = objective + s.prototype * (
+                    pooled(self.codec.encode(x_cf)) - proto.repeat(copies, 1)
+                ).pow(2).mean(1)
+            loss = (objective.view(copies, n) * (~done).float()).sum() / copies
             optimizer.zero_grad()
             loss.backward()
             # 4. judge the noise-free candidate on the original classifier; keep the best iterate
@@ -157,6 +175,20 @@ class Explainer(nn.Module):
             "steps": steps,
             "no_room": no_room,
         }
+
+    @torch.no_grad()
+    def _prototype(self, z0: torch.Tensor, target: torch.Tensor, k: int = 5) -> torch.Tensor | None:
+        """Per sample, the mean pooled code of the k real target-class images nearest to the original."""
+        if self.settings.prototype <= 0 or not self.prototypes:
+            return None
+        own = pooled(z0)
+        out = torch.empty_like(own)
+        for t in target.unique().tolist():
+            bank = self.prototypes[t].to(own)
+            rows = target == t
+            nearest = torch.cdist(own[rows], bank).topk(min(k, len(bank)), largest=False).indices
+            out[rows] = bank[nearest].mean(1)
+        return out
 
     @torch.no_grad()
     def confine(self, x, x_cf, target, success, iterations: int = 8) -> dict:
@@ -213,8 +245,9 @@ class Explainer(nn.Module):
         copies = max(1, self.settings.smoothgrad)
         decoder, model = 2 * copies, 2 * copies  # forward + backward each
         unet = 2 * copies if self.denoiser is not None and self.settings.filter_timestep > 0 else 0
+        encoder = 2 * copies if self.settings.prototype > 0 and self.prototypes else 0
         check = 1 + (1 if self.settings.smoothgrad else 0)  # original classifier (+ the noise-free decode)
-        return decoder + model + unet + check
+        return decoder + model + unet + encoder + check
 
     def evaluations_per_attempt(self) -> int:
         """Fixed cost per attempt: encode + reference decode, and the classifier calls of confine()."""

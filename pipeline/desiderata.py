@@ -1,10 +1,11 @@
 """Desiderata of counterfactuals, measured per run: validity, proximity, sparsity, realism, diversity, and where
 the dataset has feature masks, whether the change sits on the true feature or on the background (the shortcut).
 
-Realism proxy (offline, no external model): in the codec's latent space, average-pooled to 4x4 so it reads
-colour and layout rather than pixels, the mean distance of a counterfactual to its k nearest real images of the
-target class, divided by the same distance for real target-class images (leave-one-out). 1.0 = as close to the
-real data as real images are to each other; larger = further from anything real.
+Realism proxy (offline, no model at all, so the generator's own space does not grade itself): on 16x16
+thumbnails, which keep colour and layout but not pixel noise, the mean distance of a counterfactual to its k
+nearest real images of the target class, divided by the same distance for real target-class images
+(leave-one-out). 1.0 = as close to the real data as real images are to each other; larger = further from anything
+real.
 """
 
 from __future__ import annotations
@@ -34,13 +35,9 @@ def per_counterfactual(
     return out
 
 
-def latent_features(codec, images: torch.Tensor, batch: int = 128) -> torch.Tensor:
-    with torch.no_grad():
-        feats = [
-            F.adaptive_avg_pool2d(codec.encode(images[i : i + batch]), 4).flatten(1)
-            for i in range(0, len(images), batch)
-        ]
-    return torch.cat(feats)
+def thumbnails(images: torch.Tensor, side: int = 16) -> torch.Tensor:
+    """Images area-downsampled to side x side: the space of the realism proxy (colour and layout)."""
+    return F.interpolate(images, size=(side, side), mode="area").flatten(1)
 
 
 def realism(cf_feats: torch.Tensor, real_feats: torch.Tensor, k: int = 5) -> np.ndarray:

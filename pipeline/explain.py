@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from pipeline import desiderata, generator, models, surrogate  # noqa: E402
 from pipeline.config import ExplainConfig, GeneratorConfig  # noqa: E402
-from pipeline.counterfactual import Explainer  # noqa: E402
+from pipeline.counterfactual import Explainer, pooled  # noqa: E402
 from pipeline.data import MEAN, STD, FolderData, ImageDataset, make_transform  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.rundir import write_json  # noqa: E402
@@ -127,7 +127,23 @@ def build_explainer(classifier, card, data, config: ExplainConfig, gen: Generato
         train_set = ImageDataset(data, "train", card.classes, make_transform(card.image_size))
         smooth, agreement = surrogate.distil(model, train_set, config.surrogate_epochs, config.accelerator)
     denoiser = generator.load_denoiser(gen.unet) if gen.unet else None
-    return Explainer(codec, model, config.search, smooth, denoiser), agreement
+    prototypes = None
+    if config.search.prototype > 0:
+        train = ImageDataset(data, "train", card.classes, make_transform(card.image_size))
+        prototypes = {t: real_codes(codec, train, t) for t in range(len(card.classes))}
+    return Explainer(codec, model, config.search, smooth, denoiser, prototypes), agreement
+
+
+def real_codes(codec, images: ImageDataset, target: int, limit: int = 400) -> torch.Tensor:
+    """Pooled latent codes of up to ``limit`` real images of one class."""
+    rows = [i for i, t in enumerate(images.targets) if t == target][:limit]
+    with torch.no_grad():
+        return torch.cat(
+            [
+                pooled(codec.encode(torch.stack([images[i][0] for i in rows[j : j + 128]])))
+                for j in range(0, len(rows), 128)
+            ]
+        )
 
 
 def run(
@@ -187,10 +203,10 @@ def attempt_diversity(outputs) -> dict:
     return {"diversity": desiderata.diversity(xs, attempts, masks)}
 
 
-def _real_features(codec, data: FolderData, card, target: int, limit: int = 400) -> torch.Tensor:
+def _real_thumbnails(data: FolderData, card, target: int, limit: int = 400) -> torch.Tensor:
     train = ImageDataset(data, "train", card.classes, make_transform(card.image_size))
     rows = [i for i, t in enumerate(train.targets) if t == target][:limit]
-    return desiderata.latent_features(codec, torch.stack([train[i][0] for i in rows]))
+    return desiderata.thumbnails(torch.stack([train[i][0] for i in rows]))
 
 
 def write_outputs(
@@ -199,14 +215,14 @@ def write_outputs(
     for folder in ("originals", "counterfactuals", "differences"):
         (out / folder).mkdir(parents=True, exist_ok=True)
     split = images.rows["split"][0]
-    real = {t: _real_features(explainer.codec, data, card, t) for t in range(len(card.classes))}
+    real = {t: _real_thumbnails(data, card, t) for t in range(len(card.classes))}
     records = []
     for output in outputs:
         batch = output["batch"]
         for k, attempt in enumerate(output["attempts"], start=1):
             masks = batch["mask"] if batch["has_mask"].any() else None
             stats = desiderata.per_counterfactual(batch["x"], attempt["x_cf"], masks)
-            feats = desiderata.latent_features(explainer.codec, attempt["x_cf"])
+            feats = desiderata.thumbnails(attempt["x_cf"])
             for i, row in enumerate(batch["row"].tolist()):
                 target = int(batch["target"][i])
                 sample = f"{split}-{row:05d}-to-{card.classes[target]}"
