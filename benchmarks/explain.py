@@ -39,8 +39,9 @@ def variants(base: config.ExplainConfig) -> dict[str, config.ExplainConfig]:
             base, surrogate=False, search=dataclasses.replace(s, smoothgrad=0)
         ),
         "smoothgrad-only": dataclasses.replace(
-            base, surrogate=False, search=dataclasses.replace(s, smoothgrad=4)
+            base, surrogate=False, search=dataclasses.replace(s, smoothgrad=2)
         ),
+        "no-prototype": dataclasses.replace(base, search=dataclasses.replace(s, prototype=0.0)),
         "no-diversification": dataclasses.replace(base, search=dataclasses.replace(s, diversify=False)),
         "no-sparsity": dataclasses.replace(base, search=dataclasses.replace(s, sparsity=False)),
         "pixel-baseline": base,  # same loss and mechanisms, no generator (see run_variant)
@@ -119,27 +120,13 @@ def main() -> int:
         if args.only and name not in args.only:
             continue
         started = time.perf_counter()
-        summary = run_variant(
-            name, checkpoint, data, variant, base.generator, Path(args.run_dir) / "bench" / name
-        )
+        model = Path(args.run_dir) / "reference" if name == "reference-classifier" else checkpoint
+        out = Path(args.run_dir) / "bench" / name
+        summary = run_variant(name, model, data, variant, base.generator, out)
         summary["bench_seconds"] = round(time.perf_counter() - started, 1)
         results[name] = summary
-        print(
-            name,
-            json.dumps(
-                {
-                    k: summary[k]
-                    for k in (
-                        "validity_by_attempt",
-                        "realism",
-                        "l1",
-                        "steps",
-                        "evaluations_per_counterfactual",
-                    )
-                }
-            ),
-            flush=True,
-        )
+        keys = ("validity_by_attempt", "realism", "l1", "steps", "evaluations_per_counterfactual", "where_changed")
+        print(name, json.dumps({k: summary.get(k) for k in keys}), file=sys.stderr, flush=True)
     ours = results.get("sce-lite-hq", {}).get("evaluations_per_counterfactual")
     report = {
         "benchmark": "explain: SCE-LITE-HQ vs ablations vs pixel baseline on the embedded default's biased classifier",
