@@ -253,6 +253,9 @@ def write_outputs(
                         "feature_share": float(stats["feature_share"][i])
                         if masks is not None and batch["has_mask"][i]
                         else np.nan,
+                        "feature_density": float(stats["feature_density"][i])
+                        if masks is not None and batch["has_mask"][i]
+                        else np.nan,
                         "realism": float(desiderata.realism(feats[i : i + 1], real[target])[0]),
                         "steps": int(attempt["steps"][i]),
                         "no_room": bool(attempt["no_room"][i]),

@@ -29,6 +29,7 @@ MANIFEST = [
     "l2",
     "changed_area",
     "feature_share",
+    "feature_density",
     "realism",
     "steps",
     "no_room",
@@ -110,6 +111,7 @@ def test_explain_stage_writes_manifest_images_and_desiderata(tiny_biased, tiny_c
     assert set(manifest["attempt"]) == {1, 2} and (manifest["source_class"] != manifest["target_class"]).all()
     assert (manifest["p_target_before"] < 0.5).all()  # only correctly classified images are explained
     assert manifest["feature_share"].between(0, 1).all()  # Square has feature masks
+    assert (manifest["feature_density"] >= 0).all()
     assert 0 <= summary["validity"] <= 1 and summary["surrogate_agreement"] > 0.5
     assert summary["evaluations_per_counterfactual"] > 0 and "where_changed" in summary
     assert (tmp_path / "a" / "grid_0_to_1.png").exists() and (tmp_path / "a" / "desiderata.json").exists()
