@@ -125,7 +125,14 @@ def main() -> int:
         summary = run_variant(name, model, data, variant, base.generator, out)
         summary["bench_seconds"] = round(time.perf_counter() - started, 1)
         results[name] = summary
-        keys = ("validity_by_attempt", "realism", "l1", "steps", "evaluations_per_counterfactual", "where_changed")
+        keys = (
+            "validity_by_attempt",
+            "realism",
+            "l1",
+            "steps",
+            "evaluations_per_counterfactual",
+            "where_changed",
+        )
         print(name, json.dumps({k: summary.get(k) for k in keys}), file=sys.stderr, flush=True)
     ours = results.get("sce-lite-hq", {}).get("evaluations_per_counterfactual")
     report = {
