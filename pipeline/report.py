@@ -154,7 +154,7 @@ def explain_section(root: Path, data: FolderData) -> str | None:
         rows[f"attempt {attempt}: valid ones changing mainly the true feature"] = where["feature"]
     table = pd.DataFrame({"value": rows}).to_html(float_format="%.3f", na_rep="-")
     grids = "".join(
-        f"<h3>{html.escape(p.stem[5:].replace('_to_', ' &rarr; '))}</h3>{img_tag(p.read_bytes(), p.stem)}"
+        f"<h3>{html.escape(p.stem[5:]).replace('_to_', ' &rarr; ')}</h3>{img_tag(p.read_bytes(), p.stem)}"
         for p in sorted(folder.glob("grid_*.png"))
     )
     return (

@@ -108,4 +108,5 @@ def test_explain_stage_joins_the_run_and_the_report(tmp_path, tiny_codec):
     assert metrics["explain"]["counterfactuals"] == 2 * 2 * 2
     html = (tmp_path / "run" / "report.html").read_text()
     assert "Counterfactuals (SCE-LITE-HQ)" in html and "network evaluations per counterfactual" in html
+    assert "0 &rarr; 1" in html and "&amp;rarr;" not in html  # class-pair headings render as arrows
     assert "[explain] up to date, skipped" in _run(tmp_path / "run", config)
