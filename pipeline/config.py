@@ -116,6 +116,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "explain.search.attempts": (lambda v: v >= 1, "an integer >= 1"),
     "explain.search.goal": (lambda v: 0.5 <= v < 1.0, "a probability in [0.5, 1)"),
     "explain.search.steps": (lambda v: v >= 1, "an integer >= 1"),
+    "explain.search.patience": (lambda v: v >= 0, "an integer >= 0"),
     "explain.search.lr": (lambda v: v > 0, "a number > 0"),
     "explain.search.temperature": (lambda v: v > 0, "a number > 0"),
     "explain.search.l1": (lambda v: v >= 0, "a number >= 0"),

@@ -27,6 +27,7 @@ class Settings:
     attempts: int = 2  # K: structurally different counterfactuals per image
     goal: float = 0.9  # tau: target-class probability (original classifier) that counts as a flip
     steps: int = 100  # most gradient steps per attempt (early stop makes most attempts far shorter)
+    patience: int = 25  # give a sample up after this many steps without raising p(target) by 0.01 (0 = never)
     lr: float = 0.1  # Adam on the latent
     temperature: float = 3.0  # softmax temperature of the loss (the SCE authors use 3)
     l1: float = 0.5  # weight of L1(x_cf, x)
@@ -123,6 +124,7 @@ class Explainer(nn.Module):
         )  # earlier attempts used (almost) everything: nothing to search
         done = no_room.clone()
         steps = torch.zeros(n, dtype=torch.long, device=x.device)
+        stalled = torch.zeros_like(steps)  # steps since p(target) last rose by 0.01
         copies = max(1, s.smoothgrad)
         sigma = s.smoothgrad_sigma * z0.std()
         for _ in range(0 if done.all() else s.steps):
@@ -158,9 +160,13 @@ class Explainer(nn.Module):
                 current = x_cf[:n] if not s.smoothgrad else self.candidate(x, z, d0, free)
                 p = self._p_target(current, target)
                 better = (~done) & (p > best_p)
+                progress = (~done) & (p > best_p + 0.01)
+                stalled = torch.where(progress, torch.zeros_like(stalled), stalled + (~done).long())
                 best[better], best_p[better] = current[better], p[better]
                 steps += (~done).long()
                 done |= best_p >= s.goal
+                if s.patience:  # a search that stopped improving will not flip: spare its budget
+                    done |= stalled >= s.patience
                 if done.all():
                     break
             frozen = z.detach().clone()
