@@ -123,27 +123,26 @@ def build_explainer(classifier, card, data, config: ExplainConfig, gen: Generato
     codec = generator.load(gen.source, gen.subfolder)
     model = for_explainer(classifier, card)
     smooth, agreement = None, None
+    train = ImageDataset(data, "train", card.classes, make_transform(card.image_size))
     if config.surrogate:
-        train_set = ImageDataset(data, "train", card.classes, make_transform(card.image_size))
-        smooth, agreement = surrogate.distil(model, train_set, config.surrogate_epochs, config.accelerator)
+        smooth, agreement = surrogate.distil(model, train, config.surrogate_epochs, config.accelerator)
     denoiser = generator.load_denoiser(gen.unet) if gen.unet else None
     prototypes = None
     if config.search.prototype > 0:
-        train = ImageDataset(data, "train", card.classes, make_transform(card.image_size))
-        prototypes = {t: real_codes(codec, train, t) for t in range(len(card.classes))}
+        prototypes = {t: real_codes(codec, class_images(train, t)) for t in range(len(card.classes))}
     return Explainer(codec, model, config.search, smooth, denoiser, prototypes), agreement
 
 
-def real_codes(codec, images: ImageDataset, target: int, limit: int = 400) -> torch.Tensor:
-    """Pooled latent codes of up to ``limit`` real images of one class."""
+def class_images(images: ImageDataset, target: int, limit: int = 400) -> torch.Tensor:
+    """Up to ``limit`` real images of one class, stacked: the reference set for realism and prototypes."""
     rows = [i for i, t in enumerate(images.targets) if t == target][:limit]
+    return torch.stack([images[i][0] for i in rows])
+
+
+def real_codes(codec, images: torch.Tensor, batch: int = 128) -> torch.Tensor:
+    """Pooled latent codes of real images."""
     with torch.no_grad():
-        return torch.cat(
-            [
-                pooled(codec.encode(torch.stack([images[i][0] for i in rows[j : j + 128]])))
-                for j in range(0, len(rows), 128)
-            ]
-        )
+        return torch.cat([pooled(codec.encode(images[j : j + batch])) for j in range(0, len(images), batch)])
 
 
 def run(
@@ -203,19 +202,14 @@ def attempt_diversity(outputs) -> dict:
     return {"diversity": desiderata.diversity(xs, attempts, masks)}
 
 
-def _real_thumbnails(data: FolderData, card, target: int, limit: int = 400) -> torch.Tensor:
-    train = ImageDataset(data, "train", card.classes, make_transform(card.image_size))
-    rows = [i for i, t in enumerate(train.targets) if t == target][:limit]
-    return desiderata.thumbnails(torch.stack([train[i][0] for i in rows]))
-
-
 def write_outputs(
     outputs, images: ImageDataset, card, explainer: Explainer, data: FolderData, out: Path
 ) -> pd.DataFrame:
     for folder in ("originals", "counterfactuals", "differences"):
         (out / folder).mkdir(parents=True, exist_ok=True)
     split = images.rows["split"][0]
-    real = {t: _real_thumbnails(data, card, t) for t in range(len(card.classes))}
+    train = ImageDataset(data, "train", card.classes, make_transform(card.image_size))
+    real = {t: desiderata.thumbnails(class_images(train, t)) for t in range(len(card.classes))}
     records = []
     for output in outputs:
         batch = output["batch"]
