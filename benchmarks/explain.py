@@ -105,6 +105,7 @@ def main() -> int:
     parser.add_argument("--per-pair", type=int, default=16)
     parser.add_argument("--run-dir", default="runs/bench-explain")
     parser.add_argument("--only", nargs="*", help="variants to run (default: all)")
+    parser.add_argument("--tag", default="", help="suffix for the result files and folders (a partial rerun)")
     args = parser.parse_args()
     quiet.configure(False)
     base = config.load(None)
@@ -121,7 +122,7 @@ def main() -> int:
             continue
         started = time.perf_counter()
         model = Path(args.run_dir) / "reference" if name == "reference-classifier" else checkpoint
-        out = Path(args.run_dir) / "bench" / name
+        out = Path(args.run_dir) / "bench" / (f"{name}-{args.tag}" if args.tag else name)
         summary = run_variant(name, model, data, variant, base.generator, out)
         summary["bench_seconds"] = round(time.perf_counter() - started, 1)
         results[name] = summary
@@ -145,9 +146,10 @@ def main() -> int:
         "seconds_per_counterfactual_by_size": scaling(checkpoint, base.generator.source),
         "threads": torch.get_num_threads(),
     }
+    stem = f"explain-{args.tag}" if args.tag else "explain"
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "explain.json").write_text(json.dumps(report, indent=2, default=float))
-    plot(results, HERE / "results" / "explain.png")
+    (HERE / "results" / f"{stem}.json").write_text(json.dumps(report, indent=2, default=float))
+    plot(results, HERE / "results" / f"{stem}.png")
     print(json.dumps({k: v for k, v in report.items() if k not in ("variants", "codec")}, indent=2))
     return 0
 

@@ -2,6 +2,11 @@
 images and the dataset's feature masks with the density criterion (mean |change| on the feature over mean
 |change| elsewhere > 1), without rerunning the search.
 
+It also measures the ceiling any explainer faces: ground-truth interventions on correctly classified validation
+images (the red square set to the other class's extreme, or the background brightness mirrored, noise kept) and
+how often each flips the biased and the reference classifier. A later attempt can only find the square strategy
+in images where the square can flip the classifier at all.
+
     .venv/bin/python benchmarks/where_changed.py [--run-dir runs/bench-explain]
 """
 
@@ -17,7 +22,8 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from pipeline import desiderata
+from pipeline import desiderata, models
+from pipeline.counterfactual import dilate
 from pipeline.explain import read_manifest
 
 HERE = Path(__file__).resolve().parent
@@ -27,6 +33,33 @@ def tensor(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), np.float32) / 127.5 - 1).permute(
         2, 0, 1
     )[None]
+
+
+def interventions(run: Path, classifier: str, limit: int = 200) -> dict:
+    """Flip rates of ground-truth edits: only the square, only the background."""
+    model, _ = models.load(run / classifier)
+    model.eval()
+    meta = pd.read_csv(run / "data" / "metadata.csv")
+    flips: dict[str, list[bool]] = {"square": [], "background": []}
+    for row in meta[meta["split"] == "val"].head(limit).itertuples():
+        x = np.asarray(Image.open(run / "data" / row.path), np.float32)
+        square = np.asarray(Image.open(run / "data" / row.feature_mask)) > 127
+        around = dilate(torch.from_numpy(square)[None, None].float(), 2)[0, 0].numpy() > 0  # the patch's rim
+        target = 1 - int(row.label)
+        with torch.no_grad():
+            if model(as_input(x)).argmax(1).item() != row.label:
+                continue
+            edited = x.copy()
+            edited[square, 0] = 255.0 if target else 0.0
+            flips["square"].append(model(as_input(edited)).argmax(1).item() == target)
+            edited = x.copy()
+            edited[~around] += 255.0 - 2 * row.background  # b -> 255 - b, the pixel noise unchanged
+            flips["background"].append(model(as_input(edited)).argmax(1).item() == target)
+    return {k: float(np.mean(v)) for k, v in flips.items()} | {"n": len(flips["square"])}
+
+
+def as_input(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.clip(image, 0, 255) / 127.5 - 1).permute(2, 0, 1)[None].float()
 
 
 def main() -> int:
@@ -58,6 +91,9 @@ def main() -> int:
             }
             for a, g in valid.groupby("attempt")
         }
+    result["intervention_flip_rate"] = {
+        name: interventions(run, name) for name in ("classifier", "reference") if (run / name).is_dir()
+    }
     (HERE / "results" / "explain_where_changed.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=1))
     return 0
