@@ -87,6 +87,47 @@ class ExplainConfig:
 
 
 @dataclass(frozen=True)
+class FeedbackConfig:
+    """Who labels the counterfactuals of each round: a simulated teacher or experts in the app."""
+
+    teacher: str = (
+        "mask"  # mask (feature-mask oracle), model (reference-classifier oracle) or human (the app)
+    )
+    noise: float = 0.0  # share of a simulated teacher's verdicts flipped at random (imperfect experts)
+    min_labels: int = 1  # human teacher: labelled counterfactuals a round needs before distil continues
+    min_votes: int = 1  # annotators that must agree for a consensus label (fewer -> unsure)
+
+
+@dataclass(frozen=True)
+class DistilConfig:
+    """Counterfactual Knowledge Distillation: fine-tune on the teacher's verdicts, round after round."""
+
+    enabled: bool = True
+    rounds: int = 3  # explain -> feedback -> distil -> evaluate, this many times
+    use_true: bool = False  # also train on 'true' counterfactuals with the target label
+    mix: float = 0.5  # share of counterfactuals in each training batch (the rest: original training images)
+    holdout: float = 0.2  # share of a round's counterfactual images kept for model selection
+    anchor: float = 0.0  # L2 pull toward the starting weights
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    accelerator: str = "auto"  # Lightning: auto uses a GPU when there is one
+    devices: str | int = "auto"
+    strategy: str = "auto"  # DDP when devices > 1
+    precision: str = "auto"  # auto: bf16-mixed on GPUs that support it, else 32-true
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """DFR-style baseline: retrain the last layer on a group-balanced subset of validation data."""
+
+    dfr: bool = True
+    subsets: int = 10  # balanced subsets whose logistic-regression heads are averaged (as DFR does)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "default"
     seed: int = 0
@@ -95,6 +136,9 @@ class RunConfig:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    distil: DistilConfig = field(default_factory=DistilConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
 
 
 # Value checks beyond the type: key -> (predicate, what is allowed)
@@ -124,6 +168,23 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "explain.search.paste_threshold": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "explain.search.blur": (lambda v: v >= 1 and v % 2 == 1, "an odd integer >= 1"),
     "explain.search.filter_timestep": (lambda v: v >= 0, "an integer >= 0"),
+    "feedback.teacher": (lambda v: v in ("mask", "model", "human"), "mask, model or human"),
+    "feedback.noise": (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
+    "feedback.min_labels": (lambda v: v >= 1, "an integer >= 1"),
+    "feedback.min_votes": (lambda v: v >= 1, "an integer >= 1"),
+    "distil.rounds": (lambda v: v >= 1, "an integer >= 1"),
+    "distil.mix": (lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
+    "distil.holdout": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    "distil.anchor": (lambda v: v >= 0, "a number >= 0"),
+    "distil.epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "distil.batch_size": (lambda v: v >= 2, "an integer >= 2"),
+    "distil.lr": (lambda v: v > 0, "a number > 0"),
+    "distil.weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "distil.precision": (
+        lambda v: v in ("auto", "32-true", "16-mixed", "bf16-mixed"),
+        "auto, 32-true, 16-mixed or bf16-mixed",
+    ),
+    "baseline.subsets": (lambda v: v >= 1, "an integer >= 1"),
     "name": (lambda v: v and "/" not in v and "\\" not in v and v not in {".", ".."}, "a plain folder name"),
 }
 

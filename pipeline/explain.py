@@ -88,6 +88,11 @@ class ExplainSystem(L.LightningModule):
         }
 
 
+def folder(round: int) -> str:
+    """The explain folder of a CFKD round: explain/ for round 1 (also a run without rounds), explain_r<N>/."""
+    return "explain" if round == 1 else f"explain_r{round}"
+
+
 def select(probs: np.ndarray, targets: list[int], per_pair: int, seed: int) -> tuple[list[int], list[int]]:
     """Rows the classifier gets right, per_pair of them for every ordered (source, target) pair."""
     rng = np.random.default_rng(seed)

@@ -1,21 +1,44 @@
 """``cfkd run``: the stages of a run in order, each skipped when its fingerprint (config + inputs) is unchanged.
 
-data -> data_reference -> classifier -> reference -> evaluate -> explain -> report
+data -> data_reference -> classifier -> reference -> evaluate -> dfr -> then for each CFKD round r:
+explain (explain/, explain_r<r>/) -> feedback_r<r> -> distil_r<r> (fine-tuned classifier + its evaluation)
+-> report. With the human teacher a run stops after explain until the experts have labelled enough.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
+
 from pipeline import config as cfg
-from pipeline import evaluate, explain, generator, models, report, square, train
+from pipeline import dfr, distil, evaluate, explain, generator, models, report, square, teach, train
 from pipeline.data import FolderData, load_folder
 from pipeline.errors import UserError
+from pipeline.feedback import FeedbackStore
 from pipeline.rundir import RunDir, file_hash, read_json, write_json
 
-STAGES = ("data", "data_reference", "classifier", "reference", "evaluate", "explain", "report")
+STAGES = (
+    "data",
+    "data_reference",
+    "classifier",
+    "reference",
+    "evaluate",
+    "dfr",
+    "explain",
+    "feedback",
+    "distil",
+    "report",
+)
+
+
+def stage_kind(name: str) -> str:
+    """distil_r2 -> distil: --from and --force act on every round of a stage."""
+    match = re.fullmatch(r"(.+)_r\d+", name)
+    return match.group(1) if match else name
 
 
 class Run:
@@ -28,7 +51,7 @@ class Run:
     def _stage(self, name: str, key: str, body) -> str:
         """Run ``body(tmp_folder)`` unless a finished stage with the same key exists."""
         self.keys[name] = key
-        if name not in self.redo and self.dir.finished(name, key):
+        if stage_kind(name) not in self.redo and self.dir.finished(name, key):
             self.log(f"[{name}] up to date, skipped")
             return key
         self.log(f"[{name}] running")
@@ -92,17 +115,150 @@ class Run:
         write_json(self.dir.root / "metrics.json", metrics)
         return metrics
 
-    def explain(self, data: FolderData) -> dict:
+    def dfr(self, data: FolderData, reference_data: FolderData | None) -> dict | None:
+        """The DFR-style baseline on the biased classifier, evaluated like every other classifier."""
+        parts = [self.keys["classifier"], self.keys["data"], self.keys.get("data_reference")]
+        key = cfg.fingerprint("dfr", self.config.baseline, *parts)
+
+        def body(tmp: Path) -> None:
+            dfr.run(self.dir.path("classifier"), data, reference_data, self.config.baseline, tmp)
+            evaluate.run(tmp, data, tmp / "evaluation", title="DFR baseline")
+
+        try:
+            self._stage("dfr", key, body)
+        except dfr.NoGroups as exc:
+            self.log(f"[dfr] skipped: {exc}")
+            return None
+        return {
+            **read_json(self.dir.path("dfr") / "evaluation" / "metrics.json"),
+            "fit": _card_metrics(self, "dfr"),
+        }
+
+    # -- CFKD rounds -----------------------------------------------------------------------------------------
+    def explain(self, data: FolderData, round: int = 1, model: str = "classifier") -> dict:
         c, gen = self.config.explain, self.config.generator
+        c = replace(c, seed=c.seed + round - 1)  # each round explains other images
+        name = explain.folder(round)
         key = cfg.fingerprint(
-            "explain", c, gen, generator.fingerprint(gen.source), self.keys["classifier"], self.keys["data"]
+            "explain", c, gen, generator.fingerprint(gen.source), self.keys[model], self.keys["data"]
         )
-        self._stage(
-            "explain",
-            key,
-            lambda tmp: explain.run(self.dir.path("classifier"), data, c, gen, tmp, self.verbose),
+        self._stage(name, key, lambda tmp: explain.run(self.dir.path(model), data, c, gen, tmp, self.verbose))
+        return read_json(self.dir.path(name) / "desiderata.json")
+
+    def feedback(self, data: FolderData, round: int) -> bool:
+        """Verdicts on the round's counterfactuals into feedback_r<round>/; False while experts still label."""
+        f, name, explained = self.config.feedback, f"feedback_r{round}", explain.folder(round)
+        store = FeedbackStore(self.dir.root / "feedback.sqlite")
+        manifest = explain.read_manifest(self.dir.path(explained) / "manifest.csv")
+        if f.teacher == "human":
+            verdicts = _decided(store.consensus(round, f.min_votes), manifest)
+            if len(verdicts) < f.min_labels:
+                self.log(
+                    f"[feedback] round {round}: {len(verdicts)} of the {f.min_labels} labels needed; label the "
+                    f"counterfactuals, then run the same command again:\n  cfkd annotate --run-dir {self.dir.root}"
+                )
+                return False
+            key = cfg.fingerprint("feedback", f, self.keys[explained], verdicts.to_dict("records"))
+        else:
+            key = cfg.fingerprint("feedback", f, self.keys[explained], round)
+
+        def body(tmp: Path) -> None:
+            if f.teacher != "human":
+                reference = self.dir.path("reference") if self.config.reference.enabled else None
+                teach.run(self.dir.root, f.teacher, data.root, reference, f.noise, round, self.config.seed)
+            verdicts = _decided(store.consensus(round, f.min_votes), manifest)
+            verdicts.to_csv(tmp / "verdicts.csv", index=False)
+            write_json(tmp / "summary.json", feedback_summary(verdicts, manifest))
+
+        self._stage(name, key, body)
+        return True
+
+    def distil(self, data: FolderData, round: int, model: str) -> str:
+        """Fine-tune ``model`` on the round's verdicts; the result and its evaluation go to distil_r<round>/."""
+        c, name = self.config.distil, f"distil_r{round}"
+        explained = self.dir.path(explain.folder(round))
+        key = cfg.fingerprint(
+            "distil", c, self.keys[model], self.keys[f"feedback_r{round}"], self.keys["data"]
         )
-        return read_json(self.dir.path("explain") / "desiderata.json")
+
+        def body(tmp: Path) -> None:
+            verdicts = pd.read_csv(self.dir.path(f"feedback_r{round}") / "verdicts.csv", dtype=str)
+            table = distil.training_set(
+                explain.read_manifest(explained / "manifest.csv"), verdicts, c.use_true
+            )
+            fit, held = distil.split_holdout(table, c.holdout, c.seed + round)
+            pd.concat([fit.assign(use="train"), held.assign(use="select")]).to_csv(
+                tmp / "training_set.csv", index=False
+            )
+            if fit.empty:  # nothing the teacher objected to: the classifier goes on unchanged
+                classifier, card = models.load(self.dir.path(model))
+                models.save(classifier, replace(card, metrics={"skipped": "no usable verdicts"}), tmp)
+            else:
+                distil.run(self.dir.path(model), data, fit, held, explained, c, tmp, self.verbose)
+            evaluate.run(tmp, data, tmp / "evaluation", title=f"after round {round}")
+
+        self._stage(name, key, body)
+        return name
+
+    def rounds(self, data: FolderData, before: dict) -> tuple[list[dict], bool]:
+        """explain -> feedback -> distil -> evaluate, config.distil.rounds times; (per-round metrics, finished)."""
+        model, results = "classifier", []
+        for n in range(1, self.config.distil.rounds + 1):
+            described = self.explain(data, n, model)
+            if not self.feedback(data, n):
+                return results, False
+            model = self.distil(data, n, model)
+            results.append(self.round_metrics(n, described, before))
+        return results, True
+
+    def round_metrics(self, n: int, described: dict, before: dict) -> dict:
+        tested = read_json(self.dir.path(f"distil_r{n}") / "evaluation" / "metrics.json")
+        fed = read_json(self.dir.path(f"feedback_r{n}") / "summary.json")
+        return {
+            "round": n,
+            "explained": "classifier" if n == 1 else f"distil_r{n - 1}",
+            "flip_rate": described["validity"],
+            **fed,
+            "training": _card_metrics(self, f"distil_r{n}"),
+            "test_accuracy": tested["accuracy"],
+            "worst_group_accuracy": tested["worst_group_accuracy"],
+            "worst_group": tested["worst_group"],
+            "per_group": {g: v["accuracy"] for g, v in tested["per_group"].items()},
+            "gain": gain(tested, before),
+        }
+
+
+def _card_metrics(r: Run, stage: str) -> dict:
+    return models.load_card(r.dir.path(stage)).metrics
+
+
+def _decided(consensus: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
+    """Consensus labels of this round's counterfactuals, unsure ones left out."""
+    mine = consensus[consensus["cf_id"].isin(manifest["id"]) & (consensus["label"] != "unsure")]
+    return mine.reset_index(drop=True)
+
+
+def feedback_summary(verdicts: pd.DataFrame, manifest: pd.DataFrame) -> dict:
+    """Counts per label and feedback accuracy = true / (true + spurious), label-free (DESIGN.md)."""
+    counts = verdicts["label"].value_counts()
+    true, spurious = int(counts.get("true", 0)), int(counts.get("spurious", 0))
+    return {
+        "counterfactuals": int(len(manifest)),
+        "flipped": int(manifest["success"].sum()),
+        "labels": {"true": true, "spurious": spurious, "unsure": int(len(manifest) - true - spurious)},
+        "feedback_accuracy": true / (true + spurious) if true + spurious else None,
+    }
+
+
+def gain(after: dict, before: dict) -> dict | None:
+    """Share of the gap between the biased and the reference classifier that a correction closes."""
+    if "reference" not in before:
+        return None
+    out = {}
+    for key in ("accuracy", "worst_group_accuracy"):
+        gap = before["reference"][key] - before["classifier"][key]
+        out[key] = (after[key] - before["classifier"][key]) / gap if abs(gap) > 1e-9 else None
+    return out
 
 
 def _summary(folder: FolderData) -> dict:
@@ -141,9 +297,18 @@ def run(
     if config.reference.enabled:
         r.classifier("reference", reference_data or data, config.reference.weights)
     metrics = r.evaluate(data)
+    if config.baseline.dfr:
+        metrics["dfr"] = r.dfr(data, reference_data)
+        if metrics["dfr"] is not None:
+            metrics["dfr"]["gain"] = gain(metrics["dfr"], metrics)
+    finished = True
     if config.explain.enabled:
         metrics["explain"] = r.explain(data)
         write_json(r.dir.root / "metrics.json", metrics)
+        if config.distil.enabled:
+            metrics["rounds"], finished = r.rounds(data, metrics)
+    metrics["status"] = "complete" if finished else "waiting for feedback"
+    write_json(r.dir.root / "metrics.json", metrics)
     path = report.write(r.dir.root, data)
     log(f"[report] {path}")
     return path

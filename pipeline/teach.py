@@ -20,7 +20,7 @@ from PIL import Image
 from pipeline import models
 from pipeline.data import make_transform
 from pipeline.errors import UserError
-from pipeline.explain import for_explainer, read_manifest
+from pipeline.explain import folder, for_explainer, read_manifest
 from pipeline.feedback import FeedbackStore
 
 TEACHERS = ("mask", "model")
@@ -71,10 +71,10 @@ def run(
     round: int = 1,
     seed: int = 0,
 ) -> dict:
-    """Label every successful counterfactual of ``run_dir/explain`` and write the verdicts to the store."""
+    """Label every successful counterfactual of the round's explain folder and write the verdicts to the store."""
     if teacher not in TEACHERS:
         raise UserError(f"unknown teacher '{teacher}' (choose {', '.join(TEACHERS)})")
-    explain_dir = run_dir / "explain"
+    explain_dir = run_dir / folder(round)
     try:
         manifest = read_manifest(explain_dir / "manifest.csv")
     except FileNotFoundError:

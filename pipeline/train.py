@@ -17,6 +17,7 @@ import torch
 import torchmetrics
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
@@ -76,7 +77,11 @@ class KeepBest(L.Callback):
         value = trainer.callback_metrics.get(self.monitor)
         if trainer.sanity_checking or value is None or float(value) >= self.best:
             return
-        self.best, self.best_epoch = float(value), trainer.current_epoch
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        self.best, self.best_epoch = (
+            float(value),
+            trainer.current_epoch if fitting else -1,
+        )  # -1: before training
         self.state = copy.deepcopy({k: v.detach().cpu() for k, v in pl_module.backbone.state_dict().items()})
 
 
@@ -104,19 +109,21 @@ def _loader(dataset: ImageDataset, batch_size: int, shuffle: bool, balanced: boo
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler)
 
 
+def trainer_loggers(out: Path | None) -> list | bool:
+    """CSV (read by the report) and TensorBoard logs in ``out/logs``; none without ``out``."""
+    if out is None:
+        return False
+    return [CSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="logs", version="")]
+
+
 def trainer(
     out: Path | None, max_epochs: int, config: ClassifierConfig, callbacks=(), verbose: bool = False
 ) -> L.Trainer:
-    loggers = (
-        [CSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="logs", version="")]
-        if out
-        else False
-    )
     return L.Trainer(
         max_epochs=max_epochs,
         accelerator=config.accelerator,
         devices=config.devices,
-        logger=loggers,
+        logger=trainer_loggers(out),
         callbacks=[EpochBar(), *callbacks],
         enable_checkpointing=False,
         enable_model_summary=verbose,

@@ -27,7 +27,11 @@ def test_run_writes_the_contract_and_skips_what_is_finished(tmp_path):
     for stage in ("classifier", "reference"):
         assert (root / stage / "model.safetensors").exists() and (root / stage / "card.json").exists()
     metrics = json.loads((root / "metrics.json").read_text())
-    assert set(metrics) == {"classifier", "reference"}
+    assert set(metrics) == {"classifier", "reference", "dfr", "status"}
+    assert metrics["status"] == "complete"
+    assert (
+        metrics["dfr"]["fit"]["source"] == "val split of the reference (unbiased) data"
+    )  # val is confounded
     assert {"accuracy", "worst_group_accuracy", "per_group", "confusion_matrix", "training"} <= set(
         metrics["classifier"]
     )

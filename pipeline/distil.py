@@ -1,0 +1,186 @@
+"""The distil stage: Counterfactual Knowledge Distillation (CFKD) of a round's verdicts into the classifier.
+
+Training set as the method's authors build it: every counterfactual the teacher called *spurious* keeps its
+source label ("that change must not flip you"); *true* ones take the target label when ``use_true`` is on;
+*unsure* ones are ignored. The classifier is fine-tuned from its current weights on class-balanced batches that
+mix original training images and counterfactuals (``mix``), optionally anchored to its starting weights, with
+model selection on the validation split plus counterfactuals of held-out source images.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+import torchmetrics
+from PIL import Image
+from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomSampler
+
+from pipeline import models
+from pipeline.config import DistilConfig
+from pipeline.data import FolderData, ImageDataset, make_transform
+from pipeline.errors import UserError
+from pipeline.train import ClassifierSystem, EpochBar, KeepBest, trainer_loggers
+
+
+def training_set(manifest: pd.DataFrame, consensus: pd.DataFrame, use_true: bool) -> pd.DataFrame:
+    """One row per usable counterfactual: id, id_sample, counterfactual (path), verdict, label (class name)."""
+    verdicts = consensus.set_index("cf_id")["label"]
+    table = manifest[manifest["success"]].assign(verdict=lambda t: t["id"].map(verdicts))
+    keep = table["verdict"].eq("spurious") | (use_true & table["verdict"].eq("true"))
+    table = table[keep]
+    label = table["source_class"].where(table["verdict"] == "spurious", table["target_class"])
+    return table.assign(label=label)[["id", "id_sample", "counterfactual", "verdict", "label"]].reset_index(
+        drop=True
+    )
+
+
+def split_holdout(table: pd.DataFrame, share: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Hold out the counterfactuals of a share of the source images (never half of one image's attempts)."""
+    samples = table["id_sample"].str.rsplit("-to-", n=1).str[0].unique()
+    n_out = int(round(share * len(samples)))
+    if share > 0 and len(samples) >= 4:
+        n_out = max(n_out, 1)
+    held = set(np.random.default_rng(seed).permutation(samples)[:n_out])
+    out = table["id_sample"].str.rsplit("-to-", n=1).str[0].isin(held)
+    return table[~out].reset_index(drop=True), table[out].reset_index(drop=True)
+
+
+class Counterfactuals(Dataset):
+    """Counterfactual PNGs of an explain folder with their training labels: yields (image, class index, i)."""
+
+    def __init__(self, table: pd.DataFrame, folder: Path, classes: list[str], transform):
+        self.paths = [folder / p for p in table["counterfactual"]]
+        self.targets = [classes.index(label) for label in table["label"]]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        with Image.open(self.paths[i]) as image:
+            return self.transform(image.convert("RGB")), self.targets[i], i
+
+
+class DistilSystem(ClassifierSystem):
+    """Fine-tuning with an optional L2 anchor; selects on mean(val accuracy, held-out counterfactual accuracy)."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, config: DistilConfig, has_cf_val: bool):
+        super().__init__(backbone, num_classes, config.lr, config.weight_decay)
+        self.anchor, self.has_cf_val = config.anchor, has_cf_val
+        self.start = [p.detach().clone() for p in backbone.parameters()]
+        self.cf_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.anchor > 0:
+            drift = sum(
+                ((p - s.to(p.device)) ** 2).sum() for p, s in zip(self.backbone.parameters(), self.start)
+            )
+            loss = loss + self.anchor * drift
+        return loss
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        x, y, _ = batch
+        metric = self.val_acc if dataloader_idx == 0 else self.cf_acc
+        metric(self(x), y)
+
+    def on_validation_epoch_end(self):
+        val = self.val_acc.compute()
+        cf = self.cf_acc.compute() if self.has_cf_val else val
+        # KeepBest keeps the lowest value: the negative selection score
+        self.log_dict({"val_acc": val, "val_cf_acc": cf, "val_select": -(val + cf) / 2}, prog_bar=True)
+        self.val_acc.reset()
+        self.cf_acc.reset()
+
+
+def mixed_sampler(original: ImageDataset, cfs: Counterfactuals, mix: float, n: int, seed: int):
+    """Weights over ConcatDataset([original, cfs]): a ``mix`` share of counterfactuals, classes balanced in each."""
+    weights = []
+    for part, share in ((original, 1 - mix), (cfs, mix)):
+        targets = np.asarray(part.targets)
+        counts = np.bincount(targets)
+        present = (counts > 0).sum()
+        weights.append(share / present / counts[targets] if len(targets) else np.zeros(0))
+    generator = torch.Generator().manual_seed(seed)
+    return WeightedRandomSampler(np.concatenate(weights).tolist(), n, replacement=True, generator=generator)
+
+
+def precision(config: DistilConfig) -> str:
+    if config.precision != "auto":
+        return config.precision
+    gpu = torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda")
+    return "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"
+
+
+@dataclass
+class DistilResult:
+    card: models.ModelCard
+    train_cfs: int
+    val_cfs: int
+
+
+def run(
+    checkpoint: Path,
+    data: FolderData,
+    cf_train: pd.DataFrame,
+    cf_val: pd.DataFrame,
+    cf_folder: Path,
+    config: DistilConfig,
+    out: Path,
+    verbose: bool = False,
+) -> DistilResult:
+    """Fine-tune the classifier at ``checkpoint`` on the verdicts; write the chosen weights and card to ``out``."""
+    if cf_train.empty:
+        raise UserError("no counterfactual has a usable verdict in this round: nothing to distil")
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    backbone, card = models.load(checkpoint)
+    transform = make_transform(card.image_size, card.mean, card.std)
+    original = ImageDataset(data, "train", card.classes, transform)
+    cfs = Counterfactuals(cf_train, cf_folder, card.classes, transform)
+    sampler = mixed_sampler(original, cfs, config.mix, len(original), config.seed)
+    train_loader = DataLoader(ConcatDataset([original, cfs]), batch_size=config.batch_size, sampler=sampler)
+    val_loaders = [DataLoader(ImageDataset(data, "val", card.classes, transform), batch_size=256)]
+    if not cf_val.empty:
+        val_loaders.append(
+            DataLoader(Counterfactuals(cf_val, cf_folder, card.classes, transform), batch_size=256)
+        )
+    system = DistilSystem(backbone.train(), len(card.classes), config, len(val_loaders) > 1)
+    keep = KeepBest("val_select")
+    started = time.perf_counter()
+    fit = L.Trainer(
+        max_epochs=config.epochs,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        strategy=config.strategy,
+        precision=precision(config),
+        logger=trainer_loggers(out),
+        callbacks=[EpochBar(), keep],
+        enable_checkpointing=False,
+        enable_model_summary=verbose,
+        log_every_n_steps=5,
+        num_sanity_val_steps=0,
+    )
+    fit.validate(
+        system, val_loaders, verbose=False
+    )  # the starting weights compete in model selection (epoch -1)
+    fit.fit(system, train_loader, val_loaders)
+    backbone.load_state_dict(keep.state)
+    metrics = {k: round(float(v), 4) for k, v in fit.callback_metrics.items() if k != "val_select"}
+    metrics.update(
+        best_epoch=keep.best_epoch,
+        selection_score=round(-keep.best, 4),
+        epochs=config.epochs,
+        counterfactuals_train=len(cf_train),
+        counterfactuals_val=len(cf_val),
+        seconds=round(time.perf_counter() - started, 1),
+    )
+    new_card = replace(card, metrics=metrics, source=f"distilled:{checkpoint.name}")
+    models.save(backbone.eval(), new_card, out)
+    return DistilResult(new_card, len(cf_train), len(cf_val))
