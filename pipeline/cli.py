@@ -156,8 +156,21 @@ def _run(args) -> None:
     from pipeline import config, runner
 
     conf = config.load(args.config)
+    overrides = {"teacher": args.teacher, "min_labels": args.min_labels}
+    feedback = config.to_dict(conf.feedback) | {k: v for k, v in overrides.items() if v is not None}
+    conf = config.from_dict(config.to_dict(conf) | {"feedback": feedback})  # checked like a config file
     root = Path(args.run_dir or Path("runs") / conf.name)
     path = runner.run(conf, root, force=args.force, start=args.start, verbose=args.verbose)
+    print(f"report: {path}")
+
+
+def _distil(args) -> None:
+    from pipeline import config, runner
+
+    root = Path(args.run_dir)
+    if not (root / "config.yaml").is_file():
+        raise UserError(f"{root} is not a run directory (no config.yaml): run `cfkd run` first")
+    path = runner.run(config.load(root / "config.yaml"), root, start="distil", verbose=args.verbose)
     print(f"report: {path}")
 
 
@@ -178,7 +191,25 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
     run.add_argument("--force", action="store_true", help="recompute every stage")
     run.add_argument("--from", dest="start", metavar="STAGE", help="recompute this stage and all later ones")
+    run.add_argument(
+        "--teacher",
+        choices=["mask", "model", "human"],
+        help="who labels the counterfactuals (feedback.teacher)",
+    )
+    run.add_argument(
+        "--min-labels",
+        type=int,
+        help="human teacher: labels a round needs before distil (feedback.min_labels)",
+    )
     run.set_defaults(func=_run)
+
+    di = sub.add_parser(
+        "distil",
+        help="fine-tune a run's classifier on its verdicts again (CFKD rounds, from the distil stage on)",
+        parents=[common],
+    )
+    di.add_argument("--run-dir", required=True)
+    di.set_defaults(func=_distil)
 
     data = sub.add_parser("data", help="make or check datasets").add_subparsers(
         dest="data_command", required=True

@@ -164,7 +164,119 @@ def explain_section(root: Path, data: FolderData) -> str | None:
     )
 
 
-SECTIONS = [summary_section, samples_section, curves_section, evaluation_section, explain_section]
+def _round_rows(metrics: dict) -> pd.DataFrame:
+    """One row per classifier of the CFKD story: before, after each round, the DFR baseline, the reference."""
+    rounds = metrics.get("rounds", [])
+    fed = {r["explained"]: r for r in rounds}  # the feedback on a classifier comes from the next round
+
+    def row(name, m, stage):
+        f = fed.get(stage, {})
+        gain = m.get("gain") or {}
+        return {
+            "classifier": name,
+            "test accuracy": m.get("accuracy", m.get("test_accuracy")),
+            "worst-group accuracy": m.get("worst_group_accuracy"),
+            "gap closed (accuracy)": gain.get("accuracy"),
+            "gap closed (worst group)": gain.get("worst_group_accuracy"),
+            "flip rate": f.get("flip_rate"),
+            "feedback accuracy": f.get("feedback_accuracy"),
+            "true / spurious / unsure": "/".join(str(v) for v in f["labels"].values()) if f else "",
+        }
+
+    rows = [row("before (biased)", metrics["classifier"], "classifier")]
+    rows += [row(f"after round {r['round']}", r, f"distil_r{r['round']}") for r in rounds]
+    if metrics.get("dfr"):
+        rows.append(row("DFR-style baseline (uses group labels)", metrics["dfr"], "dfr"))
+    if "reference" in metrics:
+        rows.append(row("reference (unbiased data)", metrics["reference"], "reference"))
+    return pd.DataFrame(rows)
+
+
+def _round_plots(metrics: dict) -> str:
+    rounds = metrics["rounds"]
+    x = list(range(len(rounds) + 1))
+    acc = [metrics["classifier"]["accuracy"], *(r["test_accuracy"] for r in rounds)]
+    worst = [metrics["classifier"]["worst_group_accuracy"], *(r["worst_group_accuracy"] for r in rounds)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
+    left.plot(x, acc, "o-", label="test accuracy")
+    left.plot(x, worst, "s-", label="worst-group accuracy")
+    for name, style in (("reference", ":"), ("dfr", "--")):
+        if metrics.get(name):
+            left.axhline(metrics[name]["accuracy"], ls=style, c="grey", label=f"{name} accuracy")
+    left.set(xlabel="round (0 = before)", ylim=(0, 1.02), title="accuracy after each round")
+    left.legend(fontsize=7)
+    pairs = [
+        (r["feedback_accuracy"], a, r["round"])
+        for r, a in zip(rounds, acc)
+        if r["feedback_accuracy"] is not None
+    ]
+    right.plot([p[0] for p in pairs], [p[1] for p in pairs], "o-")
+    for fa, a, n in pairs:
+        right.annotate(f"explained in round {n}", (fa, a), fontsize=7)
+    right.set(
+        xlabel="feedback accuracy (true / labelled)",
+        ylabel="test accuracy",
+        xlim=(-0.02, 1.02),
+        title="label-free feedback accuracy vs test accuracy",
+    )
+    return png(fig)
+
+
+def _verdict_grid(root: Path, round: dict, samples: int = 8) -> str | None:
+    from pipeline.explain import folder
+
+    explained, verdicts_path = (
+        root / folder(round["round"]),
+        root / f"feedback_r{round['round']}" / "verdicts.csv",
+    )
+    if not verdicts_path.exists():
+        return None
+    verdicts = pd.read_csv(verdicts_path, dtype=str).head(samples)
+    manifest = pd.read_csv(explained / "manifest.csv", dtype=str).set_index("id")
+    if verdicts.empty:
+        return None
+    fig, axes = plt.subplots(3, len(verdicts), figsize=(len(verdicts) * 1.3, 4.2), squeeze=False)
+    for column, v in zip(axes.T, verdicts.itertuples()):
+        entry = manifest.loc[v.cf_id]
+        for ax, rel in zip(column, (entry["original"], entry["counterfactual"], entry["difference"])):
+            ax.imshow(Image.open(explained / rel))
+            ax.axis("off")
+        column[0].set_title(v.label, fontsize=8, color="tab:red" if v.label == "spurious" else "tab:green")
+    return f"<h3>Round {round['round']}: verdicts (rows: original, counterfactual, change)</h3>" + png(fig)
+
+
+def cfkd_section(root: Path, data: FolderData) -> str | None:
+    path = root / "metrics.json"
+    metrics = read_json(path) if path.exists() else {}
+    if "rounds" not in metrics and not metrics.get("dfr"):
+        return None
+    waiting = ""
+    if metrics.get("status") == "waiting for feedback":
+        waiting = (
+            f"<p><b>Waiting for feedback:</b> label this round's counterfactuals with "
+            f"<code>cfkd annotate --run-dir {html.escape(str(root))}</code>, then run again.</p>"
+        )
+    table = _round_rows(metrics).to_html(index=False, float_format="%.3f", na_rep="-")
+    plots = _round_plots(metrics) if metrics.get("rounds") else ""
+    grids = "".join(g for g in (_verdict_grid(root, r) for r in metrics.get("rounds", [])) if g)
+    return (
+        "<h2>CFKD rounds</h2><p class=note>Each round explains the current classifier, the teacher labels every "
+        "counterfactual that flipped it (true = real class evidence, spurious = shortcut), and the classifier is "
+        "fine-tuned on the spurious ones with their source label. Feedback accuracy (true / labelled) needs no "
+        "test labels. Gap closed = share of the distance between the biased and the reference classifier. The "
+        "DFR-style baseline retrains the last layer on group-balanced validation data: it needs group labels, "
+        "CFKD does not.</p>" + waiting + table + plots + grids
+    )
+
+
+SECTIONS = [
+    summary_section,
+    cfkd_section,
+    samples_section,
+    curves_section,
+    evaluation_section,
+    explain_section,
+]
 
 
 def write(root: Path, data: FolderData) -> Path:

@@ -73,7 +73,8 @@ class KeepBest(L.Callback):
     def __init__(self, monitor: str = "val_loss"):
         self.monitor, self.best, self.best_epoch, self.state = monitor, float("inf"), -1, None
 
-    def on_validation_epoch_end(self, trainer, pl_module):
+    def on_validation_end(self, trainer, pl_module):
+        # not on_validation_epoch_end: Lightning reduces the epoch's logged metrics after that hook
         value = trainer.callback_metrics.get(self.monitor)
         if trainer.sanity_checking or value is None or float(value) >= self.best:
             return

@@ -1,0 +1,198 @@
+"""CFKD: the training set built from verdicts, a distil round that removes the shortcut, rounds in a run (resume
+after an interruption, the human teacher's pause), the metrics schema and the DFR baseline."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import tiny_config
+from PIL import Image
+
+from pipeline import dfr, distil, models, runner
+from pipeline.config import BaselineConfig, DistilConfig
+from pipeline.data import ImageDataset, load_folder, make_transform
+from pipeline.evaluate import evaluate
+from pipeline.feedback import FeedbackStore
+
+
+def _manifest(rows):
+    base = {"success": True, "attempt": 1, "source_class": "0", "target_class": "1"}
+    return pd.DataFrame([{**base, **r} for r in rows])
+
+
+def test_training_set_follows_the_verdicts():
+    manifest = _manifest(
+        [
+            {"id": "a-to-1-a1", "id_sample": "a-to-1", "counterfactual": "cf/a1.png"},
+            {"id": "b-to-1-a1", "id_sample": "b-to-1", "counterfactual": "cf/b1.png"},
+            {"id": "c-to-1-a1", "id_sample": "c-to-1", "counterfactual": "cf/c1.png"},
+            {"id": "d-to-0-a1", "id_sample": "d-to-0", "counterfactual": "cf/d1.png", "source_class": "1",
+             "target_class": "0"},
+            {"id": "e-to-1-a1", "id_sample": "e-to-1", "counterfactual": "cf/e1.png", "success": False},
+        ]
+    )  # fmt: skip
+    verdicts = pd.DataFrame(
+        {
+            "cf_id": ["a-to-1-a1", "b-to-1-a1", "c-to-1-a1", "d-to-0-a1", "e-to-1-a1"],
+            "label": ["spurious", "true", "unsure", "spurious", "spurious"],
+        }
+    )
+    plain = distil.training_set(manifest, verdicts, use_true=False)
+    assert dict(zip(plain["id"], plain["label"])) == {"a-to-1-a1": "0", "d-to-0-a1": "1"}  # source labels
+    both = distil.training_set(manifest, verdicts, use_true=True)
+    assert dict(zip(both["id"], both["label"])) == {"a-to-1-a1": "0", "b-to-1-a1": "1", "d-to-0-a1": "1"}
+
+
+def test_holdout_keeps_an_images_attempts_together():
+    table = pd.DataFrame(
+        {
+            "id_sample": [f"train-{i:05d}-to-{t}" for i in range(10) for t in ("0", "1")],
+            "id": [f"train-{i:05d}-to-{t}-a1" for i in range(10) for t in ("0", "1")],
+        }
+    )
+    fit, held = distil.split_holdout(table, 0.2, seed=0)
+    assert len(held) == 4 and len(fit) == 16
+    image = lambda t: set(t["id_sample"].str.rsplit("-to-", n=1).str[0])  # noqa: E731
+    assert not image(fit) & image(held)
+
+
+def _swap_background(data, split: str, n: int, out):
+    """Ground-truth counterfactuals of the confounder: background brightness b -> 255 - b, square and noise kept.
+    Training on them must teach a shortcut classifier to ignore the background (the distil stage's job)."""
+    (out / "counterfactuals").mkdir(parents=True)
+    background = pd.read_csv(data.root / "metadata.csv").set_index("path")["background"]
+    rows = []
+    for row in data.split(split).head(n).itertuples():
+        x = np.asarray(Image.open(data.root / row.path), np.float32)
+        square = np.asarray(Image.open(data.root / row.feature_mask)) > 127
+        x[~square] += 255.0 - 2 * background[row.path]
+        cf_id = f"{split}-{row.Index:05d}-to-{1 - int(row.label)}-a1"
+        Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).save(out / "counterfactuals" / f"{cf_id}.png")
+        rows.append(
+            {
+                "id": cf_id,
+                "id_sample": cf_id[:-3],
+                "counterfactual": f"counterfactuals/{cf_id}.png",
+                "source_class": row.label,
+                "target_class": str(1 - int(row.label)),
+                "label": row.label,  # the teacher's verdict 'spurious' keeps the source label
+                "verdict": "spurious",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def test_a_distil_round_raises_worst_group_accuracy(tiny_biased, tmp_path):
+    ckpt, data = tiny_biased
+    before, _ = evaluate(*models.load(ckpt), data)
+    cfs = _swap_background(data, "train", 40, tmp_path / "explain")
+    fit, held = distil.split_holdout(cfs, 0.2, seed=0)
+    config = DistilConfig(epochs=12, batch_size=32, lr=1e-3)
+    result = distil.run(ckpt, data, fit, held, tmp_path / "explain", config, tmp_path / "out")
+    after, _ = evaluate(*models.load(tmp_path / "out"), data)
+    assert before["worst_group_accuracy"] < 0.3  # the shortcut: one background group fails
+    assert after["worst_group_accuracy"] >= before["worst_group_accuracy"] + 0.4
+    assert result.card.source == "distilled:ckpt" and result.train_cfs == len(fit)
+    assert (tmp_path / "out" / "logs" / "metrics.csv").exists()
+    with pytest.raises(Exception, match="nothing to distil"):
+        distil.run(ckpt, data, fit.iloc[:0], held, tmp_path / "explain", config, tmp_path / "none")
+
+
+def test_dfr_head_matches_its_logistic_regression(tiny_biased, tmp_path):
+    ckpt, data = tiny_biased
+    reference = tmp_path / "ref"
+    from pipeline import config, square
+
+    square.generate(reference, config.SquareConfig(n=200, size=32, poison=0.5, seed=9))
+    info = dfr.run(ckpt, data, load_folder(reference), BaselineConfig(subsets=3), tmp_path / "dfr")
+    assert info["source"].startswith("val split of the reference") and info["groups"] == 4
+    model, card = models.load(tmp_path / "dfr")
+    before, after = models.load(ckpt)[0], model
+    changed = [n for n, p in after.state_dict().items() if not np.allclose(p, before.state_dict()[n])]
+    assert changed and all(n.startswith(dfr.last_linear(after)) for n in changed)  # only the head moved
+    images = ImageDataset(load_folder(reference), "val", card.classes, make_transform(32))
+    assert dfr.features(model, images).shape == (len(images), 128)
+    with pytest.raises(dfr.NoGroups):
+        dfr.run(ckpt, data, None, BaselineConfig(subsets=1), tmp_path / "none")
+
+
+def _cfkd_config(codec, **extra):
+    return tiny_config(
+        **{
+            "data.square.n": 160,
+            "classifier.epochs": 3,
+            "classifier.lr": 3e-3,
+            "explain.enabled": True,
+            "explain.split": "train",
+            "explain.per_pair": 3,
+            "explain.surrogate": False,
+            "explain.search.steps": 30,
+            "explain.search.goal": 0.6,
+            "explain.search.l1": 0.1,
+            "generator.source": str(codec),
+            "distil.rounds": 2,
+            "distil.epochs": 1,
+            "baseline.subsets": 2,
+            **extra,
+        }
+    )
+
+
+def test_rounds_write_metrics_and_resume_after_an_interruption(tmp_path, tiny_codec, monkeypatch):
+    root, config = tmp_path / "run", _cfkd_config(tiny_codec, **{"feedback.teacher": "model"})
+    real_run = distil.run
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distil, "run", crash)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(config, root, log=lambda line: None)
+    assert (
+        (root / "explain").is_dir() and (root / "feedback_r1").is_dir() and not (root / "distil_r1").exists()
+    )
+
+    monkeypatch.setattr(distil, "run", real_run)
+    lines = []
+    runner.run(config, root, log=lines.append)
+    assert "[explain] up to date, skipped" in lines and "[feedback_r1] up to date, skipped" in lines
+    assert "[distil_r1] running" in lines and "[distil_r2] running" in lines
+    metrics = json.loads((root / "metrics.json").read_text())
+    assert metrics["status"] == "complete" and [r["round"] for r in metrics["rounds"]] == [1, 2]
+    keys = {"flip_rate", "feedback_accuracy", "labels", "test_accuracy", "worst_group_accuracy", "gain"}
+    for r in metrics["rounds"]:
+        assert keys <= set(r) and set(r["labels"]) == {"true", "spurious", "unsure"}
+        assert sum(r["labels"].values()) == r["counterfactuals"]
+        assert set(r["gain"]) == {"accuracy", "worst_group_accuracy"}
+    assert {"accuracy", "worst_group_accuracy", "gain"} <= set(metrics["dfr"])
+    html = (root / "report.html").read_text()
+    assert "CFKD rounds" in html and "DFR" in html and "feedback accuracy" in html
+    assert (root / "distil_r2" / "model.safetensors").exists() and (root / "explain_r2").is_dir()
+
+
+def test_human_teacher_pauses_until_enough_labels(tmp_path, tiny_codec):
+    root = tmp_path / "run"
+    config = _cfkd_config(
+        tiny_codec, **{"feedback.teacher": "human", "feedback.min_labels": 2, "distil.rounds": 1}
+    )
+    lines = []
+    runner.run(config, root, log=lines.append)
+    metrics = json.loads((root / "metrics.json").read_text())
+    assert metrics["status"] == "waiting for feedback" and metrics["rounds"] == []
+    assert any(f"cfkd annotate --run-dir {root}" in line for line in lines)
+    assert not (root / "distil_r1").exists()
+
+    manifest = pd.read_csv(root / "explain" / "manifest.csv", dtype=str)
+    flipped = manifest[manifest["success"] == "True"]["id"].tolist()
+    assert len(flipped) >= 2
+    store = FeedbackStore(root / "feedback.sqlite")
+    store.add(flipped[0], "ann", "spurious")
+    runner.run(config, root, log=lines.append)  # one label of two: still waiting
+    assert not (root / "distil_r1").exists()
+    store.add(flipped[1], "ann", "spurious")
+    lines.clear()
+    runner.run(config, root, log=lines.append)
+    assert "[explain] up to date, skipped" in lines and "[distil_r1] running" in lines
+    metrics = json.loads((root / "metrics.json").read_text())
+    assert metrics["status"] == "complete" and metrics["rounds"][0]["labels"]["spurious"] == 2
