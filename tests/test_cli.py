@@ -12,6 +12,7 @@ SUBCOMMANDS = [
     ["generator", "train"],
     ["explain"],
     ["teach"],
+    ["distil"],
     ["annotate"],
     ["feedback", "export"],
     ["feedback", "import"],
@@ -39,6 +40,7 @@ def test_console_script_is_installed_and_lists_subcommands():
         "generator",
         "explain",
         "teach",
+        "distil",
         "annotate",
         "feedback",
         "train",
@@ -156,3 +158,10 @@ def test_feedback_export_and_import(tmp_path, capsys):
     assert (
         cli.main(["feedback", "import", "--run-dir", str(tmp_path / "b"), str(tmp_path / "missing.csv")]) == 2
     )
+
+
+def test_run_and_distil_reject_bad_cfkd_input(tmp_path, capsys):
+    assert cli.main(["run", "--min-labels", "0", "--run-dir", str(tmp_path / "r")]) == 2
+    assert "feedback.min_labels: got 0" in capsys.readouterr().err
+    assert cli.main(["distil", "--run-dir", str(tmp_path / "nothing")]) == 2
+    assert "not a run directory" in capsys.readouterr().err

@@ -39,3 +39,16 @@ def test_fingerprint_tracks_config():
     a, b = config.RunConfig(), config.from_dict({"classifier": {"epochs": 2}})
     assert config.fingerprint(a.classifier) != config.fingerprint(b.classifier)
     assert config.fingerprint(a.data) == config.fingerprint(b.data)
+
+
+def test_cfkd_sections_are_checked():
+    with pytest.raises(UserError) as err:
+        config.from_dict(
+            {"feedback": {"teacher": "oracle"}, "distil": {"mix": 1.0, "precision": "fp8"}, "baseline": {"dfr": 1}}
+        )
+    message = str(err.value)
+    assert "feedback.teacher: got 'oracle', expected mask, model or human" in message
+    assert "distil.mix: got 1.0" in message and "distil.precision: got 'fp8'" in message
+    assert "baseline.dfr: got 1, expected bool" in message
+    default = config.load(None)
+    assert default.distil.rounds == 3 and default.feedback.teacher == "mask" and default.baseline.dfr

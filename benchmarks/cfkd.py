@@ -1,0 +1,87 @@
+"""CFKD on the embedded default (Square, fully confounded): the whole `cfkd run` from an empty run directory,
+once with the mask oracle and once with the model oracle, each in its own process (wall time and peak memory
+of the process tree). The DFR-style baseline and the reference come from the same runs.
+
+Writes benchmarks/results/cfkd.json.
+
+    .venv/bin/python benchmarks/cfkd.py [--teachers mask model] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def run(teacher: str, keep: bool) -> dict:
+    run_dir = ROOT / "runs" / f"bench-cfkd-{teacher}"
+    if not keep:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    command = [sys.executable, "-m", "pipeline.cli", "run", "--teacher", teacher, "--run-dir", str(run_dir)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    started = time.perf_counter()
+    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB, the largest child so far
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    rounds = metrics.get("rounds", [])
+    last = rounds[-1] if rounds else {}
+    fa = [r["feedback_accuracy"] for r in rounds]
+    acc = [metrics["classifier"]["accuracy"], *(r["test_accuracy"] for r in rounds)][: len(fa)]
+    return {
+        "teacher": teacher,
+        "wall_seconds": round(seconds, 1),
+        "peak_rss_gb": round(max(peak, before) / 2**20, 2),
+        "before": {k: metrics["classifier"][k] for k in ("accuracy", "worst_group_accuracy")},
+        "reference": {k: metrics["reference"][k] for k in ("accuracy", "worst_group_accuracy")},
+        "dfr": {k: metrics["dfr"][k] for k in ("accuracy", "worst_group_accuracy", "gain")},
+        "rounds": [
+            {
+                k: r[k]
+                for k in (
+                    "round",
+                    "flip_rate",
+                    "feedback_accuracy",
+                    "labels",
+                    "test_accuracy",
+                    "worst_group_accuracy",
+                    "gain",
+                )
+            }
+            | {"counterfactuals_train": r["training"].get("counterfactuals_train", 0)}
+            for r in rounds
+        ],
+        "feedback_accuracy_vs_test_accuracy": list(zip(fa, acc)),
+        "acceptance": {
+            "test_accuracy_ge_0.95": last.get("test_accuracy", 0) >= 0.95,
+            "worst_group_ge_0.85": last.get("worst_group_accuracy", 0) >= 0.85,
+            "within_15_minutes": seconds <= 900,
+        },
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teachers", nargs="+", default=["mask", "model"])
+    parser.add_argument("--keep", action="store_true", help="reuse finished stages of earlier benchmark runs")
+    args = parser.parse_args()
+    results = {"benchmark": "cfkd: whole default run per simulated teacher", "runs": []}
+    for teacher in args.teachers:
+        results["runs"].append(run(teacher, args.keep))
+        print(json.dumps(results["runs"][-1], indent=1), flush=True)
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "cfkd.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
