@@ -44,7 +44,11 @@ def test_fingerprint_tracks_config():
 def test_cfkd_sections_are_checked():
     with pytest.raises(UserError) as err:
         config.from_dict(
-            {"feedback": {"teacher": "oracle"}, "distil": {"mix": 1.0, "precision": "fp8"}, "baseline": {"dfr": 1}}
+            {
+                "feedback": {"teacher": "oracle"},
+                "distil": {"mix": 1.0, "precision": "fp8"},
+                "baseline": {"dfr": 1},
+            }
         )
     message = str(err.value)
     assert "feedback.teacher: got 'oracle', expected mask, model or human" in message
