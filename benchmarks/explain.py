@@ -42,6 +42,11 @@ def variants(base: config.ExplainConfig) -> dict[str, config.ExplainConfig]:
             base, surrogate=False, search=dataclasses.replace(s, smoothgrad=2)
         ),
         "no-prototype": dataclasses.replace(base, search=dataclasses.replace(s, prototype=0.0)),
+        # realism against validity: the EPLL patch prior at three weights (0 = the default)
+        **{
+            f"patch-prior-{w:g}": dataclasses.replace(base, search=dataclasses.replace(s, patch_prior=w))
+            for w in (1.0, 3.0, 30.0)
+        },
         "no-diversification": dataclasses.replace(base, search=dataclasses.replace(s, diversify=False)),
         "no-sparsity": dataclasses.replace(base, search=dataclasses.replace(s, sparsity=False)),
         "pixel-baseline": base,  # same loss and mechanisms, no generator (see run_variant)

@@ -164,6 +164,8 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "explain.search.lr": (lambda v: v > 0, "a number > 0"),
     "explain.search.temperature": (lambda v: v > 0, "a number > 0"),
     "explain.search.l1": (lambda v: v >= 0, "a number >= 0"),
+    "explain.search.patch_prior": (lambda v: v >= 0, "a number >= 0"),
+    "explain.search.prototype": (lambda v: v >= 0, "a number >= 0"),
     "explain.search.smoothgrad": (lambda v: v >= 0, "an integer >= 0"),
     "explain.search.paste_threshold": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "explain.search.blur": (lambda v: v >= 1 and v % 2 == 1, "an odd integer >= 1"),

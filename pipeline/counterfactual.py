@@ -34,6 +34,9 @@ class Settings:
     prototype: float = (
         1.0  # weight of the pull toward real target-class images in the codec's latent (0 = off)
     )
+    patch_prior: float = (
+        0.0  # weight of the patch prior's NLL change (realism on the task's own patches; 0 = off)
+    )
     smoothgrad: int = 0  # SmoothGrad copies of the latent per step (0 = off)
     smoothgrad_sigma: float = 0.2  # their noise std, relative to the latent's std
     sparsity: bool = True  # paste the original back where the blurred change is small
@@ -83,12 +86,14 @@ class Explainer(nn.Module):
         surrogate: nn.Module | None = None,
         denoiser=None,
         prototypes: dict[int, torch.Tensor] | None = None,
+        prior: nn.Module | None = None,
     ):
         super().__init__()
         self.codec, self.classifier, self.settings = codec, classifier.eval(), settings
         self.prototypes = prototypes or {}  # target class -> pooled latent codes of real images of that class
         self.surrogate = surrogate.eval() if surrogate is not None else None
         self.denoiser = denoiser  # (unet, scheduler) or None
+        self.prior = prior if settings.patch_prior > 0 else None  # PatchPrior fitted on real images, or None
         for module in (self.classifier, self.surrogate):
             if module is not None:
                 module.requires_grad_(False)
@@ -116,6 +121,7 @@ class Explainer(nn.Module):
             d0 = self.codec.decode(z0)
             p_before = self._p_target(x, target)
             proto = self._prototype(z0, target)
+            nll0 = self.prior(x) if self.prior is not None else None
         z = z0.clone().requires_grad_(True)
         optimizer = torch.optim.Adam([z], lr=s.lr)
         best, best_p = x.clone(), p_before.clone()
@@ -152,6 +158,8 @@ class Explainer(nn.Module):
                 objective = objective + s.prototype * (
                     pooled(self.codec.encode(x_cf)) - proto.repeat(copies, 1)
                 ).pow(2).mean(1)
+            if nll0 is not None:  # realism: patches real images have (EPLL), relative to the original's
+                objective = objective + s.patch_prior * (self.prior(x_cf) - nll0.repeat(copies))
             loss = (objective.view(copies, n) * (~done).float()).sum() / copies
             optimizer.zero_grad()
             loss.backward()

@@ -27,6 +27,7 @@ from pipeline.config import ExplainConfig, GeneratorConfig  # noqa: E402
 from pipeline.counterfactual import Explainer, pooled  # noqa: E402
 from pipeline.data import MEAN, STD, FolderData, ImageDataset, make_transform  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
+from pipeline.patchprior import PatchPrior  # noqa: E402
 from pipeline.rundir import write_json  # noqa: E402
 from pipeline.train import EpochBar, predict  # noqa: E402
 
@@ -135,7 +136,12 @@ def build_explainer(classifier, card, data, config: ExplainConfig, gen: Generato
     prototypes = None
     if config.search.prototype > 0:
         prototypes = {t: real_codes(codec, class_images(train, t)) for t in range(len(card.classes))}
-    return Explainer(codec, model, config.search, smooth, denoiser, prototypes), agreement
+    prior = None
+    if config.search.patch_prior > 0:  # unlabelled: images of every class together
+        prior = PatchPrior.fit(
+            torch.cat([class_images(train, t) for t in range(len(card.classes))]), seed=config.seed
+        )
+    return Explainer(codec, model, config.search, smooth, denoiser, prototypes, prior), agreement
 
 
 def class_images(images: ImageDataset, target: int, limit: int = 400) -> torch.Tensor:

@@ -1,0 +1,47 @@
+import torch
+
+from pipeline import generator, models
+from pipeline.counterfactual import Explainer, Settings
+from pipeline.data import ImageDataset, load_folder, make_transform
+from pipeline.patchprior import PatchPrior
+
+
+def _images(root, split):
+    images = ImageDataset(load_folder(root), split, ["0", "1"], make_transform(32))
+    return torch.stack([images[i][0] for i in range(len(images))])
+
+
+def test_patch_prior_prefers_real_looking_edits(square_dir):
+    train, val = _images(square_dir, "train"), _images(square_dir, "val")
+    prior = PatchPrior.fit(train, components=8, samples=5000)
+    nll = lambda x: prior(x).mean().item()  # noqa: E731
+    # held-out real images are about as likely as the training images; pure colour noise is not
+    assert abs(nll(val) - nll(train)) < 0.1
+    assert nll(torch.rand_like(val) * 2 - 1) > nll(val) + 1.0
+    # same L1 budget: brighter grey (what real images vary by) vs a red tint (what no Square image has)
+    brighter = (val + 0.15).clamp(-1, 1)
+    tinted = val.clone()
+    tinted[:, 0] = (tinted[:, 0] + 0.45).clamp(-1, 1)
+    assert nll(tinted) - nll(val) > 3 * (nll(brighter) - nll(val))
+
+
+def test_explainer_with_the_prior_keeps_counterfactual_patches_likely(tiny_biased, tiny_codec):
+    ckpt, data = tiny_biased
+    model, _ = models.load(ckpt)
+    x = _images(data.root, "val")[:24]
+    with torch.no_grad():
+        target = 1 - model(x).argmax(1)
+    prior = PatchPrior.fit(_images(data.root, "train"), components=8, samples=5000)
+    codec = generator.load(str(tiny_codec))
+    cost, results = {}, {}
+    for weight in (0.0, 1.0):
+        settings = Settings(attempts=1, goal=0.7, steps=60, lr=0.1, l1=0.1, patch_prior=weight)
+        explainer = Explainer(codec, model, settings, prior=prior)
+        assert (explainer.prior is None) == (weight == 0)
+        results[weight] = explainer(x, target, seed=0)[0]
+    ok = results[0.0]["success"] & results[1.0]["success"]  # compare flips with flips
+    assert ok.sum() >= 3
+    with torch.no_grad():
+        for weight, result in results.items():
+            cost[weight] = (prior(result["x_cf"][ok]) - prior(x[ok])).mean().item()
+    assert cost[1.0] < 0.5 * cost[0.0], cost
