@@ -133,14 +133,11 @@ def build_explainer(classifier, card, data, config: ExplainConfig, gen: Generato
     if config.surrogate:
         smooth, agreement = surrogate.distil(model, train, config.surrogate_epochs, config.accelerator)
     denoiser = generator.load_denoiser(gen.unet) if gen.unet else None
-    prototypes = None
-    if config.search.prototype > 0:
-        prototypes = {t: real_codes(codec, class_images(train, t)) for t in range(len(card.classes))}
-    prior = None
-    if config.search.patch_prior > 0:  # unlabelled: images of every class together
-        prior = PatchPrior.fit(
-            torch.cat([class_images(train, t) for t in range(len(card.classes))]), seed=config.seed
-        )
+    s, classes = config.search, range(len(card.classes))
+    reals = {t: class_images(train, t) for t in classes} if s.prototype > 0 or s.patch_prior > 0 else {}
+    prototypes = {t: real_codes(codec, reals[t]) for t in classes} if s.prototype > 0 else None
+    # the patch prior is unlabelled: images of every class together
+    prior = PatchPrior.fit(torch.cat(list(reals.values())), seed=config.seed) if s.patch_prior > 0 else None
     return Explainer(codec, model, config.search, smooth, denoiser, prototypes, prior), agreement
 
 
