@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from pipeline import config, explain, generator, models, quiet, runner  # noqa: E402
 from pipeline.counterfactual import Explainer, PixelCodec  # noqa: E402
 from pipeline.data import load_folder  # noqa: E402
+from pipeline.patchprior import PatchPrior  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # SCE (pixel space, per-dataset DDPM): 15 differentiated denoising steps per gradient step, 50-100 steps, 2 attempts.
@@ -42,6 +43,7 @@ def variants(base: config.ExplainConfig) -> dict[str, config.ExplainConfig]:
             base, surrogate=False, search=dataclasses.replace(s, smoothgrad=2)
         ),
         "no-prototype": dataclasses.replace(base, search=dataclasses.replace(s, prototype=0.0)),
+        "no-projection": dataclasses.replace(base, search=dataclasses.replace(s, project=False)),
         # realism against validity: the EPLL patch prior at three weights (0 = the default)
         **{
             f"patch-prior-{w:g}": dataclasses.replace(base, search=dataclasses.replace(s, patch_prior=w))
@@ -76,7 +78,8 @@ def scaling(
     for size in sizes:
         x = torch.rand(batch, 3, size, size) * 2 - 1
         target = torch.zeros(batch, dtype=torch.long)
-        explainer = Explainer(codec, model, settings)
+        prior = PatchPrior.fit(x, samples=5000) if settings.project else None  # the default projects edits
+        explainer = Explainer(codec, model, settings, prior=prior)
         explainer(x[:2], target[:2])  # warm-up
         started = time.perf_counter()
         explainer(x, target)

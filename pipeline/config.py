@@ -105,6 +105,9 @@ class DistilConfig:
     enabled: bool = True
     rounds: int = 3  # explain -> feedback -> distil -> evaluate, this many times
     use_true: bool = False  # also train on 'true' counterfactuals with the target label
+    accumulate: bool = (
+        True  # round r trains on the verdicts of rounds 1..r (a verdict stays true), not r alone
+    )
     mix: float = 0.5  # share of counterfactuals in each training batch (the rest: original training images)
     holdout: float = 0.2  # share of a round's counterfactual images kept for model selection
     anchor: float = 0.0  # L2 pull toward the starting weights

@@ -37,6 +37,9 @@ class Settings:
     patch_prior: float = (
         0.0  # weight of the patch prior's NLL change (realism on the task's own patches; 0 = off)
     )
+    project: bool = (
+        False  # edit each patch only along its patch-prior component's directions of real variation
+    )
     smoothgrad: int = 0  # SmoothGrad copies of the latent per step (0 = off)
     smoothgrad_sigma: float = 0.2  # their noise std, relative to the latent's std
     sparsity: bool = True  # paste the original back where the blurred change is small
@@ -93,7 +96,10 @@ class Explainer(nn.Module):
         self.prototypes = prototypes or {}  # target class -> pooled latent codes of real images of that class
         self.surrogate = surrogate.eval() if surrogate is not None else None
         self.denoiser = denoiser  # (unet, scheduler) or None
-        self.prior = prior if settings.patch_prior > 0 else None  # PatchPrior fitted on real images, or None
+        # PatchPrior fitted on real images: a realism term, a projection of every edit, or both
+        self.prior = prior if settings.patch_prior > 0 or settings.project else None
+        if self.prior is None and (settings.patch_prior > 0 or settings.project):
+            raise ValueError("explain.search.patch_prior / project need a PatchPrior fitted on real images")
         for module in (self.classifier, self.surrogate):
             if module is not None:
                 module.requires_grad_(False)
@@ -121,7 +127,8 @@ class Explainer(nn.Module):
             d0 = self.codec.decode(z0)
             p_before = self._p_target(x, target)
             proto = self._prototype(z0, target)
-            nll0 = self.prior(x) if self.prior is not None else None
+            nll0 = self.prior(x) if s.patch_prior > 0 else None
+            assignment = self.prior.assign(x) if s.project else None
         z = z0.clone().requires_grad_(True)
         optimizer = torch.optim.Adam([z], lr=s.lr)
         best, best_p = x.clone(), p_before.clone()
@@ -138,7 +145,7 @@ class Explainer(nn.Module):
             zs = z.repeat(copies, 1, 1, 1)
             if s.smoothgrad:
                 zs = zs + sigma * torch.randn(zs.shape, generator=generator, device=z.device)
-            delta = self.codec.decode(zs) - d0.repeat(copies, 1, 1, 1)
+            delta = self._realistic(self.codec.decode(zs) - d0.repeat(copies, 1, 1, 1), assignment, copies)
             x_rep, free_rep = x.repeat(copies, 1, 1, 1), free.repeat(copies, 1, 1, 1)
             # 2. sparsity: the candidate keeps only the region of strong change; the gradient still reaches every
             #    free pixel (straight-through), or an all-zero first change could never grow
@@ -165,7 +172,7 @@ class Explainer(nn.Module):
             loss.backward()
             # 4. judge the noise-free candidate on the original classifier; keep the best iterate
             with torch.no_grad():
-                current = x_cf[:n] if not s.smoothgrad else self.candidate(x, z, d0, free)
+                current = x_cf[:n] if not s.smoothgrad else self.candidate(x, z, d0, free, assignment)
                 p = self._p_target(current, target)
                 better = (~done) & (p > best_p)
                 progress = (~done) & (p > best_p + 0.01)
@@ -226,9 +233,17 @@ class Explainer(nn.Module):
         confined = x + mask * delta
         return {"x_cf": confined, "p_after": self._p_target(confined, target), "mask": mask}
 
+    def _realistic(
+        self, delta: torch.Tensor, assignment: torch.Tensor | None, copies: int = 1
+    ) -> torch.Tensor:
+        """The decoded change, projected patch by patch onto directions real images vary in (when enabled)."""
+        if assignment is None:
+            return delta
+        return self.prior.project(delta, assignment.repeat(copies, 1, 1))
+
     @torch.no_grad()
-    def candidate(self, x, z, d0, free):
-        delta = self.codec.decode(z) - d0
+    def candidate(self, x, z, d0, free, assignment=None):
+        delta = self._realistic(self.codec.decode(z) - d0, assignment)
         keep = change_mask(delta * free, self.settings) if self.settings.sparsity else torch.ones_like(free)
         return (x + keep * free * delta).clamp(-1, 1)
 

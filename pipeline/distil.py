@@ -36,9 +36,8 @@ def training_set(manifest: pd.DataFrame, consensus: pd.DataFrame, use_true: bool
     keep = table["verdict"].eq("spurious") | (use_true & table["verdict"].eq("true"))
     table = table[keep]
     label = table["source_class"].where(table["verdict"] == "spurious", table["target_class"])
-    return table.assign(label=label)[["id", "id_sample", "counterfactual", "verdict", "label"]].reset_index(
-        drop=True
-    )
+    columns = ["id", "id_sample", "counterfactual", "verdict", "label"]
+    return table.assign(label=label)[columns].reset_index(drop=True)
 
 
 def split_holdout(table: pd.DataFrame, share: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -53,7 +52,7 @@ def split_holdout(table: pd.DataFrame, share: float, seed: int) -> tuple[pd.Data
 
 
 class Counterfactuals(Dataset):
-    """Counterfactual PNGs of an explain folder with their training labels: yields (image, class index, i)."""
+    """Counterfactual PNGs with their training labels: yields (image, class index, i)."""
 
     def __init__(self, table: pd.DataFrame, folder: Path, classes: list[str], transform):
         self.paths = [folder / p for p in table["counterfactual"]]

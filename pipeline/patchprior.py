@@ -25,6 +25,31 @@ def patches(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.unfold(x, size, stride=max(1, size // 2)).transpose(1, 2)
 
 
+def tiles(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Non-overlapping size x size patches of x, zero-padded to whole tiles: (B, L, C * size * size)."""
+    h, w = x.shape[-2:]
+    x = F.pad(x, (0, -w % size, 0, -h % size))
+    return F.unfold(x, size, stride=size).transpose(1, 2)
+
+
+def untile(p: torch.Tensor, size: int, h: int, w: int) -> torch.Tensor:
+    """Inverse of tiles(): (B, L, D) back to (B, C, h, w)."""
+    padded = (h + -h % size, w + -w % size)
+    return F.fold(p.transpose(1, 2), padded, size, stride=size)[..., :h, :w]
+
+
+def principal_projectors(precision_chol: torch.Tensor, floor: float = 4.0) -> torch.Tensor:
+    """(K, D, D) orthogonal projectors onto each component's directions of real variation: the eigenvectors of its
+    covariance whose variance is at least ``floor`` x the component's median eigenvalue (the pixel-noise level),
+    and always the strongest one (a saturated patch still may get brighter or darker)."""
+    precision = precision_chol.double() @ precision_chol.double().transpose(1, 2)
+    values, vectors = torch.linalg.eigh(torch.linalg.inv(precision))  # ascending
+    keep = values >= floor * values.median(dim=1, keepdim=True).values
+    keep[:, -1] = True
+    basis = vectors * keep[:, None, :]
+    return (basis @ basis.transpose(1, 2)).float()
+
+
 class PatchPrior(nn.Module):
     """Negative log-likelihood of an image's patches under a fitted mixture, averaged per patch and dimension."""
 
@@ -37,6 +62,7 @@ class PatchPrior(nn.Module):
         self.register_buffer("precision_chol", precision_chol)  # (K, D, D): precision = L @ L.T
         log_det = torch.diagonal(precision_chol, dim1=1, dim2=2).log().sum(1)
         self.register_buffer("constant", log_weights + log_det - means.shape[1] / 2 * math.log(2 * math.pi))
+        self.register_buffer("projectors", principal_projectors(precision_chol))  # (K, D, D)
 
     @classmethod
     def fit(
@@ -55,10 +81,30 @@ class PatchPrior(nn.Module):
             size,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B,) mean negative log-likelihood per patch dimension."""
-        p = patches(x, self.size)  # (B, L, D)
+    def _component_log_likelihood(self, p: torch.Tensor) -> torch.Tensor:
+        """(B, L, K) log weight + log density of every patch under every component."""
         centred = p[:, :, None, :] - self.means  # (B, L, K, D)
         mahalanobis = torch.einsum("blkd,kde->blke", centred, self.precision_chol).pow(2).sum(-1)
-        log_likelihood = torch.logsumexp(self.constant - mahalanobis / 2, dim=-1)  # (B, L)
+        return self.constant - mahalanobis / 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,) mean negative log-likelihood per patch dimension."""
+        log_likelihood = torch.logsumexp(self._component_log_likelihood(patches(x, self.size)), dim=-1)
         return -log_likelihood.mean(1) / self.means.shape[1]
+
+    @torch.no_grad()
+    def assign(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, K, L) one-hot: the most likely component of each non-overlapping patch of x (padded to whole
+        patches), which decides the directions an edit of that patch may take."""
+        p = tiles(x, self.size)
+        best = self._component_log_likelihood(p).argmax(-1)  # (B, L)
+        return F.one_hot(best, len(self.means)).transpose(1, 2).to(x.dtype)
+
+    def project(self, delta: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
+        """The edit ``delta`` with every patch projected onto the principal directions of its component: on
+        Square a background patch may only get brighter or darker (its one direction far above the pixel-noise
+        floor), never tinted; a patch on the square keeps its several directions."""
+        h, w = delta.shape[-2:]
+        p = tiles(delta, self.size)  # (B, L, D)
+        projected = torch.einsum("bld,kde,bkl->ble", p, self.projectors, assignment)
+        return untile(projected, self.size, h, w)

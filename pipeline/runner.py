@@ -174,18 +174,15 @@ class Run:
         return True
 
     def distil(self, data: FolderData, round: int, model: str) -> str:
-        """Fine-tune ``model`` on the round's verdicts; the result and its evaluation go to distil_r<round>/."""
+        """Fine-tune ``model`` on the verdicts of this round (and, with distil.accumulate, of every earlier one);
+        the result and its evaluation go to distil_r<round>/."""
         c, name = self.config.distil, f"distil_r{round}"
-        explained = self.dir.path(explain.folder(round))
-        key = cfg.fingerprint(
-            "distil", c, self.keys[model], self.keys[f"feedback_r{round}"], self.keys["data"]
-        )
+        taught = range(1, round + 1) if c.accumulate else [round]
+        feedback_keys = [self.keys[f"feedback_r{r}"] for r in taught]
+        key = cfg.fingerprint("distil", c, self.keys[model], feedback_keys, self.keys["data"])
 
         def body(tmp: Path) -> None:
-            verdicts = pd.read_csv(self.dir.path(f"feedback_r{round}") / "verdicts.csv", dtype=str)
-            table = distil.training_set(
-                explain.read_manifest(explained / "manifest.csv"), verdicts, c.use_true
-            )
+            table = pd.concat([self._verdict_table(r) for r in taught], ignore_index=True)
             fit, held = distil.split_holdout(table, c.holdout, c.seed + round)
             pd.concat([fit.assign(use="train"), held.assign(use="select")]).to_csv(
                 tmp / "training_set.csv", index=False
@@ -194,11 +191,19 @@ class Run:
                 classifier, card = models.load(self.dir.path(model))
                 models.save(classifier, replace(card, metrics={"skipped": "no usable verdicts"}), tmp)
             else:
-                distil.run(self.dir.path(model), data, fit, held, explained, c, tmp, self.verbose)
+                distil.run(self.dir.path(model), data, fit, held, self.dir.root, c, tmp, self.verbose)
             evaluate.run(tmp, data, tmp / "evaluation", title=f"after round {round}")
 
         self._stage(name, key, body)
         return name
+
+    def _verdict_table(self, round: int) -> pd.DataFrame:
+        """A round's usable counterfactuals with their training labels; paths relative to the run directory."""
+        folder = explain.folder(round)
+        verdicts = pd.read_csv(self.dir.path(f"feedback_r{round}") / "verdicts.csv", dtype=str)
+        manifest = explain.read_manifest(self.dir.path(folder) / "manifest.csv")
+        table = distil.training_set(manifest, verdicts, self.config.distil.use_true)
+        return table.assign(counterfactual=folder + "/" + table["counterfactual"], round=round)
 
     def rounds(self, data: FolderData, before: dict) -> tuple[list[dict], bool]:
         """explain -> feedback -> distil -> evaluate, config.distil.rounds times; (per-round metrics, finished)."""

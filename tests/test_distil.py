@@ -169,6 +169,11 @@ def test_rounds_write_metrics_and_resume_after_an_interruption(tmp_path, tiny_co
     html = (root / "report.html").read_text()
     assert "CFKD rounds" in html and "DFR" in html and "feedback accuracy" in html
     assert (root / "distil_r2" / "model.safetensors").exists() and (root / "explain_r2").is_dir()
+    # distil.accumulate: round 2 trains on round 1's verdicts too; every path resolves inside the run
+    first, second = (pd.read_csv(root / f"distil_r{r}" / "training_set.csv") for r in (1, 2))
+    assert set(first["id"]) <= set(second["id"]) and set(second["round"]) <= {1, 2}
+    assert len(second) == len(first) + (second["round"] == 2).sum()
+    assert all((root / path).is_file() for path in second["counterfactual"])
 
 
 def test_human_teacher_pauses_until_enough_labels(tmp_path, tiny_codec):

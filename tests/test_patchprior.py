@@ -45,3 +45,49 @@ def test_explainer_with_the_prior_keeps_counterfactual_patches_likely(tiny_biase
         for weight, result in results.items():
             cost[weight] = (prior(result["x_cf"][ok]) - prior(x[ok])).mean().item()
     assert cost[1.0] < 0.5 * cost[0.0], cost
+
+
+def test_tiles_round_trip_any_size():
+    from pipeline.patchprior import tiles, untile
+
+    x = torch.randn(2, 3, 30, 37)
+    p = tiles(x, 4)
+    assert p.shape == (2, 8 * 10, 48)
+    assert torch.equal(untile(p, 4, 30, 37), x)
+
+
+def test_projection_keeps_brightness_and_removes_tint(square_dir):
+    train, val = _images(square_dir, "train"), _images(square_dir, "val")[:16]
+    prior = PatchPrior.fit(train, components=8, samples=5000)
+    assignment = prior.assign(val)
+    grey = torch.full_like(val, 0.3)
+    red = torch.zeros_like(val)
+    red[:, 0] = 0.3
+    kept = prior.project(grey, assignment)
+    # a uniform brightness change is what background patches vary by: it survives almost whole ...
+    assert (kept - grey).abs().mean() < 0.1 * grey.abs().mean()
+    # ... while the red part of a tint does not: what survives is (mostly) grey
+    tint = prior.project(red, assignment)
+    spread = (tint[:, 0] - tint[:, 1:].mean(1)).abs().mean()
+    assert spread < 0.35 * 0.3, spread
+    # a projector is idempotent: projecting twice changes nothing
+    assert torch.allclose(prior.project(tint, assignment), tint, atol=1e-5)
+
+
+def test_explainer_with_projection_edits_the_background_in_grey(tiny_biased, tiny_codec):
+    ckpt, data = tiny_biased
+    model, _ = models.load(ckpt)
+    x = _images(data.root, "val")[:24]
+    with torch.no_grad():
+        target = 1 - model(x).argmax(1)
+    prior = PatchPrior.fit(_images(data.root, "train"), components=8, samples=5000)
+    codec = generator.load(str(tiny_codec))
+    tint = {}
+    for project in (False, True):
+        settings = Settings(attempts=1, goal=0.7, steps=60, lr=0.1, l1=0.1, project=project)
+        result = Explainer(codec, model, settings, prior=prior)(x, target, seed=0)[0]
+        assert result["success"].float().mean() >= 0.5, project
+        d = (result["x_cf"] - x)[result["success"]]
+        # colour spread of the change: how far its channels move apart (0 for a pure brightness change)
+        tint[project] = (d - d.mean(1, keepdim=True)).abs().mean().item() / d.abs().mean().item()
+    assert tint[True] < 0.5 * tint[False], tint
