@@ -25,14 +25,20 @@ def test_patch_prior_prefers_real_looking_edits(square_dir):
     assert nll(tinted) - nll(val) > 3 * (nll(brighter) - nll(val))
 
 
-def test_explainer_with_the_prior_keeps_counterfactual_patches_likely(tiny_biased, tiny_codec):
+def _search_setup(tiny_biased, tiny_codec):
+    """The biased tiny classifier, the tiny codec, a prior fitted on its training images, 24 validation images
+    and the opposite of the classifier's prediction for each as the target."""
     ckpt, data = tiny_biased
     model, _ = models.load(ckpt)
     x = _images(data.root, "val")[:24]
     with torch.no_grad():
         target = 1 - model(x).argmax(1)
     prior = PatchPrior.fit(_images(data.root, "train"), components=8, samples=5000)
-    codec = generator.load(str(tiny_codec))
+    return model, generator.load(str(tiny_codec)), prior, x, target
+
+
+def test_explainer_with_the_prior_keeps_counterfactual_patches_likely(tiny_biased, tiny_codec):
+    model, codec, prior, x, target = _search_setup(tiny_biased, tiny_codec)
     cost, results = {}, {}
     for weight in (0.0, 1.0):
         settings = Settings(attempts=1, goal=0.7, steps=60, lr=0.1, l1=0.1, patch_prior=weight)
@@ -75,13 +81,7 @@ def test_projection_keeps_brightness_and_removes_tint(square_dir):
 
 
 def test_explainer_with_projection_edits_the_background_in_grey(tiny_biased, tiny_codec):
-    ckpt, data = tiny_biased
-    model, _ = models.load(ckpt)
-    x = _images(data.root, "val")[:24]
-    with torch.no_grad():
-        target = 1 - model(x).argmax(1)
-    prior = PatchPrior.fit(_images(data.root, "train"), components=8, samples=5000)
-    codec = generator.load(str(tiny_codec))
+    model, codec, prior, x, target = _search_setup(tiny_biased, tiny_codec)
     tint = {}
     for project in (False, True):
         settings = Settings(attempts=1, goal=0.7, steps=60, lr=0.1, l1=0.1, project=project)
