@@ -180,7 +180,8 @@ def main() -> None:
     quiet.configure(verbose=False)
     run = Path(args.run_dir)
     if not (run / "feedback_r1" / "verdicts.csv").exists():
-        sys.exit(f"error: {run} has no finished round 1; run benchmarks/cfkd.py first")
+        print(f"error: {run} has no finished round 1; run benchmarks/cfkd.py first", file=sys.stderr)
+        sys.exit(2)
     data = load_folder(run / "data")
     meta = pd.read_csv(data.root / "metadata.csv").set_index("path")  # the generator's ground truth
     biased, _ = models.load(run / "classifier")
