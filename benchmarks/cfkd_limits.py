@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from scipy.ndimage import binary_dilation
 
-from pipeline import config, distil, explain, models, quiet
+from pipeline import config, distil, explain, models, quiet, runner
 from pipeline.data import load_folder
 from pipeline.evaluate import evaluate
 
@@ -133,13 +133,6 @@ def synthetic(data, meta, kind: str, n: int, folder: Path, seed: int = 0) -> pd.
     return pd.DataFrame(rows)
 
 
-def round_one(run: Path) -> pd.DataFrame:
-    verdicts = pd.read_csv(run / "feedback_r1" / "verdicts.csv", dtype=str)
-    manifest = explain.read_manifest(run / explain.folder(1) / "manifest.csv")
-    table = distil.training_set(manifest, verdicts, use_true=False)
-    return table.assign(counterfactual=explain.folder(1) + "/" + table["counterfactual"])
-
-
 def distil_once(run: Path, data, table: pd.DataFrame, folder: Path, settings, out: Path) -> dict:
     fit, held = distil.split_holdout(table, settings.holdout, settings.seed)
     distil.run(run / "classifier", data, fit, held, folder, settings, out)
@@ -160,10 +153,9 @@ def what_round_one_changes(run: Path, data, meta, reference) -> dict:
     for row in rows.itertuples():
         x = load(data.root / row.source_path)
         delta = load(run / explain.folder(1) / row.counterfactual) - x
-        sample = meta.loc[row.source_path]
-        inner = load(data.root / sample["feature_mask"]) > 127
+        inner, _, far_away = regions(data, meta.loc[row.source_path])
         square.append(abs(delta[inner, 0].mean()))
-        far.append(abs(delta[~binary_dilation(inner, iterations=6)].mean()))
+        far.append(abs(delta[far_away].mean()))
         flips.append(p_target(reference, [x + delta], int(row.target_class))[0] > 0.5)
     return {
         "counterfactuals": len(rows),
@@ -203,7 +195,7 @@ def main() -> None:
                 run, data, table, tmp / str(n), settings, tmp / f"m-{kind}-{n}"
             )
         result["distil_one_round"]["round_1_counterfactuals"] = distil_once(
-            run, data, round_one(run), run, settings, tmp / "m-real"
+            run, data, runner.verdict_table(run, 1, use_true=False), run, settings, tmp / "m-real"
         )
     path = HERE / "results" / "cfkd_limits.json"
     path.write_text(json.dumps(result, indent=1) + "\n")

@@ -78,7 +78,8 @@ def scaling(
     for size in sizes:
         x = torch.rand(batch, 3, size, size) * 2 - 1
         target = torch.zeros(batch, dtype=torch.long)
-        prior = PatchPrior.fit(x, samples=5000) if settings.project else None  # the default projects edits
+        # the default projects edits, which needs a prior fitted on the images at this size
+        prior = PatchPrior.fit(x, samples=5000) if settings.needs_prior else None
         explainer = Explainer(codec, model, settings, prior=prior)
         explainer(x[:2], target[:2])  # warm-up
         started = time.perf_counter()

@@ -49,6 +49,11 @@ class Settings:
     dilate: int = 3  # grow the used region by this many pixels before blocking it
     filter_timestep: int = 0  # gradient filtering through the UNet at this timestep (0 = off)
 
+    @property
+    def needs_prior(self) -> bool:
+        """The search uses a PatchPrior: as a realism term, as a projection of every edit, or both."""
+        return self.patch_prior > 0 or self.project
+
 
 def _blur(change: torch.Tensor, size: int) -> torch.Tensor:
     """Gaussian blur of a (B, 1, H, W) map."""
@@ -96,9 +101,8 @@ class Explainer(nn.Module):
         self.prototypes = prototypes or {}  # target class -> pooled latent codes of real images of that class
         self.surrogate = surrogate.eval() if surrogate is not None else None
         self.denoiser = denoiser  # (unet, scheduler) or None
-        # PatchPrior fitted on real images: a realism term, a projection of every edit, or both
-        self.prior = prior if settings.patch_prior > 0 or settings.project else None
-        if self.prior is None and (settings.patch_prior > 0 or settings.project):
+        self.prior = prior if settings.needs_prior else None  # PatchPrior fitted on real images
+        if self.prior is None and settings.needs_prior:
             raise ValueError("explain.search.patch_prior / project need a PatchPrior fitted on real images")
         for module in (self.classifier, self.surrogate):
             if module is not None:

@@ -134,11 +134,10 @@ def build_explainer(classifier, card, data, config: ExplainConfig, gen: Generato
         smooth, agreement = surrogate.distil(model, train, config.surrogate_epochs, config.accelerator)
     denoiser = generator.load_denoiser(gen.unet) if gen.unet else None
     s, classes = config.search, range(len(card.classes))
-    needs_prior = s.patch_prior > 0 or s.project
-    reals = {t: class_images(train, t) for t in classes} if s.prototype > 0 or needs_prior else {}
+    reals = {t: class_images(train, t) for t in classes} if s.prototype > 0 or s.needs_prior else {}
     prototypes = {t: real_codes(codec, reals[t]) for t in classes} if s.prototype > 0 else None
     # the patch prior is unlabelled: images of every class together
-    prior = PatchPrior.fit(torch.cat(list(reals.values())), seed=config.seed) if needs_prior else None
+    prior = PatchPrior.fit(torch.cat(list(reals.values())), seed=config.seed) if s.needs_prior else None
     return Explainer(codec, model, config.search, smooth, denoiser, prototypes, prior), agreement
 
 

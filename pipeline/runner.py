@@ -41,6 +41,15 @@ def stage_kind(name: str) -> str:
     return match.group(1) if match else name
 
 
+def verdict_table(root: Path, round: int, use_true: bool) -> pd.DataFrame:
+    """A finished round's usable counterfactuals with their training labels; paths relative to the run directory."""
+    folder = explain.folder(round)
+    verdicts = pd.read_csv(root / f"feedback_r{round}" / "verdicts.csv", dtype=str)
+    manifest = explain.read_manifest(root / folder / "manifest.csv")
+    table = distil.training_set(manifest, verdicts, use_true)
+    return table.assign(counterfactual=folder + "/" + table["counterfactual"], round=round)
+
+
 class Run:
     """One run directory and its resolved config; each stage method returns its fingerprint."""
 
@@ -182,7 +191,9 @@ class Run:
         key = cfg.fingerprint("distil", c, self.keys[model], feedback_keys, self.keys["data"])
 
         def body(tmp: Path) -> None:
-            table = pd.concat([self._verdict_table(r) for r in taught], ignore_index=True)
+            table = pd.concat(
+                [verdict_table(self.dir.root, r, c.use_true) for r in taught], ignore_index=True
+            )
             fit, held = distil.split_holdout(table, c.holdout, c.seed + round)
             pd.concat([fit.assign(use="train"), held.assign(use="select")]).to_csv(
                 tmp / "training_set.csv", index=False
@@ -196,14 +207,6 @@ class Run:
 
         self._stage(name, key, body)
         return name
-
-    def _verdict_table(self, round: int) -> pd.DataFrame:
-        """A round's usable counterfactuals with their training labels; paths relative to the run directory."""
-        folder = explain.folder(round)
-        verdicts = pd.read_csv(self.dir.path(f"feedback_r{round}") / "verdicts.csv", dtype=str)
-        manifest = explain.read_manifest(self.dir.path(folder) / "manifest.csv")
-        table = distil.training_set(manifest, verdicts, self.config.distil.use_true)
-        return table.assign(counterfactual=folder + "/" + table["counterfactual"], round=round)
 
     def rounds(self, data: FolderData, before: dict) -> tuple[list[dict], bool]:
         """explain -> feedback -> distil -> evaluate, config.distil.rounds times; (per-round metrics, finished)."""
