@@ -2,9 +2,9 @@
 once with the mask oracle and once with the model oracle, each in its own process (wall time and peak memory
 of the process tree). The DFR-style baseline and the reference come from the same runs.
 
-Writes benchmarks/results/cfkd.json.
+Writes benchmarks/results/cfkd.json (with --tag T: cfkd-T.json, a variant given by --config).
 
-    .venv/bin/python benchmarks/cfkd.py [--teachers mask model] [--keep]
+    .venv/bin/python benchmarks/cfkd.py [--teachers mask model] [--keep] [--config FILE --tag T]
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-def run(teacher: str, keep: bool) -> dict:
-    run_dir = ROOT / "runs" / f"bench-cfkd-{teacher}"
+def run(teacher: str, keep: bool, config: str | None = None, tag: str = "") -> dict:
+    run_dir = ROOT / "runs" / (f"bench-cfkd-{tag}-{teacher}" if tag else f"bench-cfkd-{teacher}")
     if not keep:
         shutil.rmtree(run_dir, ignore_errors=True)
     command = [sys.executable, "-m", "pipeline.cli", "run", "--teacher", teacher, "--run-dir", str(run_dir)]
+    command += ["--config", config] if config else []
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     started = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -73,13 +74,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teachers", nargs="+", default=["mask", "model"])
     parser.add_argument("--keep", action="store_true", help="reuse finished stages of earlier benchmark runs")
+    parser.add_argument("--config", help="a run config instead of the embedded default (a variant)")
+    parser.add_argument("--tag", default="", help="names the variant's run folders and result file")
     args = parser.parse_args()
-    results = {"benchmark": "cfkd: whole default run per simulated teacher", "runs": []}
+    if args.config and not args.tag:
+        parser.error("--config needs --tag (the default's results stay in cfkd.json)")
+    results = {
+        "benchmark": "cfkd: whole default run per simulated teacher",
+        "config": args.config,
+        "runs": [],
+    }
     for teacher in args.teachers:
-        results["runs"].append(run(teacher, args.keep))
+        results["runs"].append(run(teacher, args.keep, args.config, args.tag))
         print(json.dumps(results["runs"][-1], indent=1), flush=True)
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "cfkd.json").write_text(json.dumps(results, indent=2))
+    name = f"cfkd-{args.tag}.json" if args.tag else "cfkd.json"
+    (HERE / "results" / name).write_text(json.dumps(results, indent=2))
     return 0
 
 

@@ -49,6 +49,10 @@ def variants(base: config.ExplainConfig) -> dict[str, config.ExplainConfig]:
             f"patch-prior-{w:g}": dataclasses.replace(base, search=dataclasses.replace(s, patch_prior=w))
             for w in (1.0, 3.0, 30.0)
         },
+        # confinement by graph segments of the original, the search aiming past the goal for slack
+        "regions": dataclasses.replace(
+            base, search=dataclasses.replace(s, confine="regions", aim=max(s.aim, 0.99))
+        ),
         "no-diversification": dataclasses.replace(base, search=dataclasses.replace(s, diversify=False)),
         "no-sparsity": dataclasses.replace(base, search=dataclasses.replace(s, sparsity=False)),
         "pixel-baseline": base,  # same loss and mechanisms, no generator (see run_variant)

@@ -10,6 +10,10 @@ For a batch of images x (in [-1, 1]) and target classes, each attempt k = 1..K:
   4. optional gradient filtering: the candidate passes a partial noise/denoise step of a diffusion UNet;
   5. per-sample early stop at the goal probability; the best iterate is kept; finished samples stop changing;
   6. diversification: attempt k may only change pixels (free = 1) that attempts 1..k-1 left untouched.
+Between 5 and 6 each attempt is confined, one of two ways: "threshold" bisects the strongest share of the blurred
+change that still flips; "regions" cuts the original into a few segments (Felzenszwalb graph segmentation) and keeps
+the valid subset of segments with the smallest L1 — so a search that moved object and background together becomes
+the one edit that suffices (often the background alone), and the next attempt gets the untouched segments whole.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from skimage.segmentation import felzenszwalb
 from torch import nn
 from torch.nn import functional as F
 
@@ -26,6 +32,7 @@ from torch.nn import functional as F
 class Settings:
     attempts: int = 2  # K: structurally different counterfactuals per image
     goal: float = 0.9  # tau: target-class probability (original classifier) that counts as a flip
+    aim: float = 0.0  # the search runs on to this probability (if above goal); confinement then keeps what reaches goal
     steps: int = 100  # most gradient steps per attempt (early stop makes most attempts far shorter)
     patience: int = 25  # give a sample up after this many steps without raising p(target) by 0.01 (0 = never)
     lr: float = 0.1  # Adam on the latent
@@ -45,8 +52,14 @@ class Settings:
     sparsity: bool = True  # paste the original back where the blurred change is small
     paste_threshold: float = 0.15  # ... below this share of the strongest blurred change
     blur: int = 5  # Gaussian blur kernel (pixels) for change maps
+    confine: str = (
+        "threshold"  # after an attempt: "threshold" (paste back weak change) or "regions" (see below)
+    )
+    max_regions: int = (
+        5  # "regions": the image is cut into at most this many segments (2^n - 1 subsets tried)
+    )
     diversify: bool = True  # attempt k only changes what attempts < k left untouched
-    dilate: int = 3  # grow the used region by this many pixels before blocking it
+    dilate: int = 3  # grow the used region by this many pixels before blocking it ("threshold" only)
     filter_timestep: int = 0  # gradient filtering through the UNet at this timestep (0 = off)
 
     @property
@@ -72,6 +85,33 @@ def change_mask(delta: torch.Tensor, settings: Settings) -> torch.Tensor:
     change = _blur(delta.abs().sum(1, keepdim=True), settings.blur)
     peak = change.flatten(1).amax(1).clamp_min(1e-8).view(-1, 1, 1, 1)
     return (change >= settings.paste_threshold * peak).float()
+
+
+def segments(x: torch.Tensor, max_regions: int) -> torch.Tensor:
+    """Per image a label map (B, H, W) with at most max_regions graph-based segments (Felzenszwalb & Huttenlocher
+    2004) of the original: the coarsest-but-one cut of the image into parts an expert would name (object, background).
+    The scale doubles until few enough segments remain (it is relative to pixel count, so sizes need no tuning)."""
+    pixels = (
+        ((x.detach().cpu().float().permute(0, 2, 3, 1) + 1) * 127.5).clamp(0, 255).numpy().astype(np.uint8)
+    )
+    min_size = max(8, pixels.shape[1] * pixels.shape[2] // 256)
+    maps = []
+    for image in pixels:
+        scale = 32.0
+        labels = felzenszwalb(image, scale=scale, sigma=0.8, min_size=min_size)
+        while labels.max() + 1 > max_regions:
+            scale *= 2
+            labels = felzenszwalb(image, scale=scale, sigma=0.8, min_size=min_size)
+        maps.append(torch.from_numpy(labels.astype(np.int64)))
+    return torch.stack(maps).to(x.device)
+
+
+def subset_masks(labels: torch.Tensor) -> torch.Tensor:
+    """All non-empty unions of one image's segments as masks (S, 1, H, W); bit i of subset s keeps segment i."""
+    n = int(labels.max()) + 1
+    bits = torch.arange(1, 2**n, device=labels.device)
+    keep = (bits[:, None] >> torch.arange(n, device=labels.device)) & 1  # (S, n)
+    return keep[:, labels].unsqueeze(1).float()  # (S, 1, H, W)
 
 
 def pooled(z: torch.Tensor, side: int = 4) -> torch.Tensor:
@@ -183,7 +223,7 @@ class Explainer(nn.Module):
                 stalled = torch.where(progress, torch.zeros_like(stalled), stalled + (~done).long())
                 best[better], best_p[better] = current[better], p[better]
                 steps += (~done).long()
-                done |= best_p >= s.goal
+                done |= best_p >= max(s.goal, s.aim)
                 if s.patience:  # a search that stopped improving will not flip: spare its budget
                     done |= stalled >= s.patience
                 if done.all():
@@ -235,7 +275,30 @@ class Explainer(nn.Module):
         low = torch.where(success.view(-1, 1, 1, 1), low, torch.full_like(low, self.settings.paste_threshold))
         mask = (change >= low * peak).float() * (delta.abs().sum(1, keepdim=True) > 0)
         confined = x + mask * delta
-        return {"x_cf": confined, "p_after": self._p_target(confined, target), "mask": mask}
+        used = dilate(mask, self.settings.dilate)
+        return {"x_cf": confined, "p_after": self._p_target(confined, target), "mask": mask, "used": used}
+
+    @torch.no_grad()
+    def confine_regions(self, x, x_cf, target, success) -> dict:
+        """Keep, per sample, the subset of the original's segments with the smallest L1 change that still reaches
+        the goal; samples without a valid subset fall back to confine(). The kept segments are blocked whole."""
+        result = self.confine(x, x_cf, target, success)
+        delta = x_cf - x
+        labels = segments(x, self.settings.max_regions)
+        for i in success.nonzero().flatten().tolist():
+            masks = subset_masks(labels[i])
+            p = self._p_target(x[i] + masks * delta[i], target[i].expand(len(masks)))
+            l1 = (masks * delta[i].abs()).flatten(1).sum(1)
+            valid = p >= self.settings.goal
+            if not valid.any():
+                continue
+            best = torch.where(valid, l1, torch.full_like(l1, float("inf"))).argmin()
+            region = masks[best]
+            result["x_cf"][i] = x[i] + region * delta[i]
+            result["p_after"][i] = p[best]
+            result["mask"][i] = region * (delta[i].abs().sum(0, keepdim=True) > 0)
+            result["used"][i] = region
+        return result
 
     def _realistic(
         self, delta: torch.Tensor, assignment: torch.Tensor | None, copies: int = 1
@@ -264,13 +327,16 @@ class Explainer(nn.Module):
             started = time.perf_counter()
             result = self.attempt(x, target, free, generator)
             if self.settings.sparsity:
-                result.update(self.confine(x, result["x_cf"], target, result["success"]))
+                confine = self.confine_regions if self.settings.confine == "regions" else self.confine
+                result.update(confine(x, result["x_cf"], target, result["success"]))
             else:
                 result["mask"] = ((result["x_cf"] - x).abs().sum(1, keepdim=True) > 0).float()
+                result["used"] = dilate(result["mask"], self.settings.dilate)
+            used = result.pop("used")
             result["seconds"] = time.perf_counter() - started
             results.append(result)
             if self.settings.diversify:
-                free = free * (1 - dilate(result["mask"], self.settings.dilate))
+                free = free * (1 - used)
         return results
 
     def evaluations_per_step(self) -> int:
@@ -283,8 +349,10 @@ class Explainer(nn.Module):
         return decoder + model + unet + encoder + check
 
     def evaluations_per_attempt(self) -> int:
-        """Fixed cost per attempt: encode + reference decode, and the classifier calls of confine()."""
-        return 2 + (8 + 1 if self.settings.sparsity else 0)
+        """Fixed cost per attempt: encode + reference decode, and the classifier calls of the confinement
+        (bisection; "regions" adds at most 2^max_regions - 1 subsets)."""
+        regions = 2**self.settings.max_regions - 1 if self.settings.confine == "regions" else 0
+        return 2 + (8 + 1 + regions if self.settings.sparsity else 0)
 
 
 class PixelCodec(nn.Module):

@@ -6,7 +6,7 @@ import torch
 
 from pipeline import explain, generator, models
 from pipeline.config import ExplainConfig, GeneratorConfig
-from pipeline.counterfactual import Explainer, PixelCodec, Settings
+from pipeline.counterfactual import Explainer, PixelCodec, Settings, segments, subset_masks
 from pipeline.data import ImageDataset, make_transform
 from pipeline.errors import UserError
 
@@ -68,9 +68,24 @@ def test_explainer_reaches_the_target_and_keeps_finished_samples_still(tiny_bias
     assert torch.equal(short["steps"][finished], longer["steps"][finished])
 
 
-def test_second_attempt_avoids_the_first_attempts_region(tiny_biased, tiny_codec):
+def test_aim_runs_the_search_past_the_goal(tiny_biased, tiny_codec):
     model, x, target = _batch(tiny_biased)
-    settings = Settings(attempts=2, goal=0.8, steps=60, lr=0.1, l1=0.1, dilate=1)
+    codec, free = generator.load(str(tiny_codec)), torch.ones_like(x[:, :1])
+    settings = Settings(attempts=1, goal=0.6, steps=80, lr=0.1, l1=0.1, patience=0)
+    at_goal = Explainer(codec, model, settings).attempt(x, target, free, torch.Generator().manual_seed(0))
+    aimed = Explainer(codec, model, dataclasses.replace(settings, aim=0.95)).attempt(
+        x, target, free, torch.Generator().manual_seed(0)
+    )
+    assert at_goal["success"].any() and (at_goal["p_after"][at_goal["success"]] < 0.95).any()
+    assert (aimed["p_after"] >= at_goal["p_after"] - 1e-6).all()  # never stops earlier
+    assert (aimed["steps"] >= at_goal["steps"]).all() and aimed["p_after"].mean() > at_goal["p_after"].mean()
+    assert torch.equal(aimed["success"], aimed["p_after"] >= 0.6)  # success is still judged at the goal
+
+
+@pytest.mark.parametrize("confine", ["threshold", "regions"])
+def test_second_attempt_avoids_the_first_attempts_region(tiny_biased, tiny_codec, confine):
+    model, x, target = _batch(tiny_biased)
+    settings = Settings(attempts=2, goal=0.8, steps=60, lr=0.1, l1=0.1, dilate=1, confine=confine)
     first, second = Explainer(generator.load(str(tiny_codec)), model, settings)(x, target)
     blocked = first["mask"] > 0
     changed_second = (second["x_cf"] - x).abs().sum(1, keepdim=True) > 0
@@ -78,6 +93,61 @@ def test_second_attempt_avoids_the_first_attempts_region(tiny_biased, tiny_codec
     a, b = first["mask"].flatten(1) > 0, second["mask"].flatten(1) > 0
     iou = (a & b).sum(1) / (a | b).sum(1).clamp_min(1)
     assert iou.max() < 0.05
+
+
+class GreenMeter(torch.nn.Module):
+    """A 'classifier' that reads only the mean green level: on a grey image with a red square that is the
+    background, like the biased classifier's shortcut."""
+
+    def forward(self, x):
+        logit = 20 * x[:, 1].mean((1, 2))
+        return torch.stack([-logit, logit], 1)
+
+
+def _square_scene():
+    """A red square on dark grey; the 'search' recoloured the square and brightened the background."""
+    x = torch.full((1, 3, 32, 32), -0.5)
+    x[:, :, 12:20, 12:20] = torch.tensor([1.0, -1.0, -1.0]).view(1, 3, 1, 1)
+    x_cf = torch.full_like(x, 0.3)
+    x_cf[:, :, 12:20, 12:20] = torch.tensor([-1.0, -1.0, 1.0]).view(
+        1, 3, 1, 1
+    )  # the strongest change per pixel
+    far = torch.ones(
+        32, 32, dtype=torch.bool
+    )  # background at least 2 px from the square (segments blur edges)
+    far[10:22, 10:22] = False
+    return x, x_cf, far
+
+
+def test_segments_and_their_subsets():
+    x, _, far = _square_scene()
+    noisy = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    labels = segments(noisy.repeat(2, 1, 1, 1), max_regions=2)
+    assert labels.shape == (2, 32, 32) and torch.equal(labels[0], labels[1])
+    assert labels[0][far].unique().tolist() == [0]  # the background is one segment ...
+    assert labels[0][12:20, 12:20].unique().tolist() == [1]  # ... the square another
+    assert len(segments(noisy, max_regions=5)[0].unique()) <= 5
+    masks = subset_masks(segments(noisy, max_regions=3)[0])
+    n = len(segments(noisy, max_regions=3)[0].unique())
+    assert masks.shape == (2**n - 1, 1, 32, 32)
+    assert len({tuple(m.flatten().tolist()) for m in masks}) == len(masks)  # every union exactly once
+
+
+def test_region_confinement_keeps_the_edit_that_suffices():
+    x, x_cf, far = _square_scene()
+    explainer = Explainer(PixelCodec(), GreenMeter(), Settings(goal=0.9, confine="regions", max_regions=2))
+    target = torch.tensor([1])
+    out = explainer.confine_regions(x, x_cf, target, torch.tensor([True]))
+    assert torch.equal(out["x_cf"][..., 12:20, 12:20], x[..., 12:20, 12:20])  # the recolouring is undone
+    assert torch.equal(out["x_cf"][..., far], x_cf[..., far])  # the background move is kept
+    assert out["p_after"].item() >= 0.9
+    assert out["used"][0, 0][far].all() and not out["used"][0, 0, 12:20, 12:20].any()  # square left whole
+    # the threshold confinement keeps the strongest change: the recoloured square stays in
+    kept = explainer.confine(x, x_cf, target, torch.tensor([True]))["x_cf"]
+    assert not torch.equal(kept[..., 12:20, 12:20], x[..., 12:20, 12:20])
+    # a failed attempt keeps the threshold confinement's answer
+    failed = explainer.confine_regions(x, x_cf, target, torch.tensor([False]))
+    assert torch.equal(failed["x_cf"], explainer.confine(x, x_cf, target, torch.tensor([False]))["x_cf"])
 
 
 def test_pixel_baseline_and_smoothgrad_run(tiny_biased):
