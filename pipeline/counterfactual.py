@@ -52,12 +52,8 @@ class Settings:
     sparsity: bool = True  # paste the original back where the blurred change is small
     paste_threshold: float = 0.15  # ... below this share of the strongest blurred change
     blur: int = 5  # Gaussian blur kernel (pixels) for change maps
-    confine: str = (
-        "threshold"  # after an attempt: "threshold" (paste back weak change) or "regions" (see below)
-    )
-    max_regions: int = (
-        5  # "regions": the image is cut into at most this many segments (2^n - 1 subsets tried)
-    )
+    confine: str = "threshold"  # after an attempt: "threshold" or "regions" (module docstring)
+    max_regions: int = 5  # "regions": at most this many segments, so at most 2^n - 1 subsets tried
     diversify: bool = True  # attempt k only changes what attempts < k left untouched
     dilate: int = 3  # grow the used region by this many pixels before blocking it ("threshold" only)
     filter_timestep: int = 0  # gradient filtering through the UNet at this timestep (0 = off)
@@ -98,10 +94,8 @@ def segments(x: torch.Tensor, max_regions: int) -> torch.Tensor:
     maps = []
     for image in pixels:
         scale = 32.0
-        labels = felzenszwalb(image, scale=scale, sigma=0.8, min_size=min_size)
-        while labels.max() + 1 > max_regions:
+        while (labels := felzenszwalb(image, scale=scale, sigma=0.8, min_size=min_size)).max() >= max_regions:
             scale *= 2
-            labels = felzenszwalb(image, scale=scale, sigma=0.8, min_size=min_size)
         maps.append(torch.from_numpy(labels.astype(np.int64)))
     return torch.stack(maps).to(x.device)
 
