@@ -33,6 +33,9 @@ class Settings:
     attempts: int = 2  # K: structurally different counterfactuals per image
     goal: float = 0.9  # tau: target-class probability (original classifier) that counts as a flip
     aim: float = 0.0  # the search runs on to this probability (if above goal); confinement then keeps what reaches goal
+    mirror: bool = (
+        False  # ... and on to the original's own confidence in its class (at most 0.999): as sure a flip
+    )
     steps: int = 100  # most gradient steps per attempt (early stop makes most attempts far shorter)
     patience: int = 25  # give a sample up after this many steps without raising p(target) by 0.01 (0 = never)
     lr: float = 0.1  # Adam on the latent
@@ -164,6 +167,7 @@ class Explainer(nn.Module):
             z0 = self.codec.encode(x)
             d0 = self.codec.decode(z0)
             p_before = self._p_target(x, target)
+            level = self._level(x)
             proto = self._prototype(z0, target)
             nll0 = self.prior(x) if s.patch_prior > 0 else None
             assignment = self.prior.assign(x) if s.project else None
@@ -217,7 +221,7 @@ class Explainer(nn.Module):
                 stalled = torch.where(progress, torch.zeros_like(stalled), stalled + (~done).long())
                 best[better], best_p[better] = current[better], p[better]
                 steps += (~done).long()
-                done |= best_p >= max(s.goal, s.aim)
+                done |= best_p >= level
                 if s.patience:  # a search that stopped improving will not flip: spare its budget
                     done |= stalled >= s.patience
                 if done.all():
@@ -234,6 +238,17 @@ class Explainer(nn.Module):
             "steps": steps,
             "no_room": no_room,
         }
+
+    @torch.no_grad()
+    def _level(self, x: torch.Tensor) -> torch.Tensor:
+        """Per sample, the target probability the search runs to: max(goal, aim), or with mirror the original's
+        confidence in its own class when that is higher (capped at 0.999, which a search can still reach)."""
+        s = self.settings
+        level = torch.full((x.shape[0],), max(s.goal, s.aim), device=x.device)
+        if s.mirror:
+            own = torch.softmax(self.classifier(x), -1).amax(1).clamp_max(0.999)
+            level = torch.maximum(level, own)
+        return level
 
     @torch.no_grad()
     def _prototype(self, z0: torch.Tensor, target: torch.Tensor, k: int = 5) -> torch.Tensor | None:

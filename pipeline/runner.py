@@ -191,16 +191,16 @@ class Run:
         key = cfg.fingerprint("distil", c, self.keys[model], feedback_keys, self.keys["data"])
 
         def body(tmp: Path) -> None:
-            table = pd.concat(
-                [verdict_table(self.dir.root, r, c.use_true) for r in taught], ignore_index=True
-            )
-            fit, held = distil.split_holdout(table, c.holdout, c.seed + round)
+            tables = [verdict_table(self.dir.root, r, c.use_true) for r in taught]
+            fit, held = distil.split_holdout(pd.concat(tables, ignore_index=True), c.holdout, c.seed + round)
             pd.concat([fit.assign(use="train"), held.assign(use="select")]).to_csv(
                 tmp / "training_set.csv", index=False
             )
-            if fit.empty:  # nothing the teacher objected to: the classifier goes on unchanged
+            # Nothing new to teach (this round's counterfactuals were all judged true, or none flipped): the
+            # classifier goes on unchanged; fitting again on earlier rounds' verdicts only overfits them.
+            if fit.empty or tables[-1].empty:
                 classifier, card = models.load(self.dir.path(model))
-                models.save(classifier, replace(card, metrics={"skipped": "no usable verdicts"}), tmp)
+                models.save(classifier, replace(card, metrics={"skipped": "no new usable verdicts"}), tmp)
             else:
                 distil.run(self.dir.path(model), data, fit, held, self.dir.root, c, tmp, self.verbose)
             evaluate.run(tmp, data, tmp / "evaluation", title=f"after round {round}")

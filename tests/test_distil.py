@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import tiny_config
 from PIL import Image
 
@@ -201,3 +202,30 @@ def test_human_teacher_pauses_until_enough_labels(tmp_path, tiny_codec):
     assert "[explain] up to date, skipped" in lines and "[distil_r1] running" in lines
     metrics = json.loads((root / "metrics.json").read_text())
     assert metrics["status"] == "complete" and metrics["rounds"][0]["labels"]["spurious"] == 2
+
+
+def test_a_round_with_nothing_new_to_teach_keeps_the_classifier(tmp_path, tiny_codec):
+    root = tmp_path / "run"
+    config = _cfkd_config(tiny_codec, **{"feedback.teacher": "human", "feedback.min_labels": 2})
+    store = FeedbackStore(root / "feedback.sqlite")
+
+    def label(round: int, verdict: str) -> None:
+        manifest = pd.read_csv(
+            root / ("explain" if round == 1 else f"explain_r{round}") / "manifest.csv", dtype=str
+        )
+        flipped = manifest[manifest["success"] == "True"]["id"].tolist()
+        assert len(flipped) >= 2
+        for cf in flipped:
+            store.add(cf, "ann", verdict, round)
+
+    runner.run(config, root, log=lambda line: None)
+    label(1, "spurious")
+    runner.run(config, root, log=lambda line: None)  # round 1 distils, round 2 explains and waits
+    label(2, "true")  # every round-2 edit is real evidence: nothing to correct
+    runner.run(config, root, log=lambda line: None)
+    metrics = json.loads((root / "metrics.json").read_text())
+    assert metrics["status"] == "complete" and metrics["rounds"][1]["feedback_accuracy"] == 1.0
+    first, second = (models.load(root / f"distil_r{r}") for r in (1, 2))
+    assert "skipped" not in first[1].metrics and "no new usable verdicts" in second[1].metrics["skipped"]
+    for a, b in zip(first[0].state_dict().values(), second[0].state_dict().values()):
+        assert torch.equal(a, b)

@@ -82,6 +82,24 @@ def test_aim_runs_the_search_past_the_goal(tiny_biased, tiny_codec):
     assert torch.equal(aimed["success"], aimed["p_after"] >= 0.6)  # success is still judged at the goal
 
 
+def test_mirror_runs_each_search_on_to_the_originals_own_confidence(tiny_biased, tiny_codec):
+    model, x, target = _batch(tiny_biased)
+    codec, free = generator.load(str(tiny_codec)), torch.ones_like(x[:, :1])
+    settings = Settings(attempts=1, goal=0.6, steps=80, lr=0.1, l1=0.1, patience=0, mirror=True)
+    explainer = Explainer(codec, model, settings)
+    with torch.no_grad():
+        own = torch.softmax(model(x), -1).amax(1).clamp_max(0.999)
+    assert torch.allclose(explainer._level(x), own.clamp_min(0.6))
+    mirrored = explainer.attempt(x, target, free, torch.Generator().manual_seed(0))
+    at_goal = Explainer(codec, model, dataclasses.replace(settings, mirror=False)).attempt(
+        x, target, free, torch.Generator().manual_seed(0)
+    )
+    reached = mirrored["p_after"] >= own - 1e-6
+    assert reached.any() and (mirrored["p_after"] >= at_goal["p_after"] - 1e-6).all()
+    assert (mirrored["steps"] >= at_goal["steps"]).all()  # never stops earlier than at the goal
+    assert torch.equal(mirrored["success"], mirrored["p_after"] >= 0.6)
+
+
 @pytest.mark.parametrize("confine", ["threshold", "regions"])
 def test_second_attempt_avoids_the_first_attempts_region(tiny_biased, tiny_codec, confine):
     model, x, target = _batch(tiny_biased)
