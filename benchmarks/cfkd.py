@@ -35,8 +35,10 @@ def run(teacher: str, keep: bool, config: str | None = None, tag: str = "") -> d
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB, the largest child so far
     metrics = json.loads((run_dir / "metrics.json").read_text())
     rounds = metrics.get("rounds", [])
-    last = rounds[-1] if rounds else {}
-    fa = [r["feedback_accuracy"] for r in rounds]
+    closing = metrics.get("closing")
+    # the run's result: the label-free choice (distil.select), else the last round's classifier
+    result = metrics.get("selected") or (rounds[-1] if rounds else {})
+    fa = [r["feedback_accuracy"] for r in [*rounds, *([closing] if closing else [])]]
     acc = [metrics["classifier"]["accuracy"], *(r["test_accuracy"] for r in rounds)][: len(fa)]
     return {
         "teacher": teacher,
@@ -61,10 +63,16 @@ def run(teacher: str, keep: bool, config: str | None = None, tag: str = "") -> d
             | {"counterfactuals_train": r["training"].get("counterfactuals_train", 0)}
             for r in rounds
         ],
+        "closing_feedback_accuracy": closing["feedback_accuracy"] if closing else None,
+        "selected": metrics.get("selected"),
+        "best_round_by_test_accuracy": max(
+            (r["round"] for r in rounds), key=lambda n: rounds[n - 1]["test_accuracy"], default=None
+        ),
+        # feedback accuracy of a round judges the classifier that round explained (the one before it)
         "feedback_accuracy_vs_test_accuracy": list(zip(fa, acc)),
         "acceptance": {
-            "test_accuracy_ge_0.95": last.get("test_accuracy", 0) >= 0.95,
-            "worst_group_ge_0.85": last.get("worst_group_accuracy", 0) >= 0.85,
+            "test_accuracy_ge_0.95": result.get("test_accuracy", 0) >= 0.95,
+            "worst_group_ge_0.85": result.get("worst_group_accuracy", 0) >= 0.85,
             "within_15_minutes": seconds <= 900,
         },
     }

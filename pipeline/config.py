@@ -108,6 +108,11 @@ class DistilConfig:
     accumulate: bool = (
         True  # round r trains on the verdicts of rounds 1..r (a verdict stays true), not r alone
     )
+    start: str = (
+        "latest"  # fine-tune the classifier the round explained (latest) or the run's first one (initial)
+    )
+    select: bool = False  # a closing explain + feedback judges the last classifier; the run's result is the
+    # classifier whose counterfactuals the teacher found most often true (feedback accuracy, label-free)
     mix: float = 0.5  # share of counterfactuals in each training batch (the rest: original training images)
     holdout: float = 0.2  # share of a round's counterfactual images kept for model selection
     anchor: float = 0.0  # L2 pull toward the starting weights
@@ -181,6 +186,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "feedback.min_labels": (lambda v: v >= 1, "an integer >= 1"),
     "feedback.min_votes": (lambda v: v >= 1, "an integer >= 1"),
     "distil.rounds": (lambda v: v >= 1, "an integer >= 1"),
+    "distil.start": (lambda v: v in ("latest", "initial"), "latest or initial"),
     "distil.mix": (lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
     "distil.holdout": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     "distil.anchor": (lambda v: v >= 0, "a number >= 0"),

@@ -167,7 +167,10 @@ def explain_section(root: Path, data: FolderData) -> str | None:
 def _round_rows(metrics: dict) -> pd.DataFrame:
     """One row per classifier of the CFKD story: before, after each round, the DFR baseline, the reference."""
     rounds = metrics.get("rounds", [])
-    fed = {r["explained"]: r for r in rounds}  # the feedback on a classifier comes from the next round
+    fed = {
+        r["explained"]: r for r in _judged(metrics)
+    }  # the feedback on a classifier comes from the next round
+    chosen = (metrics.get("selected") or {}).get("model")
 
     def row(name, m, stage):
         f = fed.get(stage, {})
@@ -181,6 +184,7 @@ def _round_rows(metrics: dict) -> pd.DataFrame:
             "flip rate": f.get("flip_rate"),
             "feedback accuracy": f.get("feedback_accuracy"),
             "true / spurious / unsure": "/".join(str(v) for v in f["labels"].values()) if f else "",
+            **({"selected (feedback accuracy)": "yes" if stage == chosen else ""} if chosen else {}),
         }
 
     rows = [row("before (biased)", metrics["classifier"], "classifier")]
@@ -190,6 +194,11 @@ def _round_rows(metrics: dict) -> pd.DataFrame:
     if "reference" in metrics:
         rows.append(row("reference (unbiased data)", metrics["reference"], "reference"))
     return pd.DataFrame(rows)
+
+
+def _judged(metrics: dict) -> list[dict]:
+    """Every round's feedback, plus the closing judgement of the last classifier (distil.select)."""
+    return [*metrics.get("rounds", []), *([metrics["closing"]] if metrics.get("closing") else [])]
 
 
 def _round_plots(metrics: dict) -> str:
@@ -207,7 +216,7 @@ def _round_plots(metrics: dict) -> str:
     left.legend(fontsize=7)
     pairs = [
         (r["feedback_accuracy"], a, r["round"])
-        for r, a in zip(rounds, acc)
+        for r, a in zip(_judged(metrics), acc)
         if r["feedback_accuracy"] is not None
     ]
     right.plot([p[0] for p in pairs], [p[1] for p in pairs], "o-")
@@ -258,11 +267,19 @@ def cfkd_section(root: Path, data: FolderData) -> str | None:
         )
     table = _round_rows(metrics).to_html(index=False, float_format="%.3f", na_rep="-")
     plots = _round_plots(metrics) if metrics.get("rounds") else ""
-    grids = "".join(g for g in (_verdict_grid(root, r) for r in metrics.get("rounds", [])) if g)
+    grids = "".join(g for g in (_verdict_grid(root, r) for r in _judged(metrics)) if g)
+    selected = metrics.get("selected")
+    if selected:
+        waiting += (
+            f"<p><b>Result:</b> <code>{html.escape(selected['model'])}</code>, the classifier whose "
+            f"counterfactuals the teacher judged true most often (feedback accuracy "
+            f"{selected['feedback_accuracy']:.2f}; chosen without test labels).</p>"
+        )
     return (
         "<h2>CFKD rounds</h2><p class=note>Each round explains the current classifier, the teacher labels every "
         "counterfactual that flipped it (true = real class evidence, spurious = shortcut), and the classifier is "
-        "fine-tuned on the spurious ones with their source label. Feedback accuracy (true / labelled) needs no "
+        "fine-tuned on the spurious ones with their source label (with distil.use_true also on the true ones with "
+        "their target label). Feedback accuracy (true / labelled) needs no "
         "test labels. Gap closed = share of the distance between the biased and the reference classifier. The "
         "DFR-style baseline retrains the last layer on group-balanced validation data: it needs group labels, "
         "CFKD does not.</p>" + waiting + table + plots + grids

@@ -183,12 +183,16 @@ class Run:
         return True
 
     def distil(self, data: FolderData, round: int, model: str) -> str:
-        """Fine-tune ``model`` on the verdicts of this round (and, with distil.accumulate, of every earlier one);
-        the result and its evaluation go to distil_r<round>/."""
+        """Fine-tune on the verdicts of this round (and, with distil.accumulate, of every earlier one) the
+        ``model`` it explained, or with distil.start = initial the run's first classifier; the result and its
+        evaluation go to distil_r<round>/."""
         c, name = self.config.distil, f"distil_r{round}"
         taught = range(1, round + 1) if c.accumulate else [round]
+        start = model if c.start == "latest" else "classifier"
         feedback_keys = [self.keys[f"feedback_r{r}"] for r in taught]
-        key = cfg.fingerprint("distil", c, self.keys[model], feedback_keys, self.keys["data"])
+        key = cfg.fingerprint(
+            "distil", c, self.keys[model], self.keys[start], feedback_keys, self.keys["data"]
+        )
 
         def body(tmp: Path) -> None:
             tables = [verdict_table(self.dir.root, r, c.use_true) for r in taught]
@@ -202,7 +206,7 @@ class Run:
                 classifier, card = models.load(self.dir.path(model))
                 models.save(classifier, replace(card, metrics={"skipped": "no new usable verdicts"}), tmp)
             else:
-                distil.run(self.dir.path(model), data, fit, held, self.dir.root, c, tmp, self.verbose)
+                distil.run(self.dir.path(start), data, fit, held, self.dir.root, c, tmp, self.verbose)
             evaluate.run(tmp, data, tmp / "evaluation", title=f"after round {round}")
 
         self._stage(name, key, body)
@@ -219,11 +223,22 @@ class Run:
             results.append(self.round_metrics(n, described, before))
         return results, True
 
+    def closing(self, data: FolderData, rounds: list[dict]) -> dict | None:
+        """distil.select: explain and judge the last classifier once more (a round without distil); None while
+        experts still label it."""
+        n = len(rounds) + 1
+        described = self.explain(data, n, rounds[-1]["model"])
+        if not self.feedback(data, n):
+            return None
+        fed = read_json(self.dir.path(f"feedback_r{n}") / "summary.json")
+        return {"round": n, "explained": rounds[-1]["model"], "flip_rate": described["validity"], **fed}
+
     def round_metrics(self, n: int, described: dict, before: dict) -> dict:
         tested = read_json(self.dir.path(f"distil_r{n}") / "evaluation" / "metrics.json")
         fed = read_json(self.dir.path(f"feedback_r{n}") / "summary.json")
         return {
             "round": n,
+            "model": f"distil_r{n}",
             "explained": "classifier" if n == 1 else f"distil_r{n - 1}",
             "flip_rate": described["validity"],
             **fed,
@@ -267,6 +282,24 @@ def gain(after: dict, before: dict) -> dict | None:
         gap = before["reference"][key] - before["classifier"][key]
         out[key] = (after[key] - before["classifier"][key]) / gap if abs(gap) > 1e-9 else None
     return out
+
+
+def select(metrics: dict) -> dict:
+    """The classifier whose counterfactuals the teacher judged true most often (feedback accuracy, which needs no
+    test labels; DESIGN.md). An earlier round wins a tie: as good a judgement with less fine-tuning drift. Its test
+    figures come along for the report only."""
+    judged = [*metrics["rounds"], metrics["closing"]]
+    names = ["classifier", *(r["model"] for r in metrics["rounds"])]
+    scores = [(j["feedback_accuracy"], -i) for i, j in enumerate(judged) if j["feedback_accuracy"] is not None]
+    best = -max(scores)[1] if scores else len(names) - 1
+    tested = metrics["classifier"] if best == 0 else metrics["rounds"][best - 1]
+    return {
+        "model": names[best],
+        "round": best,
+        "feedback_accuracy": judged[best]["feedback_accuracy"],
+        "test_accuracy": tested.get("accuracy", tested.get("test_accuracy")),
+        "worst_group_accuracy": tested["worst_group_accuracy"],
+    }
 
 
 def _summary(folder: FolderData) -> dict:
@@ -315,6 +348,11 @@ def run(
         write_json(r.dir.root / "metrics.json", metrics)
         if config.distil.enabled:
             metrics["rounds"], finished = r.rounds(data, metrics)
+            if finished and config.distil.select:
+                metrics["closing"] = r.closing(data, metrics["rounds"])
+                finished = metrics["closing"] is not None
+                if finished:
+                    metrics["selected"] = select(metrics)
     metrics["status"] = "complete" if finished else "waiting for feedback"
     write_json(r.dir.root / "metrics.json", metrics)
     path = report.write(r.dir.root, data)

@@ -141,7 +141,8 @@ def _cfkd_config(codec, **extra):
 
 
 def test_rounds_write_metrics_and_resume_after_an_interruption(tmp_path, tiny_codec, monkeypatch):
-    root, config = tmp_path / "run", _cfkd_config(tiny_codec, **{"feedback.teacher": "model"})
+    root = tmp_path / "run"
+    config = _cfkd_config(tiny_codec, **{"feedback.teacher": "model", "distil.select": True})
     real_run = distil.run
 
     def crash(*args, **kwargs):
@@ -170,6 +171,10 @@ def test_rounds_write_metrics_and_resume_after_an_interruption(tmp_path, tiny_co
     html = (root / "report.html").read_text()
     assert "CFKD rounds" in html and "DFR" in html and "feedback accuracy" in html
     assert (root / "distil_r2" / "model.safetensors").exists() and (root / "explain_r2").is_dir()
+    # distil.select: a closing explain + feedback judges the last classifier, the best judged one is the result
+    assert metrics["closing"]["round"] == 3 and metrics["closing"]["explained"] == "distil_r2"
+    assert (root / "explain_r3").is_dir() and not (root / "distil_r3").exists()
+    assert metrics["selected"] == runner.select(metrics) and "Result:" in html
     # distil.accumulate: round 2 trains on round 1's verdicts too; every path resolves inside the run
     first, second = (pd.read_csv(root / f"distil_r{r}" / "training_set.csv") for r in (1, 2))
     assert set(first["id"]) <= set(second["id"]) and set(second["round"]) <= {1, 2}
@@ -204,28 +209,74 @@ def test_human_teacher_pauses_until_enough_labels(tmp_path, tiny_codec):
     assert metrics["status"] == "complete" and metrics["rounds"][0]["labels"]["spurious"] == 2
 
 
+def _label(root, round: int, verdict: str) -> None:
+    """Every flipped counterfactual of the round gets the same verdict from one annotator."""
+    folder = "explain" if round == 1 else f"explain_r{round}"
+    manifest = pd.read_csv(root / folder / "manifest.csv", dtype=str)
+    flipped = manifest[manifest["success"] == "True"]["id"].tolist()
+    assert len(flipped) >= 2
+    FeedbackStore(root / "feedback.sqlite").add_many(
+        {"cf_id": cf, "annotator": "ann", "label": verdict, "round": round} for cf in flipped
+    )
+
+
+def _two_human_rounds(config, root, verdicts: tuple[str, str]) -> dict:
+    runner.run(config, root, log=lambda line: None)
+    _label(root, 1, verdicts[0])
+    runner.run(config, root, log=lambda line: None)  # round 1 distils, round 2 explains and waits
+    _label(root, 2, verdicts[1])
+    runner.run(config, root, log=lambda line: None)
+    return json.loads((root / "metrics.json").read_text())
+
+
 def test_a_round_with_nothing_new_to_teach_keeps_the_classifier(tmp_path, tiny_codec):
     root = tmp_path / "run"
     config = _cfkd_config(tiny_codec, **{"feedback.teacher": "human", "feedback.min_labels": 2})
-    store = FeedbackStore(root / "feedback.sqlite")
-
-    def label(round: int, verdict: str) -> None:
-        manifest = pd.read_csv(
-            root / ("explain" if round == 1 else f"explain_r{round}") / "manifest.csv", dtype=str
-        )
-        flipped = manifest[manifest["success"] == "True"]["id"].tolist()
-        assert len(flipped) >= 2
-        for cf in flipped:
-            store.add(cf, "ann", verdict, round)
-
-    runner.run(config, root, log=lambda line: None)
-    label(1, "spurious")
-    runner.run(config, root, log=lambda line: None)  # round 1 distils, round 2 explains and waits
-    label(2, "true")  # every round-2 edit is real evidence: nothing to correct
-    runner.run(config, root, log=lambda line: None)
-    metrics = json.loads((root / "metrics.json").read_text())
+    # every round-2 edit is real evidence: nothing to correct
+    metrics = _two_human_rounds(config, root, ("spurious", "true"))
     assert metrics["status"] == "complete" and metrics["rounds"][1]["feedback_accuracy"] == 1.0
     first, second = (models.load(root / f"distil_r{r}") for r in (1, 2))
     assert "skipped" not in first[1].metrics and "no new usable verdicts" in second[1].metrics["skipped"]
     for a, b in zip(first[0].state_dict().values(), second[0].state_dict().values()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "start, source", [("latest", "distilled:distil_r1"), ("initial", "distilled:classifier")]
+)
+def test_distil_start_picks_the_weights_each_round_fine_tunes(tmp_path, tiny_codec, start, source):
+    root = tmp_path / "run"
+    extra = {"feedback.teacher": "human", "feedback.min_labels": 2, "distil.start": start}
+    metrics = _two_human_rounds(_cfkd_config(tiny_codec, **extra), root, ("spurious", "spurious"))
+    assert metrics["status"] == "complete" and metrics["rounds"][1]["explained"] == "distil_r1"
+    card = models.load_card(root / "distil_r2")
+    assert card.source == source and card.metrics["counterfactuals_train"] > 0
+    second = pd.read_csv(root / "distil_r2" / "training_set.csv")
+    assert set(second["round"]) == {1, 2}  # both rounds' verdicts, whichever weights they start from
+
+
+def test_select_takes_the_classifier_with_the_best_feedback_accuracy():
+    def judged(fa, acc=0.5):
+        return {"feedback_accuracy": fa, "test_accuracy": acc, "worst_group_accuracy": acc / 2}
+
+    metrics = {
+        "classifier": {"accuracy": 0.5, "worst_group_accuracy": 0.1},
+        "rounds": [
+            {**judged(0.0, 0.9), "model": "distil_r1"},  # judges the biased classifier
+            {**judged(0.8, 0.8), "model": "distil_r2"},  # judges distil_r1
+            {**judged(None, 0.7), "model": "distil_r3"},  # nothing labelled: no judgement of distil_r2
+        ],
+        "closing": judged(0.8),  # judges distil_r3: ties with distil_r1, and the earlier round wins
+    }
+    assert runner.select(metrics) == {
+        "model": "distil_r1",
+        "round": 1,
+        "feedback_accuracy": 0.8,
+        "test_accuracy": 0.9,
+        "worst_group_accuracy": 0.45,
+    }
+    metrics["closing"] = judged(0.9)
+    chosen = runner.select(metrics)
+    assert chosen["model"] == "distil_r3" and chosen["test_accuracy"] == 0.7
+    metrics["rounds"][0]["feedback_accuracy"] = 0.9  # the biased classifier's edits were mostly real evidence
+    assert runner.select(metrics)["model"] == "classifier"
