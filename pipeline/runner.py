@@ -290,7 +290,9 @@ def select(metrics: dict) -> dict:
     figures come along for the report only."""
     judged = [*metrics["rounds"], metrics["closing"]]
     names = ["classifier", *(r["model"] for r in metrics["rounds"])]
-    scores = [(j["feedback_accuracy"], -i) for i, j in enumerate(judged) if j["feedback_accuracy"] is not None]
+    scores = [
+        (j["feedback_accuracy"], -i) for i, j in enumerate(judged) if j["feedback_accuracy"] is not None
+    ]
     best = -max(scores)[1] if scores else len(names) - 1
     tested = metrics["classifier"] if best == 0 else metrics["rounds"][best - 1]
     return {
