@@ -167,9 +167,8 @@ def explain_section(root: Path, data: FolderData) -> str | None:
 def _round_rows(metrics: dict) -> pd.DataFrame:
     """One row per classifier of the CFKD story: before, after each round, the DFR baseline, the reference."""
     rounds = metrics.get("rounds", [])
-    fed = {
-        r["explained"]: r for r in _judged(metrics)
-    }  # the feedback on a classifier comes from the next round
+    # the feedback on a classifier comes from the next round (or the closing judgement)
+    fed = {r["explained"]: r for r in _judged(metrics)}
     chosen = (metrics.get("selected") or {}).get("model")
 
     def row(name, m, stage):
