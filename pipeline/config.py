@@ -116,6 +116,7 @@ class DistilConfig:
     mix: float = 0.5  # share of counterfactuals in each training batch (the rest: original training images)
     holdout: float = 0.2  # share of a round's counterfactual images kept for model selection
     anchor: float = 0.0  # L2 pull toward the starting weights
+    layers: str = "all"  # fine-tune every layer, or only the last linear layer on frozen features ("head")
     epochs: int = 3
     batch_size: int = 64
     lr: float = 5e-4
@@ -187,6 +188,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "feedback.min_votes": (lambda v: v >= 1, "an integer >= 1"),
     "distil.rounds": (lambda v: v >= 1, "an integer >= 1"),
     "distil.start": (lambda v: v in ("latest", "initial"), "latest or initial"),
+    "distil.layers": (lambda v: v in ("all", "head"), "all or head"),
     "distil.mix": (lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
     "distil.holdout": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     "distil.anchor": (lambda v: v >= 0, "a number >= 0"),

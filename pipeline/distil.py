@@ -25,6 +25,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomS
 from pipeline import models
 from pipeline.config import DistilConfig
 from pipeline.data import FolderData, ImageDataset, make_transform
+from pipeline.dfr import last_linear
 from pipeline.errors import UserError
 from pipeline.train import ClassifierSystem, EpochBar, KeepBest, trainer_loggers
 
@@ -73,8 +74,19 @@ class DistilSystem(ClassifierSystem):
     def __init__(self, backbone: nn.Module, num_classes: int, config: DistilConfig, has_cf_val: bool):
         super().__init__(backbone, num_classes, config.lr, config.weight_decay)
         self.anchor, self.has_cf_val = config.anchor, has_cf_val
+        self.head_only = config.layers == "head"
+        if self.head_only:  # DFR's finding: the features already hold the real evidence; reweight them
+            head = backbone.get_submodule(last_linear(backbone))
+            for p in backbone.parameters():
+                p.requires_grad_(False)
+            head.requires_grad_(True)
         self.start = [p.detach().clone() for p in backbone.parameters()]
         self.cf_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
+
+    def on_train_epoch_start(self):
+        if self.head_only:  # frozen features: batch-norm statistics stay those of the starting classifier
+            self.backbone.eval()
+            self.backbone.get_submodule(last_linear(self.backbone)).train()
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
