@@ -37,10 +37,7 @@ class Settings:
         False  # ... and on to the original's own confidence in its class (at most 0.999): as sure a flip
     )
     steps: int = 100  # most gradient steps per attempt (early stop makes most attempts far shorter)
-    patience: int = (
-        25  # give a sample up after this many steps without raising the log-odds of the target by 0.1
-    )
-    # since the last rise (0 = never); log-odds, so a very sure original that moves from 1e-4 to 1e-3 is progressing
+    patience: int = 25  # give a sample up after this many steps without raising p(target) by 0.01 (0 = never)
     lr: float = 0.1  # Adam on the latent
     temperature: float = 3.0  # softmax temperature of the loss (the SCE authors use 3)
     l1: float = 0.5  # weight of L1(x_cf, x)
@@ -182,8 +179,7 @@ class Explainer(nn.Module):
         )  # earlier attempts used (almost) everything: nothing to search
         done = no_room.clone()
         steps = torch.zeros(n, dtype=torch.long, device=x.device)
-        stalled = torch.zeros_like(steps)  # steps since the target's log-odds last rose by 0.1
-        mark = torch.logit(p_before, eps=1e-7)  # ... from this value
+        stalled = torch.zeros_like(steps)  # steps since p(target) last rose by 0.01
         copies = max(1, s.smoothgrad)
         sigma = s.smoothgrad_sigma * z0.std()
         for _ in range(0 if done.all() else s.steps):
@@ -221,9 +217,7 @@ class Explainer(nn.Module):
                 current = x_cf[:n] if not s.smoothgrad else self.candidate(x, z, d0, free, assignment)
                 p = self._p_target(current, target)
                 better = (~done) & (p > best_p)
-                odds = torch.logit(p, eps=1e-7)
-                progress = (~done) & (odds > mark + 0.1)
-                mark = torch.where(progress, odds, mark)
+                progress = (~done) & (p > best_p + 0.01)
                 stalled = torch.where(progress, torch.zeros_like(stalled), stalled + (~done).long())
                 best[better], best_p[better] = current[better], p[better]
                 steps += (~done).long()
