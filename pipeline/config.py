@@ -117,6 +117,7 @@ class DistilConfig:
     holdout: float = 0.2  # share of a round's counterfactual images kept for model selection
     anchor: float = 0.0  # L2 pull toward the starting weights
     layers: str = "all"  # fine-tune every layer, or only the last linear layer on frozen features ("head")
+    keep: str = "best"  # the weights kept: the best-selected epoch (starting weights included) or the last one
     epochs: int = 3
     batch_size: int = 64
     lr: float = 5e-4
@@ -189,6 +190,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "distil.rounds": (lambda v: v >= 1, "an integer >= 1"),
     "distil.start": (lambda v: v in ("latest", "initial"), "latest or initial"),
     "distil.layers": (lambda v: v in ("all", "head"), "all or head"),
+    "distil.keep": (lambda v: v in ("best", "last"), "best or last"),
     "distil.mix": (lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
     "distil.holdout": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     "distil.anchor": (lambda v: v >= 0, "a number >= 0"),

@@ -3,8 +3,9 @@
 Training set as the method's authors build it: every counterfactual the teacher called *spurious* keeps its
 source label ("that change must not flip you"); *true* ones take the target label when ``use_true`` is on;
 *unsure* ones are ignored. The classifier is fine-tuned from its current weights on class-balanced batches that
-mix original training images and counterfactuals (``mix``), optionally anchored to its starting weights, with
-model selection on the validation split plus counterfactuals of held-out source images.
+mix original training images and counterfactuals (``mix``), optionally anchored to its starting weights or with only
+its last linear layer learning on frozen features (``layers: head``, DFR-style), with model selection on the
+validation split plus counterfactuals of held-out source images.
 """
 
 from __future__ import annotations
@@ -182,11 +183,12 @@ def run(
         system, val_loaders, verbose=False
     )  # the starting weights compete in model selection (epoch -1)
     fit.fit(system, train_loader, val_loaders)
-    backbone.load_state_dict(keep.state)
     metrics = {k: round(float(v), 4) for k, v in fit.callback_metrics.items() if k != "val_select"}
+    if config.keep == "best":
+        backbone.load_state_dict(keep.state)
+        metrics.update(best_epoch=keep.best_epoch, selection_score=round(-keep.best, 4))
     metrics.update(
-        best_epoch=keep.best_epoch,
-        selection_score=round(-keep.best, 4),
+        kept=config.keep,
         epochs=config.epochs,
         counterfactuals_train=len(cf_train),
         counterfactuals_val=len(cf_val),

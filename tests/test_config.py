@@ -48,7 +48,7 @@ def test_cfkd_sections_are_checked():
         config.from_dict(
             {
                 "feedback": {"teacher": "oracle"},
-                "distil": {"mix": 1.0, "precision": "fp8", "layers": "conv"},
+                "distil": {"mix": 1.0, "precision": "fp8", "layers": "conv", "keep": "first"},
                 "baseline": {"dfr": 1},
             }
         )
@@ -56,6 +56,7 @@ def test_cfkd_sections_are_checked():
     assert "feedback.teacher: got 'oracle', expected mask, model or human" in message
     assert "distil.mix: got 1.0" in message and "distil.precision: got 'fp8'" in message
     assert "distil.layers: got 'conv', expected all or head" in message
+    assert "distil.keep: got 'first', expected best or last" in message
     assert "baseline.dfr: got 1, expected bool" in message
     default = config.load(None)
     assert default.distil.rounds == 3 and default.feedback.teacher == "mask" and default.baseline.dfr

@@ -122,6 +122,21 @@ def test_a_head_only_round_moves_only_the_last_layer(tiny_biased, tmp_path):
     assert _accuracy_on(model, held, tmp_path / "explain", card.classes) >= before + 0.3
 
 
+def test_keep_best_can_return_the_starting_weights_keep_last_never_does(tiny_biased, tmp_path):
+    ckpt, data = tiny_biased
+    cfs = _swap_background(data, "train", 20, tmp_path / "explain")
+    fit, held = cfs, cfs.iloc[:0]  # selection on validation accuracy alone
+    start = models.load(ckpt)[0].state_dict()
+    same = {}
+    for keep in ("best", "last"):  # a wild learning rate wrecks the head: selection must fall back to the start
+        config = DistilConfig(epochs=2, batch_size=32, lr=500.0, layers="head", keep=keep)
+        card = distil.run(ckpt, data, fit, held, tmp_path / "explain", config, tmp_path / keep).card
+        model = models.load(tmp_path / keep)[0]
+        same[keep] = all(torch.equal(p, start[n]) for n, p in model.state_dict().items())
+        assert card.metrics["kept"] == keep
+    assert same == {"best": True, "last": False}
+
+
 def test_dfr_head_matches_its_logistic_regression(tiny_biased, tmp_path):
     ckpt, data = tiny_biased
     reference = tmp_path / "ref"
