@@ -117,9 +117,8 @@ class DistilConfig:
     holdout: float = 0.2  # share of a round's counterfactual images kept for model selection
     anchor: float = 0.0  # L2 pull toward the starting weights
     layers: str = "all"  # fine-tune every layer, or only the last linear layer on frozen features ("head")
-    keep: str = (
-        "best"  # the weights kept: the best-selected epoch (starting weights included) or the last one
-    )
+    # the weights kept: the epoch model selection picks (the starting weights compete) or the last one
+    keep: str = "best"
     epochs: int = 3
     batch_size: int = 64
     lr: float = 5e-4

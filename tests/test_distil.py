@@ -128,10 +128,8 @@ def test_keep_best_can_return_the_starting_weights_keep_last_never_does(tiny_bia
     fit, held = cfs, cfs.iloc[:0]  # selection on validation accuracy alone
     start = models.load(ckpt)[0].state_dict()
     same = {}
-    for keep in (
-        "best",
-        "last",
-    ):  # a wild learning rate wrecks the head: selection must fall back to the start
+    # a wild learning rate wrecks the head: selection must fall back to the start
+    for keep in ("best", "last"):
         config = DistilConfig(epochs=2, batch_size=32, lr=500.0, layers="head", keep=keep)
         card = distil.run(ckpt, data, fit, held, tmp_path / "explain", config, tmp_path / keep).card
         model = models.load(tmp_path / keep)[0]
