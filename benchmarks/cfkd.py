@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.report import judged
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -38,7 +40,7 @@ def run(teacher: str, keep: bool, config: str | None = None, tag: str = "") -> d
     closing = metrics.get("closing")
     # the run's result: the label-free choice (distil.select), else the last round's classifier
     result = metrics.get("selected") or (rounds[-1] if rounds else {})
-    fa = [r["feedback_accuracy"] for r in [*rounds, *([closing] if closing else [])]]
+    fa = [r["feedback_accuracy"] for r in judged(metrics)]
     acc = [metrics["classifier"]["accuracy"], *(r["test_accuracy"] for r in rounds)][: len(fa)]
     return {
         "teacher": teacher,

@@ -75,19 +75,20 @@ class DistilSystem(ClassifierSystem):
     def __init__(self, backbone: nn.Module, num_classes: int, config: DistilConfig, has_cf_val: bool):
         super().__init__(backbone, num_classes, config.lr, config.weight_decay)
         self.anchor, self.has_cf_val = config.anchor, has_cf_val
-        self.head_only = config.layers == "head"
-        if self.head_only:  # DFR's finding: the features already hold the real evidence; reweight them
-            head = backbone.get_submodule(last_linear(backbone))
-            for p in backbone.parameters():
-                p.requires_grad_(False)
-            head.requires_grad_(True)
+        # layers: head -> DFR's finding: the features already hold the real evidence; reweight them
+        # the head's name, not the module: a second reference would register it twice
+        self.head = last_linear(backbone) if config.layers == "head" else None
+        if self.head is not None:
+            backbone.requires_grad_(False)
+            backbone.get_submodule(self.head).requires_grad_(True)
         self.start = [p.detach().clone() for p in backbone.parameters()]
         self.cf_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
 
     def on_train_epoch_start(self):
-        if self.head_only:  # frozen features: batch-norm statistics stay those of the starting classifier
+        # frozen features: batch-norm statistics stay those of the starting classifier
+        if self.head is not None:
             self.backbone.eval()
-            self.backbone.get_submodule(last_linear(self.backbone)).train()
+            self.backbone.get_submodule(self.head).train()
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
@@ -164,7 +165,7 @@ def run(
             DataLoader(Counterfactuals(cf_val, cf_folder, card.classes, transform), batch_size=256)
         )
     system = DistilSystem(backbone.train(), len(card.classes), config, len(val_loaders) > 1)
-    keep = KeepBest("val_select")
+    keep = KeepBest("val_select") if config.keep == "best" else None
     started = time.perf_counter()
     fit = L.Trainer(
         max_epochs=config.epochs,
@@ -173,18 +174,17 @@ def run(
         strategy=config.strategy,
         precision=precision(config),
         logger=trainer_loggers(out),
-        callbacks=[EpochBar(), keep],
+        callbacks=[EpochBar(), *([keep] if keep else [])],
         enable_checkpointing=False,
         enable_model_summary=verbose,
         log_every_n_steps=5,
         num_sanity_val_steps=0,
     )
-    fit.validate(
-        system, val_loaders, verbose=False
-    )  # the starting weights compete in model selection (epoch -1)
+    if keep:  # the starting weights compete in model selection (epoch -1)
+        fit.validate(system, val_loaders, verbose=False)
     fit.fit(system, train_loader, val_loaders)
     metrics = {k: round(float(v), 4) for k, v in fit.callback_metrics.items() if k != "val_select"}
-    if config.keep == "best":
+    if keep:
         backbone.load_state_dict(keep.state)
         metrics.update(best_epoch=keep.best_epoch, selection_score=round(-keep.best, 4))
     metrics.update(

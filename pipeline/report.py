@@ -168,7 +168,7 @@ def _round_rows(metrics: dict) -> pd.DataFrame:
     """One row per classifier of the CFKD story: before, after each round, the DFR baseline, the reference."""
     rounds = metrics.get("rounds", [])
     # the feedback on a classifier comes from the next round (or the closing judgement)
-    fed = {r["explained"]: r for r in _judged(metrics)}
+    fed = {r["explained"]: r for r in judged(metrics)}
     chosen = (metrics.get("selected") or {}).get("model")
 
     def row(name, m, stage):
@@ -195,7 +195,7 @@ def _round_rows(metrics: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _judged(metrics: dict) -> list[dict]:
+def judged(metrics: dict) -> list[dict]:
     """Every round's feedback, plus the closing judgement of the last classifier (distil.select)."""
     return [*metrics.get("rounds", []), *([metrics["closing"]] if metrics.get("closing") else [])]
 
@@ -215,7 +215,7 @@ def _round_plots(metrics: dict) -> str:
     left.legend(fontsize=7)
     pairs = [
         (r["feedback_accuracy"], a, r["round"])
-        for r, a in zip(_judged(metrics), acc)
+        for r, a in zip(judged(metrics), acc)
         if r["feedback_accuracy"] is not None
     ]
     right.plot([p[0] for p in pairs], [p[1] for p in pairs], "o-")
@@ -266,7 +266,7 @@ def cfkd_section(root: Path, data: FolderData) -> str | None:
         )
     table = _round_rows(metrics).to_html(index=False, float_format="%.3f", na_rep="-")
     plots = _round_plots(metrics) if metrics.get("rounds") else ""
-    grids = "".join(g for g in (_verdict_grid(root, r) for r in _judged(metrics)) if g)
+    grids = "".join(g for g in (_verdict_grid(root, r) for r in judged(metrics)) if g)
     selected = metrics.get("selected")
     if selected:
         waiting += (

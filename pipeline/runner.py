@@ -288,7 +288,7 @@ def select(metrics: dict) -> dict:
     """The classifier whose counterfactuals the teacher judged true most often (feedback accuracy, which needs no
     test labels; DESIGN.md). An earlier round wins a tie: as good a judgement with less fine-tuning drift. Its test
     figures come along for the report only."""
-    judged = [*metrics["rounds"], metrics["closing"]]
+    judged = report.judged(metrics)
     names = ["classifier", *(r["model"] for r in metrics["rounds"])]
     scores = [
         (j["feedback_accuracy"], -i) for i, j in enumerate(judged) if j["feedback_accuracy"] is not None
