@@ -94,11 +94,9 @@ class PatchPrior(nn.Module):
 
     @torch.no_grad()
     def assign(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, K, L) one-hot: the most likely component of each non-overlapping patch of x (padded to whole
-        patches), which decides the directions an edit of that patch may take."""
-        p = tiles(x, self.size)
-        best = self._component_log_likelihood(p).argmax(-1)  # (B, L)
-        return F.one_hot(best, len(self.means)).transpose(1, 2).to(x.dtype)
+        """(B, L) the most likely component of each non-overlapping patch of x (padded to whole patches), which
+        decides the directions an edit of that patch may take."""
+        return self._component_log_likelihood(tiles(x, self.size)).argmax(-1)
 
     def project(self, delta: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
         """The edit ``delta`` with every patch projected onto the principal directions of its component: on
@@ -106,5 +104,12 @@ class PatchPrior(nn.Module):
         floor), never tinted; a patch on the square keeps its several directions."""
         h, w = delta.shape[-2:]
         p = tiles(delta, self.size)  # (B, L, D)
-        projected = torch.einsum("bld,kde,bkl->ble", p, self.projectors, assignment)
+        flat, which = p.reshape(-1, p.shape[-1]), assignment.reshape(-1)
+        # tiles grouped by component, one matmul per component: linear in the pixel count and cache-friendly
+        # (projecting every tile with all K projectors costs K times the work and memory)
+        order = which.argsort()
+        counts = torch.bincount(which, minlength=len(self.projectors)).tolist()
+        groups = flat[order].split(counts)
+        projected = torch.cat([g @ self.projectors[k] for k, g in enumerate(groups)])
+        projected = projected[order.argsort()].view_as(p)
         return untile(projected, self.size, h, w)

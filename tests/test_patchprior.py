@@ -78,6 +78,11 @@ def test_projection_keeps_brightness_and_removes_tint(square_dir):
     assert spread < 0.35 * 0.3, spread
     # a projector is idempotent: projecting twice changes nothing
     assert torch.allclose(prior.project(tint, assignment), tint, atol=1e-5)
+    # every tile goes through its own component's projector (tiles grouped by component for speed)
+    from pipeline.patchprior import tiles
+
+    expected = torch.einsum("bld,blde->ble", tiles(red, 4), prior.projectors[assignment])
+    assert torch.allclose(tiles(tint, 4), expected, atol=1e-5)
 
 
 def test_explainer_with_projection_edits_the_background_in_grey(tiny_biased, tiny_codec):
