@@ -76,7 +76,12 @@ def run_variant(name, checkpoint, data, c, gen, out) -> dict:
 
 
 def scaling(
-    checkpoint: Path, codec_source: str, sizes=(64, 128, 256), steps: int = 8, batch: int = 8, repeats: int = 2
+    checkpoint: Path,
+    codec_source: str,
+    sizes=(64, 128, 256),
+    steps: int = 8,
+    batch: int = 8,
+    repeats: int = 2,
 ) -> dict:
     """Seconds per counterfactual (fixed number of steps, goal out of reach) as the image grows."""
     model, _ = models.load(checkpoint)  # small_cnn pools globally, so it takes any size
