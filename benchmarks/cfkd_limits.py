@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -121,11 +122,13 @@ def synthetic(data, meta, kind: str, n: int, folder: Path, seed: int = 0) -> pd.
         x[moved] += new - b
         cf_id = f"train-{row.Index:05d}-to-{1 - int(row.label)}-a1"
         Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).save(folder / kind / f"{cf_id}.png")
+        shutil.copyfile(data.root / row.path, folder / kind / f"{cf_id}-original.png")  # for distil.stretch
         rows.append(
             {
                 "id": cf_id,
                 "id_sample": cf_id[:-3],
                 "counterfactual": f"{kind}/{cf_id}.png",
+                "original": f"{kind}/{cf_id}-original.png",
                 "verdict": "spurious",
                 "label": str(row.label),
             }

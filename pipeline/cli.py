@@ -102,10 +102,13 @@ def _teach(args) -> None:
     conf = config.load(run_dir / "config.yaml") if (run_dir / "config.yaml").exists() else config.load(None)
     data_root = Path(conf.data.root) if conf.data.root else run_dir / "data"
     reference = Path(args.reference) if args.reference else run_dir / "reference"
-    result = teach.run(run_dir, args.teacher, data_root, reference, args.noise, args.round, args.seed)
+    band = conf.feedback.band if args.band is None else args.band
+    if band < 1:
+        raise UserError(f"--band must be a number >= 1, got {band}")
+    result = teach.run(run_dir, args.teacher, data_root, reference, args.noise, args.round, args.seed, band)
     print(
         f"{result['annotator']}: {result['labelled']} verdicts ({result.get('true', 0)} true, "
-        f"{result.get('spurious', 0)} spurious), {result['skipped']} abstained; wrote {run_dir / 'feedback.sqlite'}"
+        f"{result.get('spurious', 0)} spurious, {result.get('unsure', 0)} unsure), {result['skipped']} abstained; wrote {run_dir / 'feedback.sqlite'}"
     )
 
 
@@ -265,6 +268,9 @@ def parser() -> argparse.ArgumentParser:
     )
     te.add_argument("--round", type=int, default=1)
     te.add_argument("--seed", type=int, default=0)
+    te.add_argument(
+        "--band", type=float, help="unsure between 1/band and band (default: the run's feedback.band)"
+    )
     te.set_defaults(func=_teach)
 
     an = sub.add_parser(

@@ -94,6 +94,9 @@ class FeedbackConfig:
         "mask"  # mask (feature-mask oracle), model (reference-classifier oracle) or human (the app)
     )
     noise: float = 0.0  # share of a simulated teacher's verdicts flipped at random (imperfect experts)
+    # a simulated teacher says unsure when its score (feature change density, reference odds) lies within
+    # (1 / band, band]: 1 = the authors' oracles, always true or spurious
+    band: float = 1.0
     min_labels: int = 1  # human teacher: labelled counterfactuals a round needs before distil continues
     min_votes: int = 1  # annotators that must agree for a consensus label (fewer -> unsure)
 
@@ -116,6 +119,10 @@ class DistilConfig:
     mix: float = 0.5  # share of counterfactuals in each training batch (the rest: original training images)
     holdout: float = 0.2  # share of a round's counterfactual images kept for model selection
     anchor: float = 0.0  # L2 pull toward the starting weights
+    # a spurious change stays spurious when made stronger: each time a counterfactual is drawn for training its change
+    # is scaled by a factor from U(1, stretch) (clipped to the image range), so the classifier learns to ignore the
+    # shortcut over its whole range, not only at the one point the search stopped at (1 = the counterfactual as is)
+    stretch: float = 1.0
     layers: str = "all"  # fine-tune every layer, or only the last linear layer on frozen features ("head")
     # the weights kept: the epoch model selection picks (the starting weights compete) or the last one
     keep: str = "best"
@@ -186,6 +193,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "explain.search.filter_timestep": (lambda v: v >= 0, "an integer >= 0"),
     "feedback.teacher": (lambda v: v in ("mask", "model", "human"), "mask, model or human"),
     "feedback.noise": (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
+    "feedback.band": (lambda v: v >= 1.0, "a number >= 1"),
     "feedback.min_labels": (lambda v: v >= 1, "an integer >= 1"),
     "feedback.min_votes": (lambda v: v >= 1, "an integer >= 1"),
     "distil.rounds": (lambda v: v >= 1, "an integer >= 1"),
@@ -195,6 +203,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "distil.mix": (lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
     "distil.holdout": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     "distil.anchor": (lambda v: v >= 0, "a number >= 0"),
+    "distil.stretch": (lambda v: 1.0 <= v <= 10.0, "a number in [1, 10]"),
     "distil.epochs": (lambda v: v >= 1, "an integer >= 1"),
     "distil.batch_size": (lambda v: v >= 2, "an integer >= 2"),
     "distil.lr": (lambda v: v > 0, "a number > 0"),

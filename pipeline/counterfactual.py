@@ -33,11 +33,14 @@ class Settings:
     attempts: int = 2  # K: structurally different counterfactuals per image
     goal: float = 0.9  # tau: target-class probability (original classifier) that counts as a flip
     aim: float = 0.0  # the search runs on to this probability (if above goal); confinement then keeps what reaches goal
-    mirror: bool = (
-        False  # ... and on to the original's own confidence in its class (at most 0.999): as sure a flip
-    )
+    # ... and on to the original's own confidence in its class: as sure a flip, i.e. the same logit margin on the
+    # other side (a classifier's margin grows with its cue, so the edit goes as far past the boundary as the original
+    # lay before it: a background at 30 moves to about 225, not just past 128)
+    mirror: bool = False
     steps: int = 100  # most gradient steps per attempt (early stop makes most attempts far shorter)
-    patience: int = 25  # give a sample up after this many steps without raising p(target) by 0.01 (0 = never)
+    patience: int = (
+        25  # give a sample up after this many steps without closing 2 % of its gap 1 - p(target) (0 = never)
+    )
     lr: float = 0.1  # Adam on the latent
     temperature: float = 3.0  # softmax temperature of the loss (the SCE authors use 3)
     l1: float = 0.5  # weight of L1(x_cf, x)
@@ -109,6 +112,12 @@ def subset_masks(labels: torch.Tensor) -> torch.Tensor:
     bits = torch.arange(1, 2**n, device=labels.device)
     keep = (bits[:, None] >> torch.arange(n, device=labels.device)) & 1  # (S, n)
     return keep[:, labels].unsqueeze(1).float()  # (S, 1, H, W)
+
+
+def closes_gap(p: torch.Tensor, best: torch.Tensor, share: float = 0.02) -> torch.Tensor:
+    """Whether p(target) closed at least ``share`` of the gap 1 - best: progress relative to what is left, so +0.01
+    at 0.5, and a search on its way from 0.999 to 0.9999 (mirror) still counts as moving."""
+    return 1 - p <= (1 - share) * (1 - best)
 
 
 def pooled(z: torch.Tensor, side: int = 4) -> torch.Tensor:
@@ -184,7 +193,7 @@ class Explainer(nn.Module):
         )  # earlier attempts used (almost) everything: nothing to search
         done = no_room.clone()
         steps = torch.zeros(n, dtype=torch.long, device=x.device)
-        stalled = torch.zeros_like(steps)  # steps since p(target) last rose by 0.01
+        stalled = torch.zeros_like(steps)  # steps since the gap 1 - p(target) last shrank by 2 %
         copies = max(1, s.smoothgrad)
         sigma = s.smoothgrad_sigma * z0.std()
         for _ in range(0 if done.all() else s.steps):
@@ -227,7 +236,7 @@ class Explainer(nn.Module):
                 current = x_cf[:n] if not s.smoothgrad else self.candidate(x, z, d0, free, assignment)
                 p = self._p_target(current, target)
                 better = (~done) & (p > best_p)
-                progress = (~done) & (p > best_p + 0.01)
+                progress = (~done) & closes_gap(p, best_p)
                 stalled = torch.where(progress, torch.zeros_like(stalled), stalled + (~done).long())
                 best[better], best_p[better] = current[better], p[better]
                 steps += (~done).long()
@@ -252,11 +261,12 @@ class Explainer(nn.Module):
     @torch.no_grad()
     def _level(self, x: torch.Tensor) -> torch.Tensor:
         """Per sample, the target probability the search runs to: max(goal, aim), or with mirror the original's
-        confidence in its own class when that is higher (capped at 0.999, which a search can still reach)."""
+        confidence in its own class when that is higher (capped at 1 - 1e-6, which float32 still resolves; a search
+        that cannot get there keeps its best iterate once it stalls)."""
         s = self.settings
         level = torch.full((x.shape[0],), max(s.goal, s.aim), device=x.device)
         if s.mirror:
-            own = torch.softmax(self.classifier(x), -1).amax(1).clamp_max(0.999)
+            own = torch.softmax(self.classifier(x), -1).amax(1).clamp_max(1 - 1e-6)
             level = torch.maximum(level, own)
         return level
 

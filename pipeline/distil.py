@@ -32,13 +32,14 @@ from pipeline.train import ClassifierSystem, EpochBar, KeepBest, trainer_loggers
 
 
 def training_set(manifest: pd.DataFrame, consensus: pd.DataFrame, use_true: bool) -> pd.DataFrame:
-    """One row per usable counterfactual: id, id_sample, counterfactual (path), verdict, label (class name)."""
+    """One row per usable counterfactual: id, id_sample, counterfactual and original (paths), verdict, label
+    (class name)."""
     verdicts = consensus.set_index("cf_id")["label"]
     table = manifest[manifest["success"]].assign(verdict=lambda t: t["id"].map(verdicts))
     keep = table["verdict"].eq("spurious") | (use_true & table["verdict"].eq("true"))
     table = table[keep]
     label = table["source_class"].where(table["verdict"] == "spurious", table["target_class"])
-    columns = ["id", "id_sample", "counterfactual", "verdict", "label"]
+    columns = ["id", "id_sample", "counterfactual", "original", "verdict", "label"]
     return table.assign(label=label)[columns].reset_index(drop=True)
 
 
@@ -53,20 +54,33 @@ def split_holdout(table: pd.DataFrame, share: float, seed: int) -> tuple[pd.Data
     return table[~out].reset_index(drop=True), table[out].reset_index(drop=True)
 
 
-class Counterfactuals(Dataset):
-    """Counterfactual PNGs with their training labels: yields (image, class index, i)."""
+def read_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.float32)
 
-    def __init__(self, table: pd.DataFrame, folder: Path, classes: list[str], transform):
+
+class Counterfactuals(Dataset):
+    """Counterfactual PNGs with their training labels: yields (image, class index, i). With ``stretch`` > 1 each
+    draw is original + a * (counterfactual - original), a ~ U(1, stretch), clipped to [0, 255]."""
+
+    def __init__(
+        self, table: pd.DataFrame, folder: Path, classes: list[str], transform, stretch: float = 1.0
+    ):
         self.paths = [folder / p for p in table["counterfactual"]]
+        self.originals = [folder / p for p in table["original"]] if stretch > 1 else []
         self.targets = [classes.index(label) for label in table["label"]]
-        self.transform = transform
+        self.transform, self.stretch = transform, stretch
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        with Image.open(self.paths[i]) as image:
-            return self.transform(image.convert("RGB")), self.targets[i], i
+        cf = read_rgb(self.paths[i])
+        if self.stretch > 1:
+            original = read_rgb(self.originals[i])
+            a = float(torch.empty(()).uniform_(1.0, self.stretch))
+            cf = np.clip(original + a * (cf - original), 0, 255)
+        return self.transform(Image.fromarray(cf.round().astype(np.uint8))), self.targets[i], i
 
 
 class DistilSystem(ClassifierSystem):
@@ -156,7 +170,7 @@ def run(
     backbone, card = models.load(checkpoint)
     transform = make_transform(card.image_size, card.mean, card.std)
     original = ImageDataset(data, "train", card.classes, transform)
-    cfs = Counterfactuals(cf_train, cf_folder, card.classes, transform)
+    cfs = Counterfactuals(cf_train, cf_folder, card.classes, transform, config.stretch)
     sampler = mixed_sampler(original, cfs, config.mix, len(original), config.seed)
     train_loader = DataLoader(ConcatDataset([original, cfs]), batch_size=config.batch_size, sampler=sampler)
     val_loaders = [DataLoader(ImageDataset(data, "val", card.classes, transform), batch_size=256)]

@@ -47,7 +47,8 @@ def verdict_table(root: Path, round: int, use_true: bool) -> pd.DataFrame:
     verdicts = pd.read_csv(root / f"feedback_r{round}" / "verdicts.csv", dtype=str)
     manifest = explain.read_manifest(root / folder / "manifest.csv")
     table = distil.training_set(manifest, verdicts, use_true)
-    return table.assign(counterfactual=folder + "/" + table["counterfactual"], round=round)
+    paths = {column: folder + "/" + table[column] for column in ("counterfactual", "original")}
+    return table.assign(**paths, round=round)
 
 
 class Run:
@@ -174,7 +175,9 @@ class Run:
         def body(tmp: Path) -> None:
             if f.teacher != "human":
                 reference = self.dir.path("reference") if self.config.reference.enabled else None
-                teach.run(self.dir.root, f.teacher, data.root, reference, f.noise, round, self.config.seed)
+                teach.run(
+                    self.dir.root, f.teacher, data.root, reference, f.noise, round, self.config.seed, f.band
+                )
             verdicts = _decided(store.consensus(round, f.min_votes), manifest)
             verdicts.to_csv(tmp / "verdicts.csv", index=False)
             write_json(tmp / "summary.json", feedback_summary(verdicts, manifest))

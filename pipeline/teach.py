@@ -4,8 +4,11 @@
   elsewhere); a positive mean means the edit sits on the real evidence -> true, else spurious.
 - model oracle: the unbiased reference classifier; it flips too -> true, else spurious; it abstains where it
   gets the original image wrong itself.
-Only counterfactuals that flipped the classifier get a verdict. An optional noise rate flips verdicts at random
-to simulate imperfect experts.
+Only counterfactuals that flipped the classifier get a verdict. Each oracle reduces an edit to a score whose
+boundary is 1 (the feature's change per pixel against the image's; the reference's odds of the target class
+against the strongest other class); with ``band`` > 1 it says unsure between 1 / band and band, as an expert does
+before an edit that moves square and background alike (band 1: the authors' oracles exactly). An optional noise
+rate flips verdicts at random to simulate imperfect experts.
 """
 
 from __future__ import annotations
@@ -31,7 +34,12 @@ def _image(path: Path, size: int) -> torch.Tensor:
         return make_transform(size)(image.convert("RGB"))
 
 
-def mask_verdicts(manifest: pd.DataFrame, explain_dir: Path, data_root: Path) -> pd.Series:
+def banded(score: float, band: float) -> str:
+    """true above band, spurious at or below 1 / band, unsure between."""
+    return "true" if score > band else "spurious" if score <= 1 / band else "unsure"
+
+
+def mask_verdicts(manifest: pd.DataFrame, explain_dir: Path, data_root: Path, band: float = 1.0) -> pd.Series:
     table = pd.read_csv(data_root / "metadata.csv", dtype=str, keep_default_na=False)
     masks = dict(zip(table["path"], table["feature_mask"])) if "feature_mask" in table else {}
     verdicts = {}
@@ -42,13 +50,16 @@ def mask_verdicts(manifest: pd.DataFrame, explain_dir: Path, data_root: Path) ->
             delta = np.abs(np.asarray(c, float) - np.asarray(o, float)).sum(-1)
         with Image.open(data_root / masks[row.source_path]) as m:
             mask = np.asarray(m.convert("L").resize(delta.shape[::-1], Image.NEAREST), float) / 255
-        centred = mask - mask.mean()
-        verdicts[row.id] = "true" if (delta * centred).mean() > 0 else "spurious"
+        # change per pixel on the feature / per pixel overall: > 1 <=> the centred-mask mean is positive
+        density = (delta * mask).mean() / max(delta.mean() * mask.mean(), 1e-12)
+        verdicts[row.id] = banded(density, band)
     return pd.Series(verdicts, dtype=object)
 
 
 @torch.no_grad()
-def model_verdicts(manifest: pd.DataFrame, explain_dir: Path, reference: Path) -> pd.Series:
+def model_verdicts(
+    manifest: pd.DataFrame, explain_dir: Path, reference: Path, band: float = 1.0
+) -> pd.Series:
     model, card = models.load(reference)
     model = for_explainer(model, card)
     verdicts = {}
@@ -57,8 +68,10 @@ def model_verdicts(manifest: pd.DataFrame, explain_dir: Path, reference: Path) -
         x_cf = _image(explain_dir / row.counterfactual, card.image_size)[None]
         if card.classes[int(model(x).argmax())] != row.source_class:
             continue  # the oracle gets the original wrong: it abstains
-        flipped = card.classes[int(model(x_cf).argmax())] == row.target_class
-        verdicts[row.id] = "true" if flipped else "spurious"
+        p = torch.softmax(model(x_cf), -1)[0]
+        target = card.classes.index(row.target_class)
+        # odds of the target against the strongest other class: > 1 <=> the reference flips too
+        verdicts[row.id] = banded(float(p[target] / torch.cat([p[:target], p[target + 1 :]]).max()), band)
     return pd.Series(verdicts, dtype=object)
 
 
@@ -70,6 +83,7 @@ def run(
     noise: float = 0.0,
     round: int = 1,
     seed: int = 0,
+    band: float = 1.0,
 ) -> dict:
     """Label every successful counterfactual of the round's explain folder and write the verdicts to the store."""
     if teacher not in TEACHERS:
@@ -81,13 +95,13 @@ def run(
         raise UserError(f"no counterfactuals in {explain_dir}: run the explain stage first") from None
     manifest = manifest[manifest["success"]]
     if teacher == "mask":
-        verdicts = mask_verdicts(manifest, explain_dir, data_root)
+        verdicts = mask_verdicts(manifest, explain_dir, data_root, band)
     else:
         if reference is None or not (reference / "card.json").exists():
             raise UserError(
                 "the model oracle needs the reference classifier (reference stage or --reference)"
             )
-        verdicts = model_verdicts(manifest, explain_dir, reference)
+        verdicts = model_verdicts(manifest, explain_dir, reference, band)
     if noise > 0:
         flip = np.random.default_rng(seed).random(len(verdicts)) < noise
         verdicts[flip] = verdicts[flip].map({"true": "spurious", "spurious": "true"})

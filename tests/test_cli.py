@@ -80,6 +80,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, square_dir):
             str(tmp_path / "o"),
         ],
         ["train", "--data", str(square_dir), "--out", str(tmp_path / "t"), "--arch", "nonet"],
+        ["teach", "--run-dir", str(tmp_path), "--teacher", "mask", "--band", "0.5"],
     ]
     for argv in cases:
         assert cli.main(argv) == 2, argv

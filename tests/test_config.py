@@ -47,8 +47,8 @@ def test_cfkd_sections_are_checked():
     with pytest.raises(UserError) as err:
         config.from_dict(
             {
-                "feedback": {"teacher": "oracle"},
-                "distil": {"mix": 1.0, "precision": "fp8", "layers": "conv", "keep": "first"},
+                "feedback": {"teacher": "oracle", "band": 0.5},
+                "distil": {"mix": 1.0, "precision": "fp8", "layers": "conv", "keep": "first", "stretch": 0.5},
                 "baseline": {"dfr": 1},
             }
         )
@@ -57,6 +57,8 @@ def test_cfkd_sections_are_checked():
     assert "distil.mix: got 1.0" in message and "distil.precision: got 'fp8'" in message
     assert "distil.layers: got 'conv', expected all or head" in message
     assert "distil.keep: got 'first', expected best or last" in message
+    assert "feedback.band: got 0.5, expected a number >= 1" in message
+    assert "distil.stretch: got 0.5, expected a number in [1, 10]" in message
     assert "baseline.dfr: got 1, expected bool" in message
     default = config.load(None)
     assert default.distil.rounds == 3 and default.feedback.teacher == "mask" and default.baseline.dfr

@@ -19,7 +19,7 @@ from pipeline.feedback import FeedbackStore
 
 def _manifest(rows):
     base = {"success": True, "attempt": 1, "source_class": "0", "target_class": "1"}
-    return pd.DataFrame([{**base, **r} for r in rows])
+    return pd.DataFrame([{**base, "original": f"orig/{r['id_sample']}.png", **r} for r in rows])
 
 
 def test_training_set_follows_the_verdicts():
@@ -41,6 +41,7 @@ def test_training_set_follows_the_verdicts():
     )
     plain = distil.training_set(manifest, verdicts, use_true=False)
     assert dict(zip(plain["id"], plain["label"])) == {"a-to-1-a1": "0", "d-to-0-a1": "1"}  # source labels
+    assert plain["original"].tolist() == ["orig/a-to-1.png", "orig/d-to-0.png"]  # distil.stretch needs them
     both = distil.training_set(manifest, verdicts, use_true=True)
     assert dict(zip(both["id"], both["label"])) == {"a-to-1-a1": "0", "b-to-1-a1": "1", "d-to-0-a1": "1"}
 
@@ -172,6 +173,7 @@ def _cfkd_config(codec, **extra):
             "generator.source": str(codec),
             "distil.rounds": 2,
             "distil.epochs": 1,
+            "distil.stretch": 2.0,  # the runner's training sets carry the originals it needs
             "baseline.subsets": 2,
             **extra,
         }
@@ -318,3 +320,25 @@ def test_select_takes_the_classifier_with_the_best_feedback_accuracy():
     assert chosen["model"] == "distil_r3" and chosen["test_accuracy"] == 0.7
     metrics["rounds"][0]["feedback_accuracy"] = 0.9  # the biased classifier's edits were mostly real evidence
     assert runner.select(metrics)["model"] == "classifier"
+
+
+def test_stretched_counterfactuals_scale_the_change_within_the_image_range(tmp_path):
+    """distil.stretch: each draw is original + a * (counterfactual - original), a ~ U(1, stretch), clipped."""
+    original = np.full((8, 8, 3), 100, np.uint8)
+    edited = original.copy()
+    edited[:, :4] = 140  # the change: +40 on the left half
+    Image.fromarray(original).save(tmp_path / "o.png")
+    Image.fromarray(edited).save(tmp_path / "c.png")
+    table = pd.DataFrame({"counterfactual": ["c.png"] * 64, "original": ["o.png"] * 64, "label": ["0"] * 64})
+    scale = lambda x: (x * 127.5 + 127.5).round()  # noqa: E731  back to 0..255 from make_transform's [-1, 1]
+    as_is = distil.Counterfactuals(table, tmp_path, ["0", "1"], make_transform(8))
+    assert torch.equal(scale(as_is[0][0]), torch.from_numpy(edited).permute(2, 0, 1).float())
+    torch.manual_seed(0)
+    stretched = distil.Counterfactuals(table, tmp_path, ["0", "1"], make_transform(8), stretch=5.0)
+    draws = torch.stack([scale(stretched[i][0]) for i in range(64)])
+    left, right = draws[:, :, :, :4], draws[:, :, :, 4:]
+    assert (right == 100).all()  # untouched pixels stay untouched
+    assert (left == left[:, :1, :1, :1]).all()  # one factor per draw, over the whole change
+    values = left[:, 0, 0, 0]
+    assert values.min() >= 140 and values.max() == 255  # a in [1, 5]: +40 .. +200, clipped at white
+    assert len(values.unique()) > 10

@@ -6,7 +6,7 @@ import torch
 
 from pipeline import explain, generator, models
 from pipeline.config import ExplainConfig, GeneratorConfig
-from pipeline.counterfactual import Explainer, PixelCodec, Settings, segments, subset_masks
+from pipeline.counterfactual import Explainer, PixelCodec, Settings, closes_gap, segments, subset_masks
 from pipeline.data import ImageDataset, make_transform
 from pipeline.errors import UserError
 
@@ -88,7 +88,7 @@ def test_mirror_runs_each_search_on_to_the_originals_own_confidence(tiny_biased,
     settings = Settings(attempts=1, goal=0.6, steps=80, lr=0.1, l1=0.1, patience=0, mirror=True)
     explainer = Explainer(codec, model, settings)
     with torch.no_grad():
-        own = torch.softmax(model(x), -1).amax(1).clamp_max(0.999)
+        own = torch.softmax(model(x), -1).amax(1).clamp_max(1 - 1e-6)
     assert torch.allclose(explainer._level(x), own.clamp_min(0.6))
     mirrored = explainer.attempt(x, target, free, torch.Generator().manual_seed(0))
     at_goal = Explainer(codec, model, dataclasses.replace(settings, mirror=False)).attempt(
@@ -98,6 +98,14 @@ def test_mirror_runs_each_search_on_to_the_originals_own_confidence(tiny_biased,
     assert reached.any() and (mirrored["p_after"] >= at_goal["p_after"] - 1e-6).all()
     assert (mirrored["steps"] >= at_goal["steps"]).all()  # never stops earlier than at the goal
     assert torch.equal(mirrored["success"], mirrored["p_after"] >= 0.6)
+
+
+def test_patience_counts_progress_relative_to_the_gap_left():
+    """A mirrored search runs on toward 0.9999: a rise from 0.999 to 0.99905 is progress (a fixed +0.01 step
+    would have given it up), while standing still or a rise too small for the gap left is not."""
+    best = torch.tensor([0.5, 0.5, 0.999, 0.999, 0.0])
+    p = torch.tensor([0.511, 0.505, 0.99905, 0.999001, 0.01])
+    assert closes_gap(p, best).tolist() == [True, False, True, False, False]
 
 
 @pytest.mark.parametrize("confine", ["threshold", "regions"])

@@ -24,8 +24,9 @@ def unbiased(tmp_path_factory):
     return root
 
 
-def _hand_made_counterfactuals(run_dir, data_root):
-    """Real test images edited by hand: one edit recolours the square (true evidence), one the background."""
+def _hand_made_counterfactuals(run_dir, data_root, kinds=("square", "background")):
+    """Real test images edited by hand: one edit recolours the square (true evidence), one the background, and
+    (kind "mixed") one moves every pixel by 40 grey levels, square and background alike (ambiguous)."""
     table = pd.read_csv(data_root / "metadata.csv")
     test = table[(table["split"] == "test") & (table["label"] == 0)].head(6)
     (run_dir / "explain" / "originals").mkdir(parents=True)
@@ -36,15 +37,17 @@ def _hand_made_counterfactuals(run_dir, data_root):
         mask = np.asarray(Image.open(data_root / row.feature_mask)) > 0
         original = f"originals/{row.Index}.png"
         Image.fromarray(image).save(run_dir / "explain" / original)
-        for kind in ("square", "background"):
+        for kind in kinds:
             edited = image.copy()
             if kind == "square":
                 edited[mask] = [240, 0, 0]  # the red intensity itself: class 1 evidence
+            elif kind == "mixed":
+                edited = np.where(image < 200, image + 40, image - 40).astype(np.uint8)
             else:
                 edited[~mask] = np.clip(255 - edited[~mask].astype(int), 0, 255)  # invert the background
             cf_id = f"{row.Index}-{kind}"
             Image.fromarray(edited).save(run_dir / "explain" / f"counterfactuals/{cf_id}.png")
-            truth[cf_id] = "true" if kind == "square" else "spurious"
+            truth[cf_id] = {"square": "true", "background": "spurious", "mixed": "unsure"}[kind]
             rows.append(
                 {
                     "id": cf_id,
@@ -89,3 +92,30 @@ def test_noise_flips_a_share_of_verdicts(tmp_path, unbiased):
         teach.run(tmp_path, "oracle", unbiased / "data")
     with pytest.raises(UserError, match="needs the reference classifier"):
         teach.run(tmp_path, "model", unbiased / "data", tmp_path / "nothing")
+
+
+def test_banded_verdicts():
+    assert [teach.banded(s, 1.0) for s in (0.0, 0.99, 1.0, 1.01, 50)] == ["spurious"] * 3 + ["true"] * 2
+    assert [teach.banded(s, 2.0) for s in (0.5, 0.51, 1.0, 2.0, 2.01)] == ["spurious"] + ["unsure"] * 3 + [
+        "true"
+    ]
+
+
+def test_the_mask_oracle_is_unsure_of_an_edit_that_moves_square_and_background_alike(tmp_path, unbiased):
+    truth = _hand_made_counterfactuals(tmp_path, unbiased / "data", ("square", "background", "mixed"))
+    result = teach.run(tmp_path, "mask", unbiased / "data", band=2.0)
+    labels = FeedbackStore(tmp_path / "feedback.sqlite").labels().set_index("cf_id")["label"]
+    assert labels.to_dict() == truth and result["unsure"] == 6
+    # the authors' oracle (band 1) never abstains: the ambiguous edits get a verdict too
+    manifest = pd.read_csv(tmp_path / "explain" / "manifest.csv").query("success")
+    authors = teach.mask_verdicts(manifest, tmp_path / "explain", unbiased / "data")
+    assert len(authors) == 18 and set(authors) <= {"true", "spurious"}
+
+
+def test_the_model_oracles_band_only_turns_verdicts_unsure(tmp_path, unbiased):
+    _hand_made_counterfactuals(tmp_path, unbiased / "data", ("square", "background", "mixed"))
+    manifest = pd.read_csv(tmp_path / "explain" / "manifest.csv").query("success")
+    plain = teach.model_verdicts(manifest, tmp_path / "explain", unbiased / "reference")
+    banded = teach.model_verdicts(manifest, tmp_path / "explain", unbiased / "reference", band=2.0)
+    assert set(plain) <= {"true", "spurious"} and list(banded.index) == list(plain.index)
+    assert ((banded == plain) | (banded == "unsure")).all()
