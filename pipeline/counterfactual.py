@@ -34,8 +34,8 @@ class Settings:
     goal: float = 0.9  # tau: target-class probability (original classifier) that counts as a flip
     aim: float = 0.0  # the search runs on to this probability (if above goal); confinement then keeps what reaches goal
     # ... and on to the original's own confidence in its class: as sure a flip, i.e. the same logit margin on the
-    # other side (a classifier's margin grows with its cue, so the edit goes as far past the boundary as the original
-    # lay before it: a background at 30 moves to about 225, not just past 128)
+    # other side, so the edit goes as far past the boundary as the original lay before it in the classifier's own
+    # terms (a background at 13 flips with margin +9.7 for its -9.8, where a 0.999 cap stopped at +6.9)
     mirror: bool = False
     steps: int = 100  # most gradient steps per attempt (early stop makes most attempts far shorter)
     patience: int = (

@@ -104,7 +104,8 @@ def run(
         verdicts = model_verdicts(manifest, explain_dir, reference, band)
     if noise > 0:
         flip = np.random.default_rng(seed).random(len(verdicts)) < noise
-        verdicts[flip] = verdicts[flip].map({"true": "spurious", "spurious": "true"})
+        # an imperfect expert swaps true and spurious; an unsure verdict stays unsure
+        verdicts[flip] = verdicts[flip].replace({"true": "spurious", "spurious": "true"})
     annotator = f"teacher:{teacher}"
     FeedbackStore(run_dir / "feedback.sqlite").add_many(
         {"cf_id": cf_id, "annotator": annotator, "label": label, "round": round}

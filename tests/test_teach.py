@@ -119,3 +119,11 @@ def test_the_model_oracles_band_only_turns_verdicts_unsure(tmp_path, unbiased):
     banded = teach.model_verdicts(manifest, tmp_path / "explain", unbiased / "reference", band=2.0)
     assert set(plain) <= {"true", "spurious"} and list(banded.index) == list(plain.index)
     assert ((banded == plain) | (banded == "unsure")).all()
+
+
+def test_noise_swaps_true_and_spurious_and_leaves_unsure_alone(tmp_path, unbiased):
+    _hand_made_counterfactuals(tmp_path, unbiased / "data", ("square", "background", "mixed"))
+    teach.run(tmp_path, "mask", unbiased / "data", noise=1.0, band=2.0)
+    labels = FeedbackStore(tmp_path / "feedback.sqlite").labels().set_index("cf_id")["label"]
+    expected = {"square": "spurious", "background": "true", "mixed": "unsure"}
+    assert labels.to_dict() == {k: expected[k.split("-", 1)[1]] for k in labels.index}
