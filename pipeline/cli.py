@@ -102,9 +102,12 @@ def _teach(args) -> None:
     conf = config.load(run_dir / "config.yaml") if (run_dir / "config.yaml").exists() else config.load(None)
     data_root = Path(conf.data.root) if conf.data.root else run_dir / "data"
     reference = Path(args.reference) if args.reference else run_dir / "reference"
-    band = conf.feedback.band if args.band is None else args.band
-    if band < 1:
-        raise UserError(f"--band must be a number >= 1, got {band}")
+    # --band goes through the config's own check, as feedback.band would
+    band = (
+        conf.feedback.band
+        if args.band is None
+        else config.from_dict({"feedback": {"band": args.band}}).feedback.band
+    )
     result = teach.run(run_dir, args.teacher, data_root, reference, args.noise, args.round, args.seed, band)
     print(
         f"{result['annotator']}: {result['labelled']} verdicts ({result.get('true', 0)} true, "

@@ -28,7 +28,7 @@ from pipeline.config import DistilConfig
 from pipeline.data import FolderData, ImageDataset, make_transform
 from pipeline.dfr import last_linear
 from pipeline.errors import UserError
-from pipeline.train import ClassifierSystem, EpochBar, KeepBest, trainer_loggers
+from pipeline.train import ClassifierSystem, EpochBar, KeepBest, trainer_loggers, uses_gpu
 
 
 def training_set(manifest: pd.DataFrame, consensus: pd.DataFrame, use_true: bool) -> pd.DataFrame:
@@ -142,8 +142,7 @@ def mixed_sampler(original: ImageDataset, cfs: Counterfactuals, mix: float, n: i
 def precision(config: DistilConfig) -> str:
     if config.precision != "auto":
         return config.precision
-    gpu = torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda")
-    return "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"
+    return "bf16-mixed" if uses_gpu(config.accelerator) and torch.cuda.is_bf16_supported() else "32-true"
 
 
 @dataclass

@@ -29,7 +29,7 @@ from pipeline.data import MEAN, STD, FolderData, ImageDataset, make_transform  #
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.patchprior import PatchPrior  # noqa: E402
 from pipeline.rundir import write_json  # noqa: E402
-from pipeline.train import EpochBar, predict  # noqa: E402
+from pipeline.train import EpochBar, predict, uses_gpu  # noqa: E402
 
 
 class Normalised(nn.Module):
@@ -96,7 +96,7 @@ CPU_BATCH_PIXELS = 32 * 64 * 64
 
 def batch_size(config: ExplainConfig, image_size: int) -> int:
     """explain.batch_size, capped on the CPU to CPU_BATCH_PIXELS (GPUs take the whole batch)."""
-    if torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda"):
+    if uses_gpu(config.accelerator):
         return config.batch_size
     return max(1, min(config.batch_size, CPU_BATCH_PIXELS // image_size**2))
 

@@ -110,6 +110,11 @@ def _loader(dataset: ImageDataset, batch_size: int, shuffle: bool, balanced: boo
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler)
 
 
+def uses_gpu(accelerator: str) -> bool:
+    """Whether Lightning will run on a CUDA GPU with this accelerator setting ("auto" picks one when present)."""
+    return torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+
+
 def trainer_loggers(out: Path | None) -> list | bool:
     """CSV (read by the report) and TensorBoard logs in ``out/logs``; none without ``out``."""
     if out is None:
