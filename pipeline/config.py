@@ -123,6 +123,10 @@ class DistilConfig:
     # is scaled by a factor from U(1, stretch) (clipped to the image range), so the classifier learns to ignore the
     # shortcut over its whole range, not only at the one point the search stopped at (1 = the counterfactual as is)
     stretch: float = 1.0
+    # random flips of every training image (originals and counterfactuals) while fine-tuning: "none", "horizontal" or
+    # "both" (and vertical). A dozen edits are otherwise learnt by where their square sits; leave "none" where a flip
+    # changes the meaning (laterality in chest X-rays, text)
+    flip: str = "none"
     layers: str = "all"  # fine-tune every layer, or only the last linear layer on frozen features ("head")
     # the weights kept: the epoch model selection picks (the starting weights compete) or the last one
     keep: str = "best"
@@ -204,6 +208,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "distil.holdout": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     "distil.anchor": (lambda v: v >= 0, "a number >= 0"),
     "distil.stretch": (lambda v: 1.0 <= v <= 10.0, "a number in [1, 10]"),
+    "distil.flip": (lambda v: v in ("none", "horizontal", "both"), "none, horizontal or both"),
     "distil.epochs": (lambda v: v >= 1, "an integer >= 1"),
     "distil.batch_size": (lambda v: v >= 2, "an integer >= 2"),
     "distil.lr": (lambda v: v > 0, "a number > 0"),

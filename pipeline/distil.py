@@ -22,6 +22,7 @@ import torchmetrics
 from PIL import Image
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomSampler
+from torchvision.transforms import v2
 
 from pipeline import models
 from pipeline.config import DistilConfig
@@ -52,6 +53,18 @@ def split_holdout(table: pd.DataFrame, share: float, seed: int) -> tuple[pd.Data
     held = set(np.random.default_rng(seed).permutation(samples)[:n_out])
     out = table["id_sample"].str.rsplit("-to-", n=1).str[0].isin(held)
     return table[~out].reset_index(drop=True), table[out].reset_index(drop=True)
+
+
+FLIPS = {
+    "none": [],
+    "horizontal": [v2.RandomHorizontalFlip()],
+    "both": [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()],
+}
+
+
+def training_transform(card: models.ModelCard, flip: str) -> v2.Compose:
+    """The classifier's own preprocessing, then the random flips ``distil.flip`` asks for (training data only)."""
+    return v2.Compose([make_transform(card.image_size, card.mean, card.std), *FLIPS[flip]])
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -168,8 +181,9 @@ def run(
     L.seed_everything(config.seed, workers=True, verbose=False)
     backbone, card = models.load(checkpoint)
     transform = make_transform(card.image_size, card.mean, card.std)
-    original = ImageDataset(data, "train", card.classes, transform)
-    cfs = Counterfactuals(cf_train, cf_folder, card.classes, transform, config.stretch)
+    augmented = training_transform(card, config.flip)
+    original = ImageDataset(data, "train", card.classes, augmented)
+    cfs = Counterfactuals(cf_train, cf_folder, card.classes, augmented, config.stretch)
     sampler = mixed_sampler(original, cfs, config.mix, len(original), config.seed)
     train_loader = DataLoader(ConcatDataset([original, cfs]), batch_size=config.batch_size, sampler=sampler)
     val_loaders = [DataLoader(ImageDataset(data, "val", card.classes, transform), batch_size=256)]

@@ -48,7 +48,7 @@ def test_cfkd_sections_are_checked():
         config.from_dict(
             {
                 "feedback": {"teacher": "oracle", "band": 0.5},
-                "distil": {"mix": 1.0, "precision": "fp8", "layers": "conv", "keep": "first", "stretch": 0.5},
+                "distil": {"mix": 1.0, "precision": "fp8", "layers": "conv", "keep": "first", "stretch": 0.5, "flip": "up"},
                 "baseline": {"dfr": 1},
             }
         )
@@ -59,6 +59,7 @@ def test_cfkd_sections_are_checked():
     assert "distil.keep: got 'first', expected best or last" in message
     assert "feedback.band: got 0.5, expected a number >= 1" in message
     assert "distil.stretch: got 0.5, expected a number in [1, 10]" in message
+    assert "distil.flip: got 'up', expected none, horizontal or both" in message
     assert "baseline.dfr: got 1, expected bool" in message
     default = config.load(None)
     assert default.distil.rounds == 3 and default.feedback.teacher == "mask" and default.baseline.dfr

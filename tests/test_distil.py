@@ -342,3 +342,26 @@ def test_stretched_counterfactuals_scale_the_change_within_the_image_range(tmp_p
     values = left[:, 0, 0, 0]
     assert values.min() >= 140 and values.max() == 255  # a in [1, 5]: +40 .. +200, clipped at white
     assert len(values.unique()) > 10
+
+
+@pytest.mark.parametrize(
+    "flip, seen",
+    [
+        ("none", {"as is"}),
+        ("horizontal", {"as is", "mirrored"}),
+        ("both", {"as is", "mirrored", "upside down", "both"}),
+    ],
+)
+def test_distil_flip_draws_the_orientations_it_names(tmp_path, flip, seen):
+    """distil.flip: horizontal mirrors draws left-right and never upside down; none leaves them as they are."""
+    image = np.zeros((8, 8, 3), np.uint8)
+    image[:2, :2] = 255  # a bright top-left corner tells every orientation apart
+    Image.fromarray(image).save(tmp_path / "c.png")
+    table = pd.DataFrame({"counterfactual": ["c.png"] * 64, "original": ["c.png"] * 64, "label": ["0"] * 64})
+    card = models.ModelCard(arch="small_cnn", classes=["0", "1"], image_size=8)
+    cfs = distil.Counterfactuals(table, tmp_path, card.classes, distil.training_transform(card, flip))
+    torch.manual_seed(0)
+    corners = {"as is": (0, 0), "mirrored": (0, 7), "upside down": (7, 0), "both": (7, 7)}
+    draws = [cfs[i][0][0] for i in range(64)]
+    found = {name for x in draws for name, (r, c) in corners.items() if x[r, c] > 0.9}
+    assert found == seen
