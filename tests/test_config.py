@@ -48,7 +48,14 @@ def test_cfkd_sections_are_checked():
         config.from_dict(
             {
                 "feedback": {"teacher": "oracle", "band": 0.5},
-                "distil": {"mix": 1.0, "precision": "fp8", "layers": "conv", "keep": "first", "stretch": 0.5, "flip": "up"},
+                "distil": {
+                    "mix": 1.0,
+                    "precision": "fp8",
+                    "layers": "conv",
+                    "keep": "first",
+                    "stretch": 0.5,
+                    "flip": "up",
+                },
                 "baseline": {"dfr": 1},
             }
         )
