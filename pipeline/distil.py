@@ -3,9 +3,9 @@
 Training set as the method's authors build it: every counterfactual the teacher called *spurious* keeps its
 source label ("that change must not flip you"); *true* ones take the target label when ``use_true`` is on;
 *unsure* ones are ignored. The classifier is fine-tuned from its current weights on class-balanced batches that
-mix original training images and counterfactuals (``mix``), optionally anchored to its starting weights or with only
-its last linear layer learning on frozen features (``layers: head``, DFR-style), with model selection on the
-validation split plus counterfactuals of held-out source images.
+mix original training images and counterfactuals (``mix``; ``stretch`` and ``flip`` vary each draw), optionally
+anchored to its starting weights or with only its last linear layer learning on frozen features (``layers: head``,
+DFR-style), with model selection on the validation split plus counterfactuals of held-out source images.
 """
 
 from __future__ import annotations
