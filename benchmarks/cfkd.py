@@ -5,6 +5,10 @@ of the process tree). The DFR-style baseline and the reference come from the sam
 Writes benchmarks/results/cfkd.json (with --tag T: cfkd-T.json, a variant given by --config).
 
     .venv/bin/python benchmarks/cfkd.py [--teachers mask model] [--keep] [--config FILE --tag T]
+    .venv/bin/python benchmarks/cfkd.py --teachers mask --explain-seed 1 --tag explain-seed-1
+
+--explain-seed N runs the same config with explain.seed N: every round explains other training images, which measures
+how much the result depends on which images were explained.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
+from pipeline import config as cfg
 from pipeline.report import judged
 
 HERE = Path(__file__).resolve().parent
@@ -86,12 +92,20 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="reuse finished stages of earlier benchmark runs")
     parser.add_argument("--config", help="a run config instead of the embedded default (a variant)")
     parser.add_argument("--tag", default="", help="names the variant's run folders and result file")
+    parser.add_argument("--explain-seed", type=int, help="the config with this explain.seed (other images)")
     args = parser.parse_args()
-    if args.config and not args.tag:
-        parser.error("--config needs --tag (the default's results stay in cfkd.json)")
+    if (args.config or args.explain_seed is not None) and not args.tag:
+        parser.error("--config and --explain-seed need --tag (the default's results stay in cfkd.json)")
+    if args.explain_seed is not None:
+        config = cfg.load(args.config)
+        config = replace(config, explain=replace(config.explain, seed=args.explain_seed))
+        (ROOT / "runs").mkdir(exist_ok=True)
+        args.config = str(ROOT / "runs" / f"bench-cfkd-{args.tag}.yaml")
+        cfg.dump(config, Path(args.config))
     results = {
         "benchmark": "cfkd: whole default run per simulated teacher",
         "config": args.config,
+        "explain_seed": args.explain_seed,
         "runs": [],
     }
     for teacher in args.teachers:
