@@ -187,6 +187,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "explain.search.lr": (lambda v: v > 0, "a number > 0"),
     "explain.search.temperature": (lambda v: v > 0, "a number > 0"),
     "explain.search.l1": (lambda v: v >= 0, "a number >= 0"),
+    "explain.search.tv": (lambda v: v >= 0, "a number >= 0"),
     "explain.search.patch_prior": (lambda v: v >= 0, "a number >= 0"),
     "explain.search.prototype": (lambda v: v >= 0, "a number >= 0"),
     "explain.search.smoothgrad": (lambda v: v >= 0, "an integer >= 0"),

@@ -74,9 +74,12 @@ def test_cfkd_sections_are_checked():
 
 def test_search_confinement_keys_are_checked(tmp_path):
     with pytest.raises(UserError) as err:
-        config.from_dict({"explain": {"search": {"confine": "segments", "max_regions": 12, "aim": 0.3}}})
+        config.from_dict(
+            {"explain": {"search": {"confine": "segments", "max_regions": 12, "aim": 0.3, "tv": -1}}}
+        )
     message = str(err.value)
     assert "explain.search.confine: got 'segments', expected threshold or regions" in message
     assert "explain.search.max_regions: got 12" in message and "explain.search.aim: got 0.3" in message
+    assert "explain.search.tv: got -1, expected a number >= 0" in message
     variant = config.load(Path(__file__).parents[1] / "benchmarks" / "configs" / "regions.yaml")
     assert variant.explain.search.confine == "regions" and variant.explain.search.aim == 0.99
