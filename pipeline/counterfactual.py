@@ -133,17 +133,22 @@ def makes_progress(p: torch.Tensor, best: torch.Tensor, nats: float = -math.log(
     return log_odds(p) - log_odds(best) >= nats
 
 
-def total_variation(delta: torch.Tensor) -> torch.Tensor:
-    """Mean absolute difference between neighbouring pixels of a (B, C, H, W) change, per image: (B,)."""
-    dx = (delta[..., :, 1:] - delta[..., :, :-1]).abs().flatten(1).mean(1)
-    dy = (delta[..., 1:, :] - delta[..., :-1, :]).abs().flatten(1).mean(1)
-    return dx + dy
+def total_variation(delta: torch.Tensor, free: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean absolute difference between neighbouring pixels of a (B, C, H, W) change, per image: (B,). With a
+    (B, 1, H, W) ``free`` mask only pairs of free pixels count: where an attempt may not edit, nothing is rough."""
+    dx = (delta[..., :, 1:] - delta[..., :, :-1]).abs()
+    dy = (delta[..., 1:, :] - delta[..., :-1, :]).abs()
+    if free is not None:
+        dx = dx * free[..., :, 1:] * free[..., :, :-1]
+        dy = dy * free[..., 1:, :] * free[..., :-1, :]
+    return dx.flatten(1).mean(1) + dy.flatten(1).mean(1)
 
 
-def roughness(delta: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
-    """Total variation per unit of mean absolute change, per image: 0 for an even change, the same for a change
-    and its double (eps keeps the first step, from no change at all, finite)."""
-    return total_variation(delta) / (delta.abs().flatten(1).mean(1) + eps)
+def roughness(delta: torch.Tensor, free: torch.Tensor | None = None, eps: float = 1e-3) -> torch.Tensor:
+    """Total variation per unit of mean absolute change (both within ``free``), per image: 0 for an even change,
+    the same for a change and its double (eps keeps the first step, from no change at all, finite)."""
+    inside = delta if free is None else delta * free
+    return total_variation(delta, free) / (inside.abs().flatten(1).mean(1) + eps)
 
 
 def pooled(z: torch.Tensor, side: int = 4) -> torch.Tensor:
@@ -246,8 +251,10 @@ class Explainer(nn.Module):
             ce = F.cross_entropy(logits / s.temperature, target.repeat(copies), reduction="none")
             l1 = edit.abs().flatten(1).mean(1)
             objective = ce + s.l1 * l1
-            if s.tv > 0:  # on the whole free change: the paste-back mask's own edges are no part of the edit
-                objective = objective + s.tv * roughness(free_rep * delta)
+            if (
+                s.tv > 0
+            ):  # within the free region, before paste-back: neither mask's edges are part of the edit
+                objective = objective + s.tv * roughness(delta, free_rep)
             if (
                 proto is not None
             ):  # realism: stay near real images of the target class (Van Looveren & Klaise 2021)

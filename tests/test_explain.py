@@ -129,6 +129,11 @@ def test_roughness_prices_a_halo_and_not_an_even_change_of_any_size():
     assert torch.allclose(tv[1], torch.tensor(2 * 0.5 * 12 * 2 / (31 * 32)))  # 2 edges of 12 px per direction
     rough = roughness(torch.cat([even, halo, 2 * halo, blocks]), eps=0)
     assert rough[0] == 0 and torch.allclose(rough[1], rough[2]) and rough[1] < rough[3]
+    # a second attempt may edit only the object: its even recolouring is not rough at the edge of what it may edit
+    free = torch.zeros(1, 1, 32, 32)
+    free[..., 12:20, 12:20] = 1
+    recolour = 0.7 * free.expand(1, 3, 32, 32)
+    assert roughness(recolour, free, eps=0) == 0 and roughness(recolour, eps=0) > 0
 
 
 def _roughness(result, x):
