@@ -251,9 +251,8 @@ class Explainer(nn.Module):
             ce = F.cross_entropy(logits / s.temperature, target.repeat(copies), reduction="none")
             l1 = edit.abs().flatten(1).mean(1)
             objective = ce + s.l1 * l1
-            if (
-                s.tv > 0
-            ):  # within the free region, before paste-back: neither mask's edges are part of the edit
+            # roughness within the free region, before paste-back: neither mask's edges are part of the edit
+            if s.tv > 0:
                 objective = objective + s.tv * roughness(delta, free_rep)
             if (
                 proto is not None
