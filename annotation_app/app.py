@@ -9,7 +9,7 @@ from pathlib import Path
 import streamlit as st
 
 from annotation_app import services, views
-from pipeline.feedback import FeedbackStore
+from pipeline.store import FeedbackStore
 
 st.set_page_config(page_title="cfkd annotate", layout="wide")
 run_dir = Path(os.environ.get("CFKD_RUN_DIR", "runs/default")).resolve()
@@ -82,6 +82,8 @@ def labelling() -> None:
     )
     done = int(rnd.manifest["id"].isin(mine.index).sum())
     st.progress(done / len(rnd.manifest), text=f"{annotator}: {done} of {len(rnd.manifest)} labelled")
+    counts = services.round_counts(rnd, labels)
+    st.caption(" · ".join(f"{name}: {n}" for name, n in counts.items()))
     if st.session_state.get("last"):
         st.caption(f"last: {st.session_state['last']}")
     if not ids:

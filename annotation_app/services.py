@@ -4,7 +4,6 @@ the labelling queue, clusters of difference maps and agreement between annotator
 from __future__ import annotations
 
 import itertools
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +13,9 @@ from PIL import Image
 from sklearn.cluster import KMeans
 from sklearn.metrics import cohen_kappa_score
 
-from pipeline.explain import read_manifest
-from pipeline.feedback import LABELS
+from pipeline import manifest as manifest_files
+from pipeline.errors import UserError
+from pipeline.store import LABELS
 
 REQUIRED = ("id", "original", "counterfactual", "difference", "source_class", "target_class", "attempt")
 
@@ -26,12 +26,7 @@ class AppError(Exception):
 
 def rounds(run_dir: Path) -> dict[int, Path]:
     """Explain folders by round: explain/ is round 1, explain_r<N>/ round N."""
-    found = {}
-    for folder in sorted(Path(run_dir).glob("explain*")):
-        match = re.fullmatch(r"explain(?:_r(\d+))?", folder.name)
-        if match and folder.is_dir():
-            found[int(match.group(1) or 1)] = folder
-    return found
+    return manifest_files.rounds(run_dir)
 
 
 def safe_path(run_dir: Path, folder: Path, rel: str) -> Path | None:
@@ -47,6 +42,7 @@ class Round:
     manifest: pd.DataFrame  # successful counterfactuals, paths resolved; one row per counterfactual
     refused: int  # rows whose paths resolve outside the run directory
     missing: int  # rows whose image files are missing
+    not_flipped: int = 0  # counterfactuals that did not reach their target: never shown, never judged
 
 
 def load_round(run_dir: Path, number: int) -> Round:
@@ -54,14 +50,16 @@ def load_round(run_dir: Path, number: int) -> Round:
     if folder is None or not (folder / "manifest.csv").exists():
         raise AppError(f"round {number} has no counterfactuals yet (no manifest.csv in {run_dir})")
     try:
-        manifest = read_manifest(folder / "manifest.csv")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+        manifest = manifest_files.read(folder / manifest_files.NAME)
+    except (UserError, ValueError) as exc:
         raise AppError(f"the manifest of round {number} is corrupt: {str(exc).splitlines()[0]}") from None
     absent = [c for c in REQUIRED if c not in manifest.columns]
     if absent:
         raise AppError(f"the manifest of round {number} is corrupt: missing column(s) {', '.join(absent)}")
+    total = len(manifest)
     if "success" in manifest:
-        manifest = manifest[manifest["success"].astype(str).str.lower() == "true"]
+        manifest = manifest[manifest["success"]]
+    not_flipped = total - len(manifest)
     if manifest.empty:
         raise AppError(f"round {number} is empty: no counterfactual flipped the classifier")
     refused = missing = 0
@@ -80,7 +78,19 @@ def load_round(run_dir: Path, number: int) -> Round:
             f"round {number}: none of {len(manifest)} counterfactuals can be shown "
             f"({refused} outside the run directory, {missing} with missing images)"
         )
-    return Round(number, folder, pd.DataFrame(keep).reset_index(drop=True), refused, missing)
+    return Round(number, folder, pd.DataFrame(keep).reset_index(drop=True), refused, missing, not_flipped)
+
+
+def round_counts(rnd: Round, labels: pd.DataFrame) -> dict[str, int]:
+    """The round as the metrics count it: consensus-free counts of every annotator's current verdicts on the
+    shown cards, the cards nobody has judged yet, and the counterfactuals that did not flip."""
+    shown = labels[labels["cf_id"].isin(rnd.manifest["id"])]
+    counts = {label: int((shown["label"] == label).sum()) for label in LABELS}
+    return {
+        **counts,
+        "not judged yet": int((~rnd.manifest["id"].isin(shown["cf_id"])).sum()),
+        "not flipped": rnd.not_flipped,
+    }
 
 
 def queue(

@@ -1,5 +1,5 @@
 """The app's views as functions of (state, store): the labelling card, the cluster view and the agreement view.
-Every read and write goes through pipeline.feedback.FeedbackStore."""
+Every read and write goes through pipeline.store.FeedbackStore."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
 from annotation_app import services  # noqa: E402
-from pipeline.feedback import FeedbackStore  # noqa: E402
+from pipeline.store import FeedbackStore  # noqa: E402
 
 KEYS = {"true": "T", "spurious": "S", "unsure": "U"}
 HELP = {

@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # the CDP client the browser test uses
 from cdp import Browser  # noqa: E402
 
-from pipeline.feedback import FeedbackStore  # noqa: E402
+from pipeline.store import FeedbackStore  # noqa: E402
 
 
 def make_run(root: Path, n: int, distinct_images: int = 50) -> None:

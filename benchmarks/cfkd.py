@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pipeline import config as cfg
-from pipeline.report import judged
+from pipeline.rounds import judged
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

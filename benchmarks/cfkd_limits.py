@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from scipy.ndimage import binary_dilation
 
-from pipeline import config, distil, explain, models, quiet, runner
+from pipeline import config, distil, manifest, models, quiet
 from pipeline.data import load_folder
 from pipeline.evaluate import evaluate
 
@@ -126,7 +126,7 @@ def synthetic(data, meta, kind: str, n: int, folder: Path, seed: int = 0) -> pd.
         rows.append(
             {
                 "id": cf_id,
-                "id_sample": cf_id[:-3],
+                "sample": f"train-{row.Index:05d}",
                 "counterfactual": f"{kind}/{cf_id}.png",
                 "original": f"{kind}/{cf_id}-original.png",
                 "verdict": "spurious",
@@ -150,12 +150,12 @@ def distil_once(run: Path, data, table: pd.DataFrame, folder: Path, settings, ou
 def what_round_one_changes(run: Path, data, meta, reference) -> dict:
     """Mean change (0-255) of round 1's valid counterfactuals on the square's red channel and the far background,
     and the share that also flips the unbiased reference."""
-    manifest = explain.read_manifest(run / explain.folder(1) / "manifest.csv")
-    rows = manifest[manifest["success"] & (manifest["attempt"] == 1)]
+    table = manifest.read_round(run, 1)
+    rows = table[table["success"] & (table["attempt"] == 1)]
     square, far, flips = [], [], []
     for row in rows.itertuples():
         x = load(data.root / row.source_path)
-        delta = load(run / explain.folder(1) / row.counterfactual) - x
+        delta = load(run / manifest.folder(1) / row.counterfactual) - x
         inner, _, far_away = regions(data, meta.loc[row.source_path])
         square.append(abs(delta[inner, 0].mean()))
         far.append(abs(delta[far_away].mean()))
@@ -198,7 +198,7 @@ def main() -> None:
                 run, data, table, tmp / str(n), settings, tmp / f"m-{kind}-{n}"
             )
         result["distil_one_round"]["round_1_counterfactuals"] = distil_once(
-            run, data, runner.verdict_table(run, 1, use_true=False), run, settings, tmp / "m-real"
+            run, data, distil.training_data(run, [1], use_true=False), run, settings, tmp / "m-real"
         )
     path = HERE / "results" / "cfkd_limits.json"
     path.write_text(json.dumps(result, indent=1) + "\n")

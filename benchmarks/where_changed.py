@@ -24,7 +24,7 @@ from PIL import Image
 
 from pipeline import desiderata, models
 from pipeline.counterfactual import dilate
-from pipeline.explain import read_manifest
+from pipeline.manifest import read as read_manifest
 
 HERE = Path(__file__).resolve().parent
 

@@ -22,14 +22,40 @@ def _data_square(args) -> None:
     print(f"wrote {len(table)} images to {args.out}")
 
 
+def _data_shapes(args) -> None:
+    from pipeline import shapes
+
+    if not 0 <= args.poison <= 1:
+        raise UserError(f"--poison {args.poison}: expected a share in [0, 1]")
+    config = shapes.ShapesConfig(n=args.n, poison=args.poison, seed=args.seed)
+    table = shapes.generate(args.out, config)
+    print(f"wrote {len(table)} greyscale {config.height}x{config.width} images to {args.out}")
+
+
 def _data_check(args) -> None:
     from pipeline.data import load_folder
 
     folder = load_folder(args.root)
     counts = folder.table.groupby(["split", "label"]).size().to_dict()
-    print(f"{folder.root}: {len(folder.table)} images, classes {folder.classes}, ok")
+    kind = "greyscale" if folder.grey else "colour"
+    print(f"{folder.root}: {len(folder.table)} {kind} images, classes {folder.classes}, ok")
     for (split, label), n in sorted(counts.items()):
         print(f"  {split:5s} {label}: {n}")
+
+
+def _numbers(text: str | None, what: str, kind=float) -> list | None:
+    """A comma list on the command line ("0.485,0.456,0.406", "64,96")."""
+    if text is None:
+        return None
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{what}: expected comma-separated numbers, got '{text}'") from None
+
+
+def _image_size(text: str) -> int | list[int]:
+    sides = _numbers(text, "--image-size", int)
+    return sides[0] if len(sides) == 1 else sides
 
 
 def _train(args) -> None:
@@ -42,20 +68,59 @@ def _train(args) -> None:
         for k, v in vars(args).items()
         if k in ("arch", "epochs", "batch_size", "lr", "balanced", "seed") and v is not None
     }
-    config = from_dict({"classifier": raw, "data": {"image_size": args.image_size}})
+    data = {"image_size": _image_size(args.image_size), "resize": args.resize}
+    config = from_dict({"classifier": raw, "data": data})
     result = train.run(
-        load_folder(args.data), config.classifier, config.data.image_size, Path(args.out), args.verbose
+        load_folder(args.data),
+        config.classifier,
+        config.data.image_size,
+        Path(args.out),
+        args.verbose,
+        config.data.resize,
     )
     print(f"wrote {result.directory} ({result.card.metrics})")
 
 
 def _import(args) -> None:
     from pipeline import models
+
+    if not args.data and not args.classes:
+        raise UserError(
+            "cfkd import needs --data (a dataset to check against), --classes (output order), or both"
+        )
+    from pipeline.config import from_dict
     from pipeline.data import load_folder
 
-    classes = load_folder(args.data).classes if args.data else [c.strip() for c in args.classes.split(",")]
-    card = models.import_weights(args.weights, args.arch, classes, args.image_size, Path(args.out))
-    print(f"imported {args.weights} as {card.arch} with classes {card.classes} into {args.out}")
+    classifier = {
+        "arch": args.arch,
+        "weights": args.weights,
+        "mean": _numbers(args.mean, "--mean"),
+        "std": _numbers(args.std, "--std"),
+        "preset": args.preset,
+    }
+    data = {"image_size": _image_size(args.image_size), "resize": args.resize}
+    c = from_dict(
+        {"classifier": classifier, "data": data, "reference": {"enabled": False}}
+    )  # checked as config
+    folder = load_folder(args.data) if args.data else None
+    given = [n.strip() for n in args.classes.split(",") if n.strip()] if args.classes else None
+    classes = models.output_classes(given, folder.classes) if folder else given
+    card = models.import_weights(
+        args.weights,
+        args.arch,
+        classes,
+        c.data.image_size,
+        Path(args.out),
+        c.classifier.mean,
+        c.classifier.std,
+        c.classifier.preset,
+        c.data.resize,
+        folder.grey if folder else None,
+    )
+    print(
+        f"imported {args.weights} as {card.arch} ({card.channels} channel(s), mean {card.mean}, std {card.std}) "
+        f"with classes {card.classes} into {args.out}"
+    )
 
 
 def _evaluate(args) -> None:
@@ -108,10 +173,14 @@ def _teach(args) -> None:
         if args.band is None
         else config.from_dict({"feedback": {"band": args.band}}).feedback.band
     )
-    result = teach.run(run_dir, args.teacher, data_root, reference, args.noise, args.round, args.seed, band)
+    noise = config.from_dict({"feedback": {"noise": args.noise}}).feedback.noise
+    result = teach.run(
+        run_dir, args.teacher, data_root, reference, noise, args.round, args.seed, band, conf.data.resize
+    )
     print(
         f"{result['annotator']}: {result['labelled']} verdicts ({result.get('true', 0)} true, "
-        f"{result.get('spurious', 0)} spurious, {result.get('unsure', 0)} unsure), {result['skipped']} abstained; wrote {run_dir / 'feedback.sqlite'}"
+        f"{result.get('spurious', 0)} spurious, {result.get('unsure', 0)} unsure), {result['not_flipped']} not "
+        f"flipped, {result['abstained']} abstained; wrote {run_dir / 'feedback.sqlite'}"
     )
 
 
@@ -149,7 +218,7 @@ def _annotate(args) -> None:
 
 
 def _feedback(args) -> None:
-    from pipeline.feedback import FeedbackStore
+    from pipeline.store import FeedbackStore
 
     store = FeedbackStore(Path(args.run_dir) / "feedback.sqlite")
     if args.feedback_command == "export":
@@ -181,6 +250,13 @@ def _distil(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    # defaults come from the config dataclasses: one copy
+    from pipeline.config import ClassifierConfig, DataConfig, FeedbackConfig, SquareConfig
+    from pipeline.shapes import ShapesConfig
+
+    square, data_defaults, feedback_defaults = SquareConfig(), DataConfig(), FeedbackConfig()
+    shapes_defaults = ShapesConfig()
+    size_default = str(data_defaults.image_size)
     p = argparse.ArgumentParser(
         prog="cfkd", description="Find and remove Clever-Hans shortcuts in image classifiers."
     )
@@ -222,14 +298,29 @@ def parser() -> argparse.ArgumentParser:
     )
     sq = data.add_parser("square", help="generate the Square dataset in the folder format", parents=[common])
     sq.add_argument("--out", required=True)
-    sq.add_argument("--n", type=int, default=2000, help="images in all splits (default 2000)")
+    sq.add_argument("--n", type=int, default=square.n, help=f"images in all splits (default {square.n})")
     sq.add_argument(
-        "--poison", type=float, default=1.0, help="share of train/val images with confounder == class"
+        "--poison",
+        type=float,
+        default=square.poison,
+        help=f"share of train/val images with confounder == class (default {square.poison})",
     )
-    sq.add_argument("--size", type=int, default=64)
-    sq.add_argument("--noise", type=float, default=20.0, help="pixel noise std, 0-255 scale (default 20)")
-    sq.add_argument("--seed", type=int, default=0)
+    sq.add_argument("--size", type=int, default=square.size, help=f"image side (default {square.size})")
+    sq.add_argument(
+        "--noise", type=float, default=square.noise, help=f"pixel noise std, 0-255 (default {square.noise})"
+    )
+    sq.add_argument("--seed", type=int, default=square.seed)
     sq.set_defaults(func=_data_square)
+    sh = data.add_parser(
+        "shapes",
+        help="generate Shapes (greyscale, 48x64, 3 classes, a corner-tag shortcut)",
+        parents=[common],
+    )
+    sh.add_argument("--out", required=True)
+    sh.add_argument("--n", type=int, default=shapes_defaults.n)
+    sh.add_argument("--poison", type=float, default=shapes_defaults.poison)
+    sh.add_argument("--seed", type=int, default=shapes_defaults.seed)
+    sh.set_defaults(func=_data_shapes)
     check = data.add_parser("check", help="validate a folder dataset (metadata.csv)", parents=[common])
     check.add_argument("root")
     check.set_defaults(func=_data_check)
@@ -267,7 +358,10 @@ def parser() -> argparse.ArgumentParser:
         "--reference", help="reference classifier for the model oracle (default: <run-dir>/reference)"
     )
     te.add_argument(
-        "--noise", type=float, default=0.0, help="share of verdicts flipped at random (imperfect expert)"
+        "--noise",
+        type=float,
+        default=feedback_defaults.noise,
+        help="share of verdicts flipped at random (imperfect expert)",
     )
     te.add_argument("--round", type=int, default=1)
     te.add_argument("--seed", type=int, default=0)
@@ -302,26 +396,44 @@ def parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a classifier on a folder dataset", parents=[common])
     tr.add_argument("--data", required=True, help="folder dataset")
     tr.add_argument("--out", required=True, help="checkpoint directory to write")
-    tr.add_argument("--arch", help="torchvision model name or small_cnn (default resnet18)")
+    tr.add_argument(
+        "--arch", help=f"torchvision model name, timm:<name> or small_cnn (default {ClassifierConfig().arch})"
+    )
     tr.add_argument("--epochs", type=int)
     tr.add_argument("--batch-size", type=int)
     tr.add_argument("--lr", type=float)
     tr.add_argument("--balanced", action="store_true", default=None, help="class-balanced sampling")
-    tr.add_argument("--image-size", type=int, default=64)
+    tr.add_argument("--image-size", default=size_default, help="side, or H,W (default %(default)s)")
+    tr.add_argument("--resize", default=data_defaults.resize, choices=["pad", "crop", "stretch"])
     tr.add_argument("--seed", type=int)
     tr.set_defaults(func=_train)
 
     im = sub.add_parser(
-        "import", help="import your own classifier weights (safetensors or .pt state_dict)", parents=[common]
+        "import",
+        help="import your own classifier weights (safetensors, .pt state_dict or TorchScript)",
+        parents=[common],
     )
     im.add_argument("--weights", required=True)
     im.add_argument(
-        "--arch", required=True, help="torchvision model name the weights belong to, or small_cnn"
+        "--arch",
+        required=True,
+        help="torchvision model name the weights belong to, timm:<name>, or small_cnn",
     )
-    group = im.add_mutually_exclusive_group(required=True)
-    group.add_argument("--data", help="folder dataset whose classes the model predicts")
-    group.add_argument("--classes", help="comma-separated class names in output order")
-    im.add_argument("--image-size", type=int, default=64)
+    norm = im.add_argument_group("input normalisation the model was trained with (one of)")
+    norm.add_argument("--preset", choices=["imagenet", "half"], help="imagenet, or half (mean = std = 0.5)")
+    norm.add_argument("--mean", help="per-channel means on the [0, 1] scale, e.g. 0.485,0.456,0.406")
+    norm.add_argument("--std", help="per-channel standard deviations, e.g. 0.229,0.224,0.225")
+    im.add_argument(
+        "--data", help="folder dataset the model predicts (its classes, sorted, unless --classes)"
+    )
+    im.add_argument("--classes", help="comma-separated class names in the model's output order")
+    im.add_argument("--image-size", default=size_default, help="input side, or H,W (default %(default)s)")
+    im.add_argument(
+        "--resize",
+        default=data_defaults.resize,
+        choices=["pad", "crop", "stretch"],
+        help="how other shapes reach the input size (default %(default)s)",
+    )
     im.add_argument("--out", required=True)
     im.set_defaults(func=_import)
 

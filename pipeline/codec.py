@@ -125,16 +125,14 @@ def train(out: Path, c: CodecConfig = CodecConfig(), verbose: bool = False) -> d
     loader = DataLoader(CorpusDataset(images), batch_size=c.batch_size, shuffle=True, drop_last=True)
     vae = build_vae(c)
     system = CodecSystem(vae, c.lr, c.max_steps)
-    from pipeline.train import EpochBar
+    from pipeline.train import make_trainer
 
-    trainer = L.Trainer(
+    trainer = make_trainer(
+        verbose=verbose,
+        max_epochs=None,
         max_steps=c.max_steps,
         max_time={"minutes": c.max_minutes},
-        accelerator="auto",
         logger=L.pytorch.loggers.CSVLogger(out, name="logs", version=""),
-        callbacks=[EpochBar()],
-        enable_checkpointing=False,
-        enable_model_summary=verbose,
         log_every_n_steps=25,
     )
     trainer.fit(system, loader)

@@ -18,10 +18,15 @@ import yaml
 from pipeline.counterfactual import Settings as SearchConfig
 from pipeline.errors import UserError
 
+# The recommended search: edits along the directions the task's own patches vary in (project), kept to the whole
+# image segments that flip (confine: regions), as sure as the original (mirror), smooth where the image is (tv), no
+# pull toward other images (prototype: 0). The search's own dataclass keeps its primitive defaults for ablations.
+RECOMMENDED_SEARCH = SearchConfig(tv=10.0, prototype=0.0, project=True, confine="regions", mirror=True)
+
 
 @dataclass(frozen=True)
 class SquareConfig:
-    """The embedded Square dataset (DESIGN.md)."""
+    """The embedded Square dataset: grey background, red square; class = the square, confounder = the background."""
 
     n: int = 2000  # images in all splits together
     poison: float = 1.0  # share of train/val images whose confounder equals the class (0.5 = unbiased)
@@ -34,13 +39,25 @@ class SquareConfig:
 class DataConfig:
     root: str | None = None  # a folder dataset (metadata.csv); None = generate Square into the run directory
     square: SquareConfig = field(default_factory=SquareConfig)
-    image_size: int = 64  # images are resized to this side before the classifier
+    image_size: int | list = 64  # what the classifier sees: a side, or [height, width] (multiples of 8)
+    # how images of another shape reach image_size: pad keeps the whole image and its aspect (a tag or ruler at
+    # the edge stays in view), crop fills the frame and cuts the longer side, stretch distorts the aspect
+    resize: str = "pad"
 
 
 @dataclass(frozen=True)
 class ClassifierConfig:
     arch: str = "resnet18"  # any torchvision classification model name, or "small_cnn"
-    weights: str | None = None  # import these weights (safetensors or .pt state_dict) instead of training
+    weights: str | None = (
+        None  # import these weights (safetensors, .pt state_dict, TorchScript) instead of training
+    )
+    # the normalisation the imported weights were trained with (per channel, on the [0, 1] scale); required with
+    # weights. preset: imagenet or half (mean = std = 0.5, cfkd's own); models cfkd trains use half
+    mean: list | None = None
+    std: list | None = None
+    preset: str | None = None
+    # class names in the order of the imported model's outputs (default: the dataset's classes, sorted)
+    classes: list | None = None
     epochs: int = 6
     batch_size: int = 64
     lr: float = 2e-3
@@ -73,14 +90,16 @@ class GeneratorConfig:
 @dataclass(frozen=True)
 class ExplainConfig:
     enabled: bool = True
-    split: str = "val"  # counterfactuals for correctly classified images of this split
+    split: str = (
+        "train"  # explain the images the classifier learned from; validation stays for model selection
+    )
     per_pair: int = 16  # images per ordered (source, target) class pair
     batch_size: int = 32
     surrogate: bool = (
-        True  # gradients from a smooth surrogate (smoothing 1; smoothing 2 is search.smoothgrad)
+        False  # gradients from a smooth surrogate (smoothing 1; smoothing 2 is search.smoothgrad)
     )
     surrogate_epochs: int = 2  # distillation epochs of the smooth surrogate
-    search: SearchConfig = field(default_factory=SearchConfig)
+    search: SearchConfig = field(default_factory=lambda: RECOMMENDED_SEARCH)
     accelerator: str = "auto"
     devices: str | int = "auto"
     seed: int = 0
@@ -95,8 +114,8 @@ class FeedbackConfig:
     )
     noise: float = 0.0  # share of a simulated teacher's verdicts flipped at random (imperfect experts)
     # a simulated teacher says unsure when its score (feature change density, reference odds) lies within
-    # (1 / band, band]: 1 = the authors' oracles, always true or spurious
-    band: float = 1.0
+    # (1 / band, band], as an expert does before an edit that changes evidence and shortcut alike; 1 = the authors'
+    band: float = 2.0
     min_labels: int = 1  # human teacher: labelled counterfactuals a round needs before distil continues
     min_votes: int = 1  # annotators that must agree for a consensus label (fewer -> unsure)
 
@@ -111,25 +130,25 @@ class DistilConfig:
     accumulate: bool = (
         True  # round r trains on the verdicts of rounds 1..r (a verdict stays true), not r alone
     )
-    start: str = (
-        "latest"  # fine-tune the classifier the round explained (latest) or the run's first one (initial)
-    )
-    select: bool = False  # a closing explain + feedback judges the last classifier; the run's result is the
+    # fine-tune the run's first classifier on all verdicts so far (initial: steadier than chaining fine-tunes on a
+    # dozen edits) or the classifier the round explained (latest, as the method's authors do)
+    start: str = "initial"
+    select: bool = True  # a closing explain + feedback judges the last classifier; the run's result is the
     # classifier whose counterfactuals the teacher found most often true (feedback accuracy, label-free)
     mix: float = 0.5  # share of counterfactuals in each training batch (the rest: original training images)
     holdout: float = 0.2  # share of a round's counterfactual images kept for model selection
     anchor: float = 0.0  # L2 pull toward the starting weights
-    # a spurious change stays spurious when made stronger: each time a counterfactual is drawn for training its change
-    # is scaled by a factor from U(1, stretch) (clipped to the image range), so the classifier learns to ignore the
-    # shortcut over its whole range, not only at the one point the search stopped at (1 = the counterfactual as is)
-    stretch: float = 1.0
-    # random flips of every training image (originals and counterfactuals) while fine-tuning: "none", "horizontal" or
-    # "both" (and vertical). A dozen edits are otherwise learnt by where their square sits; leave "none" where a flip
-    # changes the meaning (laterality in chest X-rays, text)
+    # a spurious change stays spurious when made stronger: each draw scales it by U(1, stretch) (clipped to the image
+    # range), so the shortcut is ignored over its whole range, not at the one point the search stopped (1 = as is)
+    stretch: float = 3.0
+    # random flips of every training image while fine-tuning: "none", "horizontal" or "both". A property of the data:
+    # only where a mirrored image means the same (not laterality in chest X-rays, text, a tag in a known corner)
     flip: str = "none"
     layers: str = "all"  # fine-tune every layer, or only the last linear layer on frozen features ("head")
-    # the weights kept: the epoch model selection picks (the starting weights compete) or the last one
-    keep: str = "best"
+    # the weights kept: the last epoch, or the one model selection picks on validation data and held-out
+    # counterfactuals ("best"; the starting weights compete); validation data as confounded as the training data
+    # prefers the shortcut, so best is only for a validation split you trust
+    keep: str = "last"
     epochs: int = 3
     batch_size: int = 64
     lr: float = 5e-4
@@ -169,7 +188,16 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "data.square.poison": (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
     "data.square.noise": (lambda v: v >= 0, "a number >= 0"),
     "data.square.size": (lambda v: v >= 16, "an integer >= 16 (the square patch is 12 px)"),
-    "data.image_size": (lambda v: v >= 8, "an integer >= 8"),
+    "data.image_size": (
+        lambda v: all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 8 and s % 8 == 0 for s in _sides(v)
+        ),
+        "a multiple of 8 (>= 8), or [height, width] of such",
+    ),
+    "data.resize": (lambda v: v in ("pad", "crop", "stretch"), "pad, crop or stretch"),
+    "classifier.mean": (lambda v: _numbers(v, lambda x: 0 <= x <= 1), "a list of 1 or 3 numbers in [0, 1]"),
+    "classifier.std": (lambda v: _numbers(v, lambda x: x > 0), "a list of 1 or 3 numbers > 0"),
+    "classifier.preset": (lambda v: v in ("imagenet", "half"), "imagenet or half"),
     "classifier.epochs": (lambda v: v >= 1, "an integer >= 1"),
     "classifier.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "classifier.lr": (lambda v: v > 0, "a number > 0"),
@@ -223,6 +251,37 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
 }
 
 
+def _sides(v) -> list:
+    return [v] if not isinstance(v, list) else v if len(v) == 2 else [None]
+
+
+def _numbers(v: list, ok) -> bool:
+    numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+    return len(v) in (1, 3) and numeric and all(ok(x) for x in v)
+
+
+def _cross_checks(config: RunConfig) -> list[str]:
+    """Settings that only make sense together."""
+    issues, c = [], config.classifier
+    given = c.mean is not None or c.std is not None
+    if c.preset is not None and given:
+        issues.append("classifier.preset: give a preset or classifier.mean/std, not both")
+    if (c.mean is None) != (c.std is None):
+        issues.append("classifier.mean and classifier.std: give both")
+    imported = c.weights is not None or config.reference.weights is not None
+    if imported and c.preset is None and not given:
+        issues.append(
+            "classifier.weights: say how the imported model normalises its input: classifier.preset: imagenet "
+            "(or half) or classifier.mean / classifier.std"
+        )
+    if config.feedback.teacher == "model" and not config.reference.enabled:
+        issues.append(
+            "feedback.teacher: model needs the reference classifier (reference.enabled: true, with "
+            "reference.root or reference.weights for your own data); or use feedback.teacher: human"
+        )
+    return issues
+
+
 def _type_ok(value: typing.Any, hint: typing.Any) -> bool:
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         return any(_type_ok(value, h) for h in typing.get_args(hint))
@@ -235,10 +294,16 @@ def _type_ok(value: typing.Any, hint: typing.Any) -> bool:
     return isinstance(value, hint)
 
 
-def _build(cls: type, raw: typing.Any, prefix: str, issues: list[str]):
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _build(cls: type, raw: typing.Any, prefix: str, issues: list[str], base=None):
+    """``cls`` from a mapping, starting from ``base`` (the field's default: a partial section keeps the rest)."""
+    base = cls() if base is None else base
     if not isinstance(raw, dict):
         issues.append(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
-        return cls()
+        return base
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
@@ -250,14 +315,14 @@ def _build(cls: type, raw: typing.Any, prefix: str, issues: list[str]):
             continue
         key, value, hint = f"{prefix}{f.name}", raw[f.name], hints[f.name]
         if dataclasses.is_dataclass(hint):
-            kwargs[f.name] = _build(hint, value, key + ".", issues)
+            kwargs[f.name] = _build(hint, value, key + ".", issues, _default(f))
         elif not _type_ok(value, hint):
             issues.append(f"{key}: got {value!r}, expected {_hint_name(hint)}")
         elif key in _CHECKS and value is not None and not _CHECKS[key][0](value):
             issues.append(f"{key}: got {value!r}, expected {_CHECKS[key][1]}")
         else:
             kwargs[f.name] = float(value) if hint is float else value
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs)
 
 
 def _hint_name(hint: typing.Any) -> str:
@@ -270,6 +335,8 @@ def from_dict(raw: dict | None) -> RunConfig:
     """Build a RunConfig from a plain mapping; raise one UserError listing every bad key."""
     issues: list[str] = []
     config = _build(RunConfig, raw or {}, "", issues)
+    if not issues:
+        issues += _cross_checks(config)
     if issues:
         raise UserError("bad config: " + "; ".join(issues))
     return config

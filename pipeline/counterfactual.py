@@ -35,8 +35,7 @@ class Settings:
     goal: float = 0.9  # tau: target-class probability (original classifier) that counts as a flip
     aim: float = 0.0  # the search runs on to this probability (if above goal); confinement then keeps what reaches goal
     # ... and on to the original's own confidence in its class: as sure a flip, i.e. the same logit margin on the
-    # other side, so the edit goes as far past the boundary as the original lay before it in the classifier's own
-    # terms (a background at 13 flips with margin +9.7 for its -9.8, where a 0.999 cap stopped at +6.9)
+    # other side, so the edit goes as far past the boundary as the original lay before it
     mirror: bool = False
     steps: int = 100  # most gradient steps per attempt (early stop makes most attempts far shorter)
     patience: int = (
@@ -46,9 +45,8 @@ class Settings:
     temperature: float = 3.0  # softmax temperature of the loss (the SCE authors use 3)
     l1: float = 0.5  # weight of L1(x_cf, x)
     # weight of the change's roughness (total variation per unit of mean absolute change): a real edit is smooth where
-    # the image is (a background darkens as a whole); the cheapest flip otherwise leaves a halo of old background
-    # around the object, which a classifier fine-tuned on the edit can read as the class. Scale-free, so it shapes
-    # the edit without making it smaller: as many searches reach the goal (the plain total variation cost a third)
+    # the image is; the cheapest flip otherwise leaves a halo of old background around the object, which a classifier
+    # fine-tuned on the edit can read as the class. Scale-free: it shapes the edit without making it smaller
     tv: float = 0.0
     prototype: float = (
         1.0  # weight of the pull toward real target-class images in the codec's latent (0 = off)
@@ -77,7 +75,8 @@ class Settings:
 
 
 def _blur(change: torch.Tensor, size: int) -> torch.Tensor:
-    """Gaussian blur of a (B, 1, H, W) map."""
+    """Gaussian blur of a (B, 1, H, W) map, padded by replication: torchvision's gaussian_blur reflects at the
+    border, which would mirror a change at the image's edge (a corner tag) back inward."""
     if size <= 1:
         return change
     sigma = size / 3

@@ -10,6 +10,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -21,6 +22,17 @@ REQUIRED = ("path", "label", "split")
 SPLIT_NAMES = ("train", "val", "test")
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # maps [0, 1] to [-1, 1], the scale the generator uses too
 MAX_LISTED = 20  # bad rows spelled out in the error; the count always covers all of them
+RESIZE = ("pad", "crop", "stretch")
+GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "P"}  # P: checked by its palette below
+GREY_TOLERANCE = 3  # an RGB file whose channels differ by at most this much (JPEG noise) is greyscale
+
+
+def hw(size) -> tuple[int, int]:
+    """(height, width) from an int side or an [H, W] pair."""
+    if isinstance(size, int):
+        return size, size
+    height, width = size
+    return int(height), int(width)
 
 
 @dataclass
@@ -28,6 +40,7 @@ class FolderData:
     root: Path
     table: pd.DataFrame  # one row per image; columns path, label, split, group, feature_mask, line
     classes: list[str]  # class names, sorted (numerically when all labels are integers)
+    grey: bool = False  # every image is greyscale (one channel, or three equal ones)
 
     def split(self, name: str) -> pd.DataFrame:
         return self.table[self.table["split"] == name].reset_index(drop=True)
@@ -58,17 +71,26 @@ def _inside(root: Path, rel: str) -> Path | None:
     return path if path.is_relative_to(root) else None
 
 
-def _image_size(path: Path) -> tuple[int, int] | str:
-    """(width, height) after a full decode, or the reason it cannot be read."""
+def _is_grey(image: Image.Image) -> bool:
+    if image.mode in GREY_MODES - {"P"}:
+        return True
+    rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
+    return int(np.abs(rgb - rgb.mean(-1, keepdims=True)).max()) <= GREY_TOLERANCE
+
+
+def _image_size(path: Path, grey: list | None = None) -> tuple[int, int] | str:
+    """(width, height) after a full decode, or the reason it cannot be read; appends greyness to ``grey``."""
     try:
         with Image.open(path) as image:
             image.load()
+            if grey is not None:
+                grey.append(_is_grey(image))
             return image.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         return f"unreadable image '{path.name}' ({exc})"
 
 
-def _row_problems(root: Path, row: dict, seen: dict[str, int], line: int) -> list[str]:
+def _row_problems(root: Path, row: dict, seen: dict[str, int], line: int, grey: list) -> list[str]:
     problems = []
     rel = row["path"].strip()
     if not row["label"].strip():
@@ -84,7 +106,7 @@ def _row_problems(root: Path, row: dict, seen: dict[str, int], line: int) -> lis
         return problems + [f"path '{rel}' is empty or outside the dataset folder"]
     if not path.is_file():
         return problems + [f"missing file '{rel}'"]
-    size = _image_size(path)
+    size = _image_size(path, grey)
     if isinstance(size, str):
         return problems + [size]
     mask_rel = row.get("feature_mask", "").strip()
@@ -124,10 +146,10 @@ def load_folder(root: str | Path) -> FolderData:
     csv = root / "metadata.csv"
     table = _read_csv(csv)
     seen: dict[str, int] = {}
-    bad = []
+    bad, grey = [], []
     for index, row in enumerate(table.to_dict("records")):
         line = index + 2  # line 1 is the header
-        bad += [f"line {line}: {p}" for p in _row_problems(root, row, seen, line)]
+        bad += [f"line {line}: {p}" for p in _row_problems(root, row, seen, line, grey)]
     if bad:
         listed = "; ".join(bad[:MAX_LISTED]) + (
             f"; ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
@@ -141,14 +163,75 @@ def load_folder(root: str | Path) -> FolderData:
         feature_mask=table["feature_mask"].str.strip() if "feature_mask" in table else "",
         line=range(2, len(table) + 2),
     )
-    return FolderData(root=root, table=table, classes=_sort_classes(table["label"]))
+    folder = FolderData(root=root, table=table, classes=_sort_classes(table["label"]), grey=all(grey))
+    _check_training_classes(folder, csv)
+    return folder
 
 
-def make_transform(image_size: int, mean=MEAN, std=STD) -> v2.Compose:
+def _check_training_classes(folder: FolderData, csv: Path) -> None:
+    """Every class needs training images (a dataset without a train split is an evaluation set: fine)."""
+    trained = set(folder.split("train")["label"])
+    absent = [c for c in folder.classes if c not in trained]
+    if trained and absent:
+        raise UserError(
+            f"{csv}: class(es) {', '.join(repr(c) for c in absent)} have no training images "
+            "(add train rows for them, or drop their rows)"
+        )
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit and float greyscale (X-ray, microscopy PNG/TIFF) scaled to 8 bits; PIL's convert would clip."""
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "F"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    peak = 255.0 if values.max() <= 255 else 65535.0
+    return Image.fromarray((np.clip(values, 0, peak) * (255.0 / peak)).round().astype(np.uint8), "L")
+
+
+class ToChannels:
+    """A PIL image as 1 channel (luminance) or 3 (greyscale replicated)."""
+
+    def __init__(self, channels: int):
+        self.mode = "L" if channels == 1 else "RGB"
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return eight_bit(image).convert(self.mode)
+
+
+class Fit(torch.nn.Module):
+    """Resize to (height, width) by a policy: ``pad`` keeps the whole image and its aspect (letterbox, black
+    borders), ``crop`` fills the frame and cuts the longer side, ``stretch`` distorts the aspect."""
+
+    def __init__(self, size, policy: str = "pad"):
+        super().__init__()
+        self.size, self.policy = hw(size), policy
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        (height, width), (h, w) = self.size, image.shape[-2:]
+        if self.policy == "stretch" or (h, w) == (height, width):
+            return v2.functional.resize(image, [height, width], antialias=True)
+        scale = (min if self.policy == "pad" else max)(height / h, width / w)
+        fitted = [max(1, round(h * scale)), max(1, round(w * scale))]
+        # center_crop pads with zeros where the crop is larger than the image: the letterbox
+        return v2.functional.center_crop(v2.functional.resize(image, fitted, antialias=True), [height, width])
+
+
+def load_mask(path: Path, size, resize: str = "pad") -> np.ndarray:
+    """A feature mask (white = the true evidence) as a boolean (height, width) array, fitted to ``size`` by the
+    same policy as its image, so it stays aligned whatever the aspect."""
+    with Image.open(path) as image:
+        mask = v2.functional.pil_to_tensor(eight_bit(image).convert("L"))
+    return (Fit(size, resize)(mask)[0] > 127).numpy()
+
+
+def make_transform(image_size, mean=MEAN, std=STD, channels: int = 3, resize: str = "pad") -> v2.Compose:
+    """PIL image -> normalised float tensor of ``channels`` channels (greyscale replicated into RGB, RGB into
+    luminance) at ``image_size`` (a side, or [height, width]) by the ``resize`` policy."""
     return v2.Compose(
         [
+            ToChannels(channels),
             v2.ToImage(),
-            v2.Resize((image_size, image_size), antialias=True),
+            Fit(image_size, resize),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean, std),
         ]
@@ -174,5 +257,5 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         with Image.open(self.root / self.rows["path"][i]) as image:
-            x = self.transform(image.convert("RGB"))
+            x = self.transform(image)
         return x, self.targets[i], i

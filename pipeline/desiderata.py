@@ -80,7 +80,7 @@ def summarise(manifest: pd.DataFrame) -> dict:
         "counterfactuals": int(len(manifest)),
         "validity": float(manifest["success"].mean()),
         "validity_by_attempt": {int(a): float(g["success"].mean()) for a, g in manifest.groupby("attempt")},
-        "validity_any_attempt": float(manifest.groupby("id_sample")["success"].any().mean()),
+        "validity_any_attempt": float(manifest.groupby(["sample", "target_class"])["success"].any().mean()),
         "l1": float(ok["l1"].mean()) if len(ok) else None,
         "l2": float(ok["l2"].mean()) if len(ok) else None,
         "changed_area": float(ok["changed_area"].mean()) if len(ok) else None,

@@ -23,9 +23,10 @@ from torch.utils.data import DataLoader
 
 from pipeline import models
 from pipeline.config import BaselineConfig
-from pipeline.data import FolderData, ImageDataset, make_transform
+from pipeline.data import FolderData, ImageDataset
 from pipeline.evaluate import group_names
-from pipeline.train import EpochBar
+from pipeline.models import last_linear
+from pipeline.train import make_trainer
 
 
 class NoGroups(Exception):
@@ -33,14 +34,6 @@ class NoGroups(Exception):
 
 
 C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)  # inverse L1 strengths DFR searches
-
-
-def last_linear(model: nn.Module) -> str:
-    """Name of the classifier's last nn.Linear: the head DFR retrains."""
-    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    if not names:
-        raise ValueError("the classifier has no linear layer to retrain")
-    return names[-1]
 
 
 class Features(L.LightningModule):
@@ -57,7 +50,7 @@ class Features(L.LightningModule):
 
 
 def features(model: nn.Module, dataset: ImageDataset) -> np.ndarray:
-    trainer = L.Trainer(accelerator="auto", devices=1, logger=False, callbacks=[EpochBar()])
+    trainer = make_trainer(devices=1)
     batches = trainer.predict(Features(model.eval()), DataLoader(dataset, batch_size=256))
     return torch.cat(batches).float().numpy()
 
@@ -124,7 +117,7 @@ def run(
             raise NoGroups("no validation data with every label x group cell (DFR needs group labels)")
         source, source_name = reference_data, "val split of the reference (unbiased) data"
     model, card = models.load(checkpoint)
-    dataset = ImageDataset(source, "val", card.classes, make_transform(card.image_size, card.mean, card.std))
+    dataset = ImageDataset(source, "val", card.classes, models.input_transform(card))
     x = features(model, dataset)
     y, groups = np.asarray(dataset.targets), group_names(dataset.rows).to_numpy()
     scaler = StandardScaler().fit(x)

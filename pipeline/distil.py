@@ -19,40 +19,85 @@ import numpy as np
 import pandas as pd
 import torch
 import torchmetrics
+from lightning.pytorch.callbacks import BaseFinetuning
 from PIL import Image
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
-from pipeline import models
+from pipeline import manifest, models
 from pipeline.config import DistilConfig
-from pipeline.data import FolderData, ImageDataset, make_transform
-from pipeline.dfr import last_linear
+from pipeline.data import FolderData, ImageDataset
 from pipeline.errors import UserError
-from pipeline.train import ClassifierSystem, EpochBar, KeepBest, trainer_loggers, uses_gpu
+from pipeline.train import ClassifierSystem, KeepBest, make_trainer, uses_gpu
 
 
-def training_set(manifest: pd.DataFrame, consensus: pd.DataFrame, use_true: bool) -> pd.DataFrame:
-    """One row per usable counterfactual: id, id_sample, counterfactual and original (paths), verdict, label
-    (class name)."""
+def training_set(table: pd.DataFrame, consensus: pd.DataFrame, use_true: bool) -> pd.DataFrame:
+    """One row per usable counterfactual of one manifest: id, sample, counterfactual and original (paths),
+    verdict, label (class name)."""
     verdicts = consensus.set_index("cf_id")["label"]
-    table = manifest[manifest["success"]].assign(verdict=lambda t: t["id"].map(verdicts))
+    table = table[table["success"]].assign(verdict=lambda t: t["id"].map(verdicts))
     keep = table["verdict"].eq("spurious") | (use_true & table["verdict"].eq("true"))
     table = table[keep]
     label = table["source_class"].where(table["verdict"] == "spurious", table["target_class"])
-    columns = ["id", "id_sample", "counterfactual", "original", "verdict", "label"]
+    columns = ["id", "sample", "counterfactual", "original", "verdict", "label"]
     return table.assign(label=label)[columns].reset_index(drop=True)
+
+
+def training_data(run_dir: Path, taught: list[int], use_true: bool) -> pd.DataFrame:
+    """The usable counterfactuals of the given rounds (verdicts.csv + manifest), paths relative to the run."""
+    tables = []
+    for r in taught:
+        verdicts = pd.read_csv(
+            Path(run_dir) / f"feedback_r{r}" / "verdicts.csv", dtype=str, keep_default_na=False
+        )
+        table = training_set(manifest.read_round(run_dir, r), verdicts, use_true)
+        folder = manifest.folder(r) + "/"
+        tables.append(
+            table.assign(
+                counterfactual=folder + table["counterfactual"], original=folder + table["original"], round=r
+            )
+        )
+    return pd.concat(tables, ignore_index=True)
 
 
 def split_holdout(table: pd.DataFrame, share: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Hold out the counterfactuals of a share of the source images (never half of one image's attempts)."""
-    samples = table["id_sample"].str.rsplit("-to-", n=1).str[0].unique()
+    samples = table["sample"].unique()
     n_out = int(round(share * len(samples)))
     if share > 0 and len(samples) >= 4:
         n_out = max(n_out, 1)
     held = set(np.random.default_rng(seed).permutation(samples)[:n_out])
-    out = table["id_sample"].str.rsplit("-to-", n=1).str[0].isin(held)
+    out = table["sample"].isin(held)
     return table[~out].reset_index(drop=True), table[out].reset_index(drop=True)
+
+
+def stage(
+    run_dir: Path,
+    taught: list[int],
+    start: Path,
+    explained: Path,
+    data: FolderData,
+    config: DistilConfig,
+    out: Path,
+    verbose: bool = False,
+) -> None:
+    """The distil stage of round ``taught[-1]``: its training set from the verdicts of the rounds ``taught``,
+    fine-tuning of the ``start`` classifier, or, when this round brought nothing new to teach, the ``explained``
+    classifier unchanged. Counterfactuals are held out only where model selection uses them (keep: best)."""
+    table = training_data(run_dir, taught, config.use_true)
+    share = config.holdout if config.keep == "best" else 0.0
+    fit, held = split_holdout(table, share, config.seed + taught[-1])
+    pd.concat([fit.assign(use="train"), held.assign(use="select")]).to_csv(
+        out / "training_set.csv", index=False
+    )
+    # Nothing new to teach (this round's counterfactuals were all judged true or unsure): the classifier goes on
+    # unchanged; fitting again on earlier rounds' verdicts only overfits them.
+    if fit.empty or not table["round"].eq(taught[-1]).any():
+        classifier, card = models.load(explained)
+        models.save(classifier, replace(card, metrics={"skipped": "no new usable verdicts"}), out)
+    else:
+        run(start, data, fit, held, Path(run_dir), config, out, verbose)
 
 
 FLIPS = {
@@ -64,7 +109,7 @@ FLIPS = {
 
 def training_transform(card: models.ModelCard, flip: str) -> v2.Compose:
     """The classifier's own preprocessing, then the random flips ``distil.flip`` asks for (training data only)."""
-    return v2.Compose([make_transform(card.image_size, card.mean, card.std), *FLIPS[flip]])
+    return v2.Compose([models.input_transform(card), *FLIPS[flip]])
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -102,20 +147,8 @@ class DistilSystem(ClassifierSystem):
     def __init__(self, backbone: nn.Module, num_classes: int, config: DistilConfig, has_cf_val: bool):
         super().__init__(backbone, num_classes, config.lr, config.weight_decay)
         self.anchor, self.has_cf_val = config.anchor, has_cf_val
-        # layers: head -> DFR's finding: the features already hold the real evidence; reweight them
-        # the head's name, not the module: a second reference would register it twice
-        self.head = last_linear(backbone) if config.layers == "head" else None
-        if self.head is not None:
-            backbone.requires_grad_(False)
-            backbone.get_submodule(self.head).requires_grad_(True)
         self.start = [p.detach().clone() for p in backbone.parameters()]
         self.cf_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
-
-    def on_train_epoch_start(self):
-        # frozen features: batch-norm statistics stay those of the starting classifier
-        if self.head is not None:
-            self.backbone.eval()
-            self.backbone.get_submodule(self.head).train()
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
@@ -134,10 +167,30 @@ class DistilSystem(ClassifierSystem):
     def on_validation_epoch_end(self):
         val = self.val_acc.compute()
         cf = self.cf_acc.compute() if self.has_cf_val else val
-        # KeepBest keeps the lowest value: the negative selection score
-        self.log_dict({"val_acc": val, "val_cf_acc": cf, "val_select": -(val + cf) / 2}, prog_bar=True)
+        self.log_dict({"val_acc": val, "val_cf_acc": cf, "val_select": (val + cf) / 2}, prog_bar=True)
         self.val_acc.reset()
         self.cf_acc.reset()
+
+
+class HeadOnly(BaseFinetuning):
+    """layers: head (DFR's finding: the features already hold the real evidence; reweight them): only the last
+    linear layer learns; the features stay the starting classifier's, batch-norm statistics included."""
+
+    def __init__(self, head: str):
+        super().__init__()
+        self.head = head
+
+    def freeze_before_training(self, pl_module):
+        self.freeze(pl_module.backbone, train_bn=False)
+        self.make_trainable(pl_module.backbone.get_submodule(self.head))
+
+    def finetune_function(self, pl_module, epoch, optimizer):
+        pass  # nothing is unfrozen later
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        super().on_train_epoch_start(trainer, pl_module)
+        pl_module.backbone.eval()
+        pl_module.backbone.get_submodule(self.head).train()
 
 
 def mixed_sampler(original: ImageDataset, cfs: Counterfactuals, mix: float, n: int, seed: int):
@@ -180,7 +233,7 @@ def run(
         raise UserError("no counterfactual has a usable verdict in this round: nothing to distil")
     L.seed_everything(config.seed, workers=True, verbose=False)
     backbone, card = models.load(checkpoint)
-    transform = make_transform(card.image_size, card.mean, card.std)
+    transform = models.input_transform(card)
     augmented = training_transform(card, config.flip)
     original = ImageDataset(data, "train", card.classes, augmented)
     cfs = Counterfactuals(cf_train, cf_folder, card.classes, augmented, config.stretch)
@@ -192,20 +245,18 @@ def run(
             DataLoader(Counterfactuals(cf_val, cf_folder, card.classes, transform), batch_size=256)
         )
     system = DistilSystem(backbone.train(), len(card.classes), config, len(val_loaders) > 1)
-    keep = KeepBest("val_select") if config.keep == "best" else None
+    keep = KeepBest("val_select", mode="max") if config.keep == "best" else None
+    frozen = [HeadOnly(models.last_linear(backbone))] if config.layers == "head" else []
     started = time.perf_counter()
-    fit = L.Trainer(
-        max_epochs=config.epochs,
-        accelerator=config.accelerator,
-        devices=config.devices,
+    fit = make_trainer(
+        out,
+        config.epochs,
+        config.accelerator,
+        config.devices,
+        [*([keep] if keep else []), *frozen],
+        verbose,
         strategy=config.strategy,
         precision=precision(config),
-        logger=trainer_loggers(out),
-        callbacks=[EpochBar(), *([keep] if keep else [])],
-        enable_checkpointing=False,
-        enable_model_summary=verbose,
-        log_every_n_steps=5,
-        num_sanity_val_steps=0,
     )
     if keep:  # the starting weights compete in model selection (epoch -1)
         fit.validate(system, val_loaders, verbose=False)
@@ -213,7 +264,7 @@ def run(
     metrics = {k: round(float(v), 4) for k, v in fit.callback_metrics.items() if k != "val_select"}
     if keep:
         backbone.load_state_dict(keep.state)
-        metrics.update(best_epoch=keep.best_epoch, selection_score=round(-keep.best, 4))
+        metrics.update(best_epoch=keep.best_epoch, selection_score=round(keep.best_value, 4))
     metrics.update(
         kept=config.keep,
         epochs=config.epochs,

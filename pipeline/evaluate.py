@@ -15,7 +15,7 @@ from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, confusion_ma
 from torch import nn  # noqa: E402
 
 from pipeline import models  # noqa: E402
-from pipeline.data import FolderData, ImageDataset, make_transform  # noqa: E402
+from pipeline.data import FolderData, ImageDataset  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.rundir import write_json  # noqa: E402
 from pipeline.train import predict  # noqa: E402
@@ -55,7 +55,7 @@ def evaluate(
 ) -> tuple[dict, pd.DataFrame]:
     if data.split(split).empty:
         raise UserError(f"dataset {data.root} has no '{split}' images to evaluate on")
-    dataset = ImageDataset(data, split, card.classes, make_transform(card.image_size, card.mean, card.std))
+    dataset = ImageDataset(data, split, card.classes, models.input_transform(card))
     probs = predict(model, dataset)
     table = dataset.rows[["path", "label", "split", "group"]].assign(
         pred=probs.argmax(1), confidence=probs.max(1)

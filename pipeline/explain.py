@@ -19,42 +19,24 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from pipeline import desiderata, generator, models, surrogate  # noqa: E402
+from pipeline import desiderata, generator, manifest, models, surrogate  # noqa: E402
 from pipeline.config import ExplainConfig, GeneratorConfig  # noqa: E402
 from pipeline.counterfactual import Explainer, pooled  # noqa: E402
-from pipeline.data import MEAN, STD, FolderData, ImageDataset, make_transform  # noqa: E402
+from pipeline.data import FolderData, ImageDataset, hw, load_mask  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.patchprior import PatchPrior  # noqa: E402
 from pipeline.rundir import write_json  # noqa: E402
-from pipeline.train import EpochBar, predict, uses_gpu  # noqa: E402
-
-
-class Normalised(nn.Module):
-    """Feeds [-1, 1] images to a classifier trained with other mean/std."""
-
-    def __init__(self, model: nn.Module, mean, std):
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
-
-    def forward(self, x):
-        return self.model(((x + 1) / 2 - self.mean) / self.std)
-
-
-def for_explainer(model: nn.Module, card: models.ModelCard) -> nn.Module:
-    same = tuple(card.mean) == MEAN and tuple(card.std) == STD
-    return model if same else Normalised(model, card.mean, card.std)
+from pipeline.train import make_trainer, predict, uses_gpu  # noqa: E402
 
 
 class Requests(Dataset):
     """(image in [-1, 1], target class, row in the split, feature mask or zeros, has-mask flag)."""
 
-    def __init__(self, images: ImageDataset, rows: list[int], targets: list[int], size: int):
-        self.images, self.rows, self.targets, self.size = images, rows, targets, size
+    def __init__(self, images: ImageDataset, rows: list[int], targets: list[int], card: models.ModelCard):
+        self.images, self.rows, self.targets = images, rows, targets
+        self.size, self.resize = hw(card.image_size), card.resize
 
     def __len__(self):
         return len(self.rows)
@@ -63,23 +45,23 @@ class Requests(Dataset):
         row = self.rows[i]
         x, _, _ = self.images[row]
         rel = self.images.rows["feature_mask"][row] if "feature_mask" in self.images.rows else ""
-        mask = torch.zeros(1, self.size, self.size)
+        mask = torch.zeros(1, *self.size)
         if rel:
-            with Image.open(self.images.root / rel) as m:
-                mask = torch.from_numpy(
-                    np.asarray(m.convert("L").resize((self.size, self.size), Image.NEAREST)) > 127
-                )[None].float()
+            mask = torch.from_numpy(load_mask(self.images.root / rel, self.size, self.resize))[None].float()
         return {"x": x, "target": self.targets[i], "row": row, "mask": mask, "has_mask": bool(rel)}
 
 
 class ExplainSystem(L.LightningModule):
-    def __init__(self, explainer: Explainer, seed: int):
+    def __init__(self, explainer: Explainer, seed: int, grey: bool = False):
         super().__init__()
-        self.explainer, self.seed = explainer, seed
+        self.explainer, self.seed, self.grey = explainer, seed, grey
 
     def predict_step(self, batch, batch_idx):
         with torch.enable_grad():  # Trainer.predict runs without autograd; the search needs it
             attempts = self.explainer(batch["x"], batch["target"], seed=self.seed + batch_idx)
+        if self.grey:  # greyscale data: the counterfactual is what the classifier saw, the channel mean
+            for a in attempts:
+                a["x_cf"] = a["x_cf"].mean(1, keepdim=True).expand_as(a["x_cf"]).contiguous()
         n = len(batch["x"])
         return {
             "batch": {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()},
@@ -94,16 +76,12 @@ class ExplainSystem(L.LightningModule):
 CPU_BATCH_PIXELS = 32 * 64 * 64
 
 
-def batch_size(config: ExplainConfig, image_size: int) -> int:
+def batch_size(config: ExplainConfig, image_size) -> int:
     """explain.batch_size, capped on the CPU to CPU_BATCH_PIXELS (GPUs take the whole batch)."""
     if uses_gpu(config.accelerator):
         return config.batch_size
-    return max(1, min(config.batch_size, CPU_BATCH_PIXELS // image_size**2))
-
-
-def folder(round: int) -> str:
-    """The explain folder of a CFKD round: explain/ for round 1 (also a run without rounds), explain_r<N>/."""
-    return "explain" if round == 1 else f"explain_r{round}"
+    height, width = hw(image_size)
+    return max(1, min(config.batch_size, CPU_BATCH_PIXELS // (height * width)))
 
 
 def select(probs: np.ndarray, targets: list[int], per_pair: int, seed: int) -> tuple[list[int], list[int]]:
@@ -121,27 +99,23 @@ def select(probs: np.ndarray, targets: list[int], per_pair: int, seed: int) -> t
     return rows, goals
 
 
-def read_manifest(path: Path) -> pd.DataFrame:
-    """manifest.csv with class names kept as strings (a class called "0" must not become the number 0)."""
-    text = {c: str for c in ("id", "id_sample", "label", "source_class", "target_class", "source_path")}
-    return pd.read_csv(path, dtype=text, keep_default_na=False, na_values={"feature_share": [""]})
-
-
 def heatmap(delta: torch.Tensor) -> Image.Image:
     """Signed change (mean over channels) as a red (brighter) / blue (darker) image, fixed scale [-1, 1]."""
     signed = delta.mean(0).clamp(-1, 1).numpy()
     return Image.fromarray((plt.get_cmap("RdBu_r")((signed + 1) / 2)[..., :3] * 255).astype(np.uint8))
 
 
-def to_image(x: torch.Tensor) -> Image.Image:
-    return Image.fromarray(((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+def pixels(x: torch.Tensor, grey: bool = False) -> np.ndarray:
+    """A [-1, 1] image as the uint8 array written to PNG (one channel for greyscale data)."""
+    array = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return array[..., 0] if grey else array
 
 
 def build_explainer(classifier, card, data, config: ExplainConfig, gen: GeneratorConfig, verbose=False):
     codec = generator.load(gen.source, gen.subfolder)
-    model = for_explainer(classifier, card)
+    model = models.OnPixels(classifier, card, data.grey)
     smooth, agreement = None, None
-    train = ImageDataset(data, "train", card.classes, make_transform(card.image_size))
+    train = ImageDataset(data, "train", card.classes, models.pixel_transform(card))
     if config.surrogate:
         smooth, agreement = surrogate.distil(model, train, config.surrogate_epochs, config.accelerator)
     denoiser = generator.load_denoiser(gen.unet) if gen.unet else None
@@ -177,41 +151,34 @@ def run(
         config.seed, verbose=False
     )  # surrogate distillation, noise: same seed, same counterfactuals
     classifier, card = models.load(checkpoint)
-    images = ImageDataset(data, config.split, card.classes, make_transform(card.image_size))
+    images = ImageDataset(data, config.split, card.classes, models.pixel_transform(card))
     if len(images) == 0:
         raise UserError(f"dataset {data.root} has no '{config.split}' images to explain (explain.split)")
-    probs = predict(for_explainer(classifier, card), images)
+    probs = predict(models.OnPixels(classifier, card, data.grey), images)
     rows, targets = select(probs, images.targets, config.per_pair, config.seed)
     if not rows:
         raise UserError(f"the classifier gets no '{config.split}' image right: nothing to explain")
     explainer, agreement = build_explainer(classifier, card, data, config, gen, verbose)
-    requests = Requests(images, rows, targets, card.image_size)
-    trainer = L.Trainer(
-        accelerator=config.accelerator,
-        devices=config.devices,
-        logger=False,
-        inference_mode=False,
-        enable_model_summary=False,
-        callbacks=[EpochBar()],
-    )
+    requests = Requests(images, rows, targets, card)
+    trainer = make_trainer(accelerator=config.accelerator, devices=config.devices, inference_mode=False)
     started = time.perf_counter()
     outputs = trainer.predict(
-        ExplainSystem(explainer, config.seed),
+        ExplainSystem(explainer, config.seed, data.grey),
         DataLoader(requests, batch_size=batch_size(config, card.image_size)),
     )
     seconds = time.perf_counter() - started
-    manifest = write_outputs(outputs, images, card, explainer, data, out)
-    summary = desiderata.summarise(manifest)
+    table = write_outputs(outputs, images, card, explainer, data, out)
+    summary = desiderata.summarise(table)
     summary.update(
         surrogate_agreement=agreement,
         wall_seconds=round(seconds, 1),
-        counterfactuals_per_second=len(manifest) / seconds,
+        counterfactuals_per_second=len(table) / seconds,
         settings=config.search.__dict__,
     )
     summary.update(attempt_diversity(outputs))
     write_json(out / "desiderata.json", summary)
-    for (source, target), group in manifest.groupby(["source_class", "target_class"]):
-        grid(group, out, out / f"grid_{source}_to_{target}.png")
+    for (source, target), group in table.groupby(["source_class", "target_class"]):
+        grid(group, out, out / f"grid_{card.classes.index(source)}_to_{card.classes.index(target)}.png")
     return summary
 
 
@@ -229,7 +196,7 @@ def write_outputs(
     for folder in ("originals", "counterfactuals", "differences"):
         (out / folder).mkdir(parents=True, exist_ok=True)
     split = images.rows["split"][0]
-    train = ImageDataset(data, "train", card.classes, make_transform(card.image_size))
+    train = ImageDataset(data, "train", card.classes, models.pixel_transform(card))
     real = {t: desiderata.thumbnails(class_images(train, t)) for t in range(len(card.classes))}
     records = []
     for output in outputs:
@@ -240,16 +207,18 @@ def write_outputs(
             feats = desiderata.thumbnails(attempt["x_cf"])
             for i, row in enumerate(batch["row"].tolist()):
                 target = int(batch["target"][i])
-                sample = f"{split}-{row:05d}-to-{card.classes[target]}"
-                cf_id = f"{sample}-a{k}"
-                original = f"originals/{split}-{row:05d}.png"
-                to_image(batch["x"][i]).save(out / original)
-                to_image(attempt["x_cf"][i]).save(out / f"counterfactuals/{cf_id}.png")
+                sample = manifest.sample_id(split, row)
+                before, after = pixels(batch["x"][i], data.grey), pixels(attempt["x_cf"][i], data.grey)
+                cf_id = manifest.counterfactual_id(sample, target, k, before, after)
+                original = f"originals/{sample}.png"
+                Image.fromarray(before).save(out / original)
+                Image.fromarray(after).save(out / f"counterfactuals/{cf_id}.png")
                 heatmap(attempt["x_cf"][i] - batch["x"][i]).save(out / f"differences/{cf_id}.png")
+                has_mask = masks is not None and bool(batch["has_mask"][i])
                 records.append(
                     {
                         "id": cf_id,
-                        "id_sample": sample,
+                        "sample": sample,
                         "source_path": images.rows["path"][row],
                         "original": original,
                         "counterfactual": f"counterfactuals/{cf_id}.png",
@@ -265,12 +234,8 @@ def write_outputs(
                         "l1": float(stats["l1"][i]),
                         "l2": float(stats["l2"][i]),
                         "changed_area": float(stats["changed_area"][i]),
-                        "feature_share": float(stats["feature_share"][i])
-                        if masks is not None and batch["has_mask"][i]
-                        else np.nan,
-                        "feature_density": float(stats["feature_density"][i])
-                        if masks is not None and batch["has_mask"][i]
-                        else np.nan,
+                        "feature_share": float(stats["feature_share"][i]) if has_mask else np.nan,
+                        "feature_density": float(stats["feature_density"][i]) if has_mask else np.nan,
                         "realism": float(desiderata.realism(feats[i : i + 1], real[target])[0]),
                         "steps": int(attempt["steps"][i]),
                         "no_room": bool(attempt["no_room"][i]),
@@ -279,20 +244,18 @@ def write_outputs(
                         "seconds": float(attempt["seconds"]),
                     }
                 )
-    manifest = pd.DataFrame.from_records(records)
-    manifest.to_csv(out / "manifest.csv", index=False)
-    return manifest
+    return manifest.write(records, out / manifest.NAME)
 
 
 def grid(group: pd.DataFrame, out: Path, path: Path, samples: int = 6) -> None:
     """original | attempt 1..K | change 1..K, one row per sample."""
     k = int(group["attempt"].max())
-    sample_ids = list(dict.fromkeys(group["id_sample"]))[:samples]
+    sample_ids = list(dict.fromkeys(group["sample"]))[:samples]
     fig, axes = plt.subplots(
         len(sample_ids), 1 + 2 * k, figsize=((1 + 2 * k) * 1.3, len(sample_ids) * 1.4), squeeze=False
     )
     for row_axes, sample in zip(axes, sample_ids):
-        rows = group[group["id_sample"] == sample].sort_values("attempt")
+        rows = group[group["sample"] == sample].sort_values("attempt")
         panels = [(rows.iloc[0]["original"], "original")]
         panels += [
             (r.counterfactual, f"a{r.attempt} p={r.p_target_after:.2f}{'' if r.success else ' x'}")
@@ -300,7 +263,7 @@ def grid(group: pd.DataFrame, out: Path, path: Path, samples: int = 6) -> None:
         ]
         panels += [(r.difference, f"change a{r.attempt}") for r in rows.itertuples()]
         for ax, (rel, title) in zip(row_axes, panels):
-            ax.imshow(Image.open(out / rel))
+            ax.imshow(Image.open(out / rel).convert("RGB"))
             ax.set_title(title, fontsize=7)
             ax.axis("off")
     first = group.iloc[0]

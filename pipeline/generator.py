@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -102,9 +101,10 @@ def load(source: str = DEFAULT_SOURCE, subfolder: str | None = None) -> Codec:
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of images in [-1, 1] (peak-to-peak 2), averaged over the batch's pixels."""
-    mse = torch.mean((a.clamp(-1, 1) - b.clamp(-1, 1)) ** 2).item()
-    return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2), over the batch's pixels together."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    return float(peak_signal_noise_ratio(a.clamp(-1, 1), b.clamp(-1, 1), data_range=(-1.0, 1.0)))
 
 
 def load_denoiser(source: str):

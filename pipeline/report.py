@@ -17,8 +17,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from pipeline import manifest  # noqa: E402
 from pipeline.data import FolderData  # noqa: E402
 from pipeline.evaluate import group_names  # noqa: E402
+from pipeline.rounds import judged  # noqa: E402
 from pipeline.rundir import read_json  # noqa: E402
 
 CLASSIFIERS = {
@@ -154,7 +156,7 @@ def explain_section(root: Path, data: FolderData) -> str | None:
         rows[f"attempt {attempt}: valid ones changing mainly the true feature"] = where["feature"]
     table = pd.DataFrame({"value": rows}).to_html(float_format="%.3f", na_rep="-")
     grids = "".join(
-        f"<h3>{html.escape(p.stem[5:]).replace('_to_', ' &rarr; ')}</h3>{img_tag(p.read_bytes(), p.stem)}"
+        f"<h3>{_pair_title(p.stem, data.classes)}</h3>{img_tag(p.read_bytes(), p.stem)}"
         for p in sorted(folder.glob("grid_*.png"))
     )
     return (
@@ -162,6 +164,25 @@ def explain_section(root: Path, data: FolderData) -> str | None:
         "classifier; attempt k may only change what earlier attempts left untouched. Change maps: red = brighter, "
         "blue = darker; 'x' marks an attempt that did not reach the goal.</p>" + table + grids
     )
+
+
+def _pair_title(stem: str, classes: list[str]) -> str:
+    """grid_<source index>_to_<target index> -> 'source -> target' with the class names."""
+    source, _, target = stem.removeprefix("grid_").partition("_to_")
+    try:
+        source, target = classes[int(source)], classes[int(target)]
+    except (ValueError, IndexError):
+        pass
+    return f"{html.escape(str(source))} &rarr; {html.escape(str(target))}"
+
+
+def verdict_counts(f: dict) -> str:
+    """true / spurious / unsure as the teacher gave them, then not flipped and abstained (no verdict)."""
+    if not f:
+        return ""
+    labels = f.get("labels", {})
+    given = "/".join(str(labels.get(k, 0)) for k in ("true", "spurious", "unsure"))
+    return f"{given} ({f.get('not_flipped', 0)} not flipped, {f.get('abstained', 0)} abstained)"
 
 
 def _round_rows(metrics: dict) -> pd.DataFrame:
@@ -182,7 +203,7 @@ def _round_rows(metrics: dict) -> pd.DataFrame:
             "gap closed (worst group)": gain.get("worst_group_accuracy"),
             "flip rate": f.get("flip_rate"),
             "feedback accuracy": f.get("feedback_accuracy"),
-            "true / spurious / unsure": "/".join(str(v) for v in f["labels"].values()) if f else "",
+            "true / spurious / unsure": verdict_counts(f),
             **({"selected (feedback accuracy)": "yes" if stage == chosen else ""} if chosen else {}),
         }
 
@@ -193,11 +214,6 @@ def _round_rows(metrics: dict) -> pd.DataFrame:
     if "reference" in metrics:
         rows.append(row("reference (unbiased data)", metrics["reference"], "reference"))
     return pd.DataFrame(rows)
-
-
-def judged(metrics: dict) -> list[dict]:
-    """Every round's feedback, plus the closing judgement of the last classifier (distil.select)."""
-    return [*metrics.get("rounds", []), *([metrics["closing"]] if metrics.get("closing") else [])]
 
 
 def _round_plots(metrics: dict) -> str:
@@ -230,26 +246,25 @@ def _round_plots(metrics: dict) -> str:
     return png(fig)
 
 
-def _verdict_grid(root: Path, round: dict, samples: int = 8) -> str | None:
-    from pipeline.explain import folder
+COLOURS = {"spurious": "tab:red", "true": "tab:green", "unsure": "tab:grey"}
 
-    explained, verdicts_path = (
-        root / folder(round["round"]),
-        root / f"feedback_r{round['round']}" / "verdicts.csv",
-    )
+
+def _verdict_grid(root: Path, round: dict, samples: int = 8) -> str | None:
+    explained = root / manifest.folder(round["round"])
+    verdicts_path = root / f"feedback_r{round['round']}" / "verdicts.csv"
     if not verdicts_path.exists():
         return None
-    verdicts = pd.read_csv(verdicts_path, dtype=str).head(samples)
-    manifest = pd.read_csv(explained / "manifest.csv", dtype=str).set_index("id")
+    verdicts = pd.read_csv(verdicts_path, dtype=str, keep_default_na=False).head(samples)
+    entries = manifest.read(explained).set_index("id")
     if verdicts.empty:
         return None
     fig, axes = plt.subplots(3, len(verdicts), figsize=(len(verdicts) * 1.3, 4.2), squeeze=False)
     for column, v in zip(axes.T, verdicts.itertuples()):
-        entry = manifest.loc[v.cf_id]
+        entry = entries.loc[v.cf_id]
         for ax, rel in zip(column, (entry["original"], entry["counterfactual"], entry["difference"])):
-            ax.imshow(Image.open(explained / rel))
+            ax.imshow(Image.open(explained / rel).convert("RGB"))
             ax.axis("off")
-        column[0].set_title(v.label, fontsize=8, color="tab:red" if v.label == "spurious" else "tab:green")
+        column[0].set_title(v.label, fontsize=8, color=COLOURS.get(v.label, "black"))
     return f"<h3>Round {round['round']}: verdicts (rows: original, counterfactual, change)</h3>" + png(fig)
 
 
@@ -269,10 +284,11 @@ def cfkd_section(root: Path, data: FolderData) -> str | None:
     grids = "".join(g for g in (_verdict_grid(root, r) for r in judged(metrics)) if g)
     selected = metrics.get("selected")
     if selected:
+        score = selected.get("feedback_accuracy")
         waiting += (
             f"<p><b>Result:</b> <code>{html.escape(selected['model'])}</code>, the classifier whose "
             f"counterfactuals the teacher judged true most often (feedback accuracy "
-            f"{selected['feedback_accuracy']:.2f}; chosen without test labels).</p>"
+            f"{'-' if score is None else f'{score:.2f}'}; chosen without test labels).</p>"
         )
     return (
         "<h2>CFKD rounds</h2><p class=note>Each round explains the current classifier, the teacher labels every "

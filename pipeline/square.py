@@ -1,4 +1,4 @@
-"""The Square dataset of the CFKD/SCE authors, written in the folder format (DESIGN.md).
+"""The Square dataset of the CFKD/SCE authors, written in the folder format (background brightness confounded with the class).
 
 64x64 RGB: grey background of brightness b plus Gaussian noise; a 12x12 patch at a random position whose inner
 8x8 is red with intensity a (G = B = 0) plus noise. Class = a >= 128 (the true feature), confounder = b >= 128.

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from pipeline.train import EpochBar
+from pipeline.train import make_trainer
 
 
 def smooth_copy(model: nn.Module, beta: float = 4.0) -> nn.Module:
@@ -64,14 +64,7 @@ def distil(
     """Train the surrogate on ``dataset`` (items (x, y, i)); return it and its agreement with the classifier."""
     student = smooth_copy(classifier).train().requires_grad_(True)
     system = SurrogateSystem(student, classifier)
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        accelerator=accelerator,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        callbacks=[EpochBar()],
-    )
+    trainer = make_trainer(max_epochs=epochs, accelerator=accelerator)
     trainer.fit(system, DataLoader(dataset, batch_size=batch_size, shuffle=True))
     student = student.cpu().eval()
     agree, total = 0, 0

@@ -20,18 +20,17 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from pipeline import models
-from pipeline.data import make_transform
+from pipeline import manifest, models
+from pipeline.data import load_mask
 from pipeline.errors import UserError
-from pipeline.explain import folder, for_explainer, read_manifest
-from pipeline.feedback import FeedbackStore
+from pipeline.store import FeedbackStore
 
 TEACHERS = ("mask", "model")
 
 
-def _image(path: Path, size: int) -> torch.Tensor:
+def _image(path: Path, transform) -> torch.Tensor:
     with Image.open(path) as image:
-        return make_transform(size)(image.convert("RGB"))
+        return transform(image)
 
 
 def banded(score: float, band: float) -> str:
@@ -39,17 +38,22 @@ def banded(score: float, band: float) -> str:
     return "true" if score > band else "spurious" if score <= 1 / band else "unsure"
 
 
-def mask_verdicts(manifest: pd.DataFrame, explain_dir: Path, data_root: Path, band: float = 1.0) -> pd.Series:
-    table = pd.read_csv(data_root / "metadata.csv", dtype=str, keep_default_na=False)
-    masks = dict(zip(table["path"], table["feature_mask"])) if "feature_mask" in table else {}
+def _rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), float)
+
+
+def mask_verdicts(
+    table: pd.DataFrame, explain_dir: Path, data_root: Path, band: float = 1.0, resize: str = "pad"
+) -> pd.Series:
+    masks = feature_masks(data_root)
     verdicts = {}
-    for row in manifest.itertuples():
+    for row in table.itertuples():
         if not masks.get(row.source_path):
             continue  # no feature mask for this image: the oracle abstains
-        with Image.open(explain_dir / row.original) as o, Image.open(explain_dir / row.counterfactual) as c:
-            delta = np.abs(np.asarray(c, float) - np.asarray(o, float)).sum(-1)
-        with Image.open(data_root / masks[row.source_path]) as m:
-            mask = np.asarray(m.convert("L").resize(delta.shape[::-1], Image.NEAREST), float) / 255
+        delta = np.abs(_rgb(explain_dir / row.counterfactual) - _rgb(explain_dir / row.original)).sum(-1)
+        # the mask fitted like its image was (same size, same resize policy)
+        mask = load_mask(data_root / masks[row.source_path], list(delta.shape), resize).astype(float)
         # change per pixel on the feature / per pixel overall: > 1 <=> the centred-mask mean is positive
         density = (delta * mask).mean() / max(delta.mean() * mask.mean(), 1e-12)
         verdicts[row.id] = banded(density, band)
@@ -57,15 +61,13 @@ def mask_verdicts(manifest: pd.DataFrame, explain_dir: Path, data_root: Path, ba
 
 
 @torch.no_grad()
-def model_verdicts(
-    manifest: pd.DataFrame, explain_dir: Path, reference: Path, band: float = 1.0
-) -> pd.Series:
+def model_verdicts(table: pd.DataFrame, explain_dir: Path, reference: Path, band: float = 1.0) -> pd.Series:
     model, card = models.load(reference)
-    model = for_explainer(model, card)
+    model, transform = models.OnPixels(model, card), models.pixel_transform(card)
     verdicts = {}
-    for row in manifest.itertuples():
-        x = _image(explain_dir / row.original, card.image_size)[None]
-        x_cf = _image(explain_dir / row.counterfactual, card.image_size)[None]
+    for row in table.itertuples():
+        x = _image(explain_dir / row.original, transform)[None]
+        x_cf = _image(explain_dir / row.counterfactual, transform)[None]
         if card.classes[int(model(x).argmax())] != row.source_class:
             continue  # the oracle gets the original wrong: it abstains
         p = torch.softmax(model(x_cf), -1)[0]
@@ -73,6 +75,14 @@ def model_verdicts(
         # odds of the target against the strongest other class: > 1 <=> the reference flips too
         verdicts[row.id] = banded(float(p[target] / torch.cat([p[:target], p[target + 1 :]]).max()), band)
     return pd.Series(verdicts, dtype=object)
+
+
+def feature_masks(data_root: Path) -> dict[str, str]:
+    """Image path -> feature-mask path, for the images that have one."""
+    table = pd.read_csv(Path(data_root) / "metadata.csv", dtype=str, keep_default_na=False)
+    if "feature_mask" not in table:
+        return {}
+    return {p.strip(): m.strip() for p, m in zip(table["path"], table["feature_mask"]) if m.strip()}
 
 
 def run(
@@ -84,37 +94,41 @@ def run(
     round: int = 1,
     seed: int = 0,
     band: float = 1.0,
+    resize: str = "pad",
 ) -> dict:
     """Label every successful counterfactual of the round's explain folder and write the verdicts to the store."""
     if teacher not in TEACHERS:
         raise UserError(f"unknown teacher '{teacher}' (choose {', '.join(TEACHERS)})")
-    explain_dir = run_dir / folder(round)
-    try:
-        manifest = read_manifest(explain_dir / "manifest.csv")
-    except FileNotFoundError:
-        raise UserError(f"no counterfactuals in {explain_dir}: run the explain stage first") from None
-    manifest = manifest[manifest["success"]]
+    explain_dir = run_dir / manifest.folder(round)
+    everything = manifest.read(explain_dir)
+    table = manifest.flipped(everything)
     if teacher == "mask":
-        verdicts = mask_verdicts(manifest, explain_dir, data_root, band)
+        verdicts = mask_verdicts(table, explain_dir, data_root, band, resize)
     else:
         if reference is None or not (reference / "card.json").exists():
             raise UserError(
                 "the model oracle needs the reference classifier (reference stage or --reference)"
             )
-        verdicts = model_verdicts(manifest, explain_dir, reference, band)
+        verdicts = model_verdicts(table, explain_dir, reference, band)
     if noise > 0:
         flip = np.random.default_rng(seed).random(len(verdicts)) < noise
         # an imperfect expert swaps true and spurious; an unsure verdict stays unsure
         verdicts[flip] = verdicts[flip].replace({"true": "spurious", "spurious": "true"})
     annotator = f"teacher:{teacher}"
-    FeedbackStore(run_dir / "feedback.sqlite").add_many(
+    store = FeedbackStore(run_dir / "feedback.sqlite")
+    # a rerun gives the same verdicts: only a verdict that differs from the teacher's current one is appended
+    current = store.labels(round)
+    current = current[current["annotator"] == annotator].set_index("cf_id")["label"]
+    store.add_many(
         {"cf_id": cf_id, "annotator": annotator, "label": label, "round": round}
         for cf_id, label in verdicts.items()
+        if current.get(cf_id) != label
     )
     counts = verdicts.value_counts().to_dict()
     return {
         "annotator": annotator,
         "labelled": int(len(verdicts)),
-        "skipped": int(len(manifest) - len(verdicts)),
+        "not_flipped": int(len(everything) - len(table)),
+        "abstained": int(len(table) - len(verdicts)),
         **counts,
     }

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lightning as L
@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from pipeline import models
 from pipeline.config import ClassifierConfig
-from pipeline.data import FolderData, ImageDataset, make_transform
+from pipeline.data import FolderData, ImageDataset, hw
 
 
 class ClassifierSystem(L.LightningModule):
@@ -68,19 +68,25 @@ class ClassifierSystem(L.LightningModule):
 
 
 class KeepBest(L.Callback):
-    """Keep the backbone weights of the epoch with the lowest validation loss (no pickled checkpoints)."""
+    """Keep the backbone weights of the epoch with the best ``monitor`` value (``mode`` min or max) in memory:
+    Lightning's ModelCheckpoint would write pickled checkpoints, and only the backbone is wanted."""
 
-    def __init__(self, monitor: str = "val_loss"):
-        self.monitor, self.best, self.best_epoch, self.state = monitor, float("inf"), -1, None
+    def __init__(self, monitor: str = "val_loss", mode: str = "min"):
+        self.monitor, self.sign = monitor, 1.0 if mode == "min" else -1.0
+        self.best, self.best_epoch, self.state = float("inf"), -1, None
+
+    @property
+    def best_value(self) -> float:
+        return self.sign * self.best
 
     def on_validation_end(self, trainer, pl_module):
         # not on_validation_epoch_end: Lightning reduces the epoch's logged metrics after that hook
         value = trainer.callback_metrics.get(self.monitor)
-        if trainer.sanity_checking or value is None or float(value) >= self.best:
+        if trainer.sanity_checking or value is None or self.sign * float(value) >= self.best:
             return
         fitting = trainer.state.fn == TrainerFn.FITTING
         self.best, self.best_epoch = (
-            float(value),
+            self.sign * float(value),
             trainer.current_epoch if fitting else -1,
         )  # -1: before training
         self.state = copy.deepcopy({k: v.detach().cpu() for k, v in pl_module.backbone.state_dict().items()})
@@ -122,13 +128,21 @@ def trainer_loggers(out: Path | None) -> list | bool:
     return [CSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="logs", version="")]
 
 
-def trainer(
-    out: Path | None, max_epochs: int, config: ClassifierConfig, callbacks=(), verbose: bool = False
+def make_trainer(
+    out: Path | None = None,
+    max_epochs: int = 1,
+    accelerator: str = "auto",
+    devices: str | int = "auto",
+    callbacks=(),
+    verbose: bool = False,
+    **options,
 ) -> L.Trainer:
-    return L.Trainer(
+    """The one Lightning Trainer of every stage: quiet, no pickled checkpoints, logs in ``out/logs`` when given,
+    the epoch bar; ``options`` pass straight to Lightning (strategy, precision, inference_mode, ...)."""
+    settings = dict(
         max_epochs=max_epochs,
-        accelerator=config.accelerator,
-        devices=config.devices,
+        accelerator=accelerator,
+        devices=devices,
         logger=trainer_loggers(out),
         callbacks=[EpochBar(), *callbacks],
         enable_checkpointing=False,
@@ -136,21 +150,37 @@ def trainer(
         log_every_n_steps=5,
         num_sanity_val_steps=0,
     )
+    return L.Trainer(**(settings | options))
 
 
 def run(
-    data: FolderData, config: ClassifierConfig, image_size: int, out: Path, verbose: bool = False
+    data: FolderData,
+    config: ClassifierConfig,
+    image_size,
+    out: Path,
+    verbose: bool = False,
+    resize: str = "pad",
 ) -> TrainResult:
     """Train ``config.arch`` on the train split (model selection on val) and write the checkpoint to ``out``."""
     L.seed_everything(config.seed, workers=True, verbose=False)
-    transform = make_transform(image_size)
+    card = models.ModelCard(
+        arch=config.arch,
+        classes=data.classes,
+        image_size=list(hw(image_size)),
+        channels=1 if data.grey else 3,  # greyscale stays greyscale: a 1-channel model
+        mean=[0.5] * (1 if data.grey else 3),
+        std=[0.5] * (1 if data.grey else 3),
+        resize=resize,
+        stem=models.own_stem(config.arch, image_size),
+    )
+    transform = models.input_transform(card)
     train_set = ImageDataset(data, "train", data.classes, transform)
     val_set = ImageDataset(data, "val", data.classes, transform)
-    backbone = models.build(config.arch, len(data.classes), image_size)
+    backbone = models.build(config.arch, len(data.classes), image_size, card.channels, card.stem)
     system = ClassifierSystem(backbone, len(data.classes), config.lr, config.weight_decay)
     keep = KeepBest()
     started = time.perf_counter()
-    fit = trainer(out, config.epochs, config, [keep], verbose)
+    fit = make_trainer(out, config.epochs, config.accelerator, config.devices, [keep], verbose)
     fit.fit(
         system, _loader(train_set, config.batch_size, True, config.balanced), _loader(val_set, 256, False)
     )
@@ -160,13 +190,7 @@ def run(
     metrics.update(
         best_epoch=keep.best_epoch, epochs=config.epochs, seconds=round(time.perf_counter() - started, 1)
     )
-    card = models.ModelCard(
-        arch=config.arch,
-        classes=data.classes,
-        image_size=image_size,
-        metrics=metrics,
-        data_hash=data.fingerprint("train"),
-    )
+    card = replace(card, metrics=metrics, data_hash=data.fingerprint("train"))
     models.save(backbone.eval(), card, out)
     return TrainResult(card, out)
 
@@ -176,5 +200,7 @@ def predict(
 ) -> np.ndarray:
     """Class probabilities for every item of ``dataset`` (Lightning batched inference)."""
     system = ClassifierSystem(model, num_classes=len(dataset.classes))
-    batches = trainer(None, 1, config).predict(system, _loader(dataset, 256, False))
+    batches = make_trainer(None, 1, config.accelerator, config.devices).predict(
+        system, _loader(dataset, 256, False)
+    )
     return torch.cat(batches).float().numpy()

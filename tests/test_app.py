@@ -7,7 +7,7 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from annotation_app import services
-from pipeline.feedback import FeedbackStore
+from pipeline.store import FeedbackStore
 
 APP = str(Path(__file__).resolve().parent.parent / "annotation_app" / "app.py")
 
@@ -199,3 +199,15 @@ def test_fleiss_kappa_known_value():
         }
     )
     assert services.fleiss_kappa(split) < 0
+
+
+def test_the_round_counts_verdicts_unjudged_and_not_flipped(tmp_path, monkeypatch):
+    run = make_run(tmp_path, n=4)
+    table = pd.read_csv(run / "explain" / "manifest.csv")
+    failed = {**table.iloc[0].to_dict(), "id": "cf-failed", "success": False}
+    pd.concat([table, pd.DataFrame([failed])]).to_csv(run / "explain" / "manifest.csv", index=False)
+    at = app(monkeypatch, run)
+    at.button(key="label-spurious").click().run()
+    text = " ".join(c.value for c in at.caption)
+    assert "spurious: 1" in text and "not judged yet: 3" in text and "not flipped: 1" in text
+    assert "cf-failed" not in " ".join(m.value for m in at.markdown)  # never shown

@@ -15,7 +15,7 @@ from cdp import Browser
 from PIL import Image
 from test_app import make_run
 
-from pipeline.feedback import FeedbackStore
+from pipeline.store import FeedbackStore
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTEFACTS = Path(__file__).resolve().parent / "artifacts"

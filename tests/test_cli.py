@@ -58,7 +58,7 @@ def test_data_square_then_check(tmp_path, capsys):
         == 0
     )
     assert cli.main(["data", "check", str(tmp_path / "sq")]) == 0
-    assert "40 images, classes ['0', '1'], ok" in capsys.readouterr().out
+    assert "40 colour images, classes ['0', '1'], ok" in capsys.readouterr().out
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, square_dir):
@@ -137,6 +137,8 @@ def test_train_and_evaluate_commands(tmp_path, square_dir, capsys):
                 str(square_dir),
                 "--image-size",
                 "32",
+                "--preset",
+                "half",
                 "--out",
                 str(tmp_path / "imported"),
             ]
@@ -146,7 +148,7 @@ def test_train_and_evaluate_commands(tmp_path, square_dir, capsys):
 
 
 def test_feedback_export_and_import(tmp_path, capsys):
-    from pipeline.feedback import FeedbackStore
+    from pipeline.store import FeedbackStore
 
     FeedbackStore(tmp_path / "a" / "feedback.sqlite").add("cf-1", "alice", "true")
     assert (

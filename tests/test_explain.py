@@ -1,10 +1,13 @@
 import dataclasses
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from pipeline import explain, generator, models
+from pipeline import manifest as manifest_files
 from pipeline.config import ExplainConfig, GeneratorConfig
 from pipeline.counterfactual import (
     Explainer,
@@ -21,7 +24,7 @@ from pipeline.errors import UserError
 
 MANIFEST = [
     "id",
-    "id_sample",
+    "sample",
     "source_path",
     "original",
     "counterfactual",
@@ -144,7 +147,7 @@ def _roughness(result, x):
 def test_tv_makes_the_search_change_the_image_more_evenly_and_as_validly(tiny_biased, tiny_codec):
     model, x, target = _batch(tiny_biased)
     codec, free = generator.load(str(tiny_codec)), torch.ones_like(x[:, :1])
-    settings = Settings(attempts=1, goal=0.8, steps=80, lr=0.1, l1=0.1, sparsity=False)
+    settings = Settings(attempts=1, goal=0.8, steps=150, lr=0.1, l1=0.1, sparsity=False)
     plain = Explainer(codec, model, settings).attempt(x, target, free, torch.Generator().manual_seed(0))
     smooth = Explainer(codec, model, dataclasses.replace(settings, tv=10.0)).attempt(
         x, target, free, torch.Generator().manual_seed(0)
@@ -244,10 +247,16 @@ def _config(**search):
 def test_explain_stage_writes_manifest_images_and_desiderata(tiny_biased, tiny_codec, tmp_path):
     ckpt, data = tiny_biased
     summary = explain.run(ckpt, data, _config(), GeneratorConfig(source=str(tiny_codec)), tmp_path / "a")
-    manifest = explain.read_manifest(tmp_path / "a" / "manifest.csv")
+    manifest = manifest_files.read(tmp_path / "a" / "manifest.csv")
     assert list(manifest.columns) == MANIFEST
     assert len(manifest) == 2 * 3 * 2  # 2 ordered pairs x 3 images x 2 attempts
     assert manifest["id"].is_unique
+    # an id names the exact pair of images: it ends in a hash of their pixels
+    first = manifest.iloc[0]
+    pixels = [np.asarray(Image.open(tmp_path / "a" / first[c])) for c in ("original", "counterfactual")]
+    assert first["id"] == manifest_files.counterfactual_id(
+        first["sample"], 1 - int(first["label"]), first["attempt"], *pixels
+    )
     for rel in pd.concat([manifest["original"], manifest["counterfactual"], manifest["difference"]]):
         assert (tmp_path / "a" / rel).is_file()
     assert set(manifest["attempt"]) == {1, 2} and (manifest["source_class"] != manifest["target_class"]).all()
@@ -260,7 +269,7 @@ def test_explain_stage_writes_manifest_images_and_desiderata(tiny_biased, tiny_c
 
     # same seed, same counterfactuals
     explain.run(ckpt, data, _config(), GeneratorConfig(source=str(tiny_codec)), tmp_path / "b")
-    again = explain.read_manifest(tmp_path / "b" / "manifest.csv")
+    again = manifest_files.read(tmp_path / "b" / "manifest.csv")
     pd.testing.assert_frame_equal(manifest.drop(columns="seconds"), again.drop(columns="seconds"))
     for rel in manifest["counterfactual"]:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()

@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.feedback import FeedbackStore
+from pipeline.store import FeedbackStore
 
 WRITER = """
 import sys
-from pipeline.feedback import FeedbackStore
+from pipeline.store import FeedbackStore
 store = FeedbackStore(sys.argv[1])
 for i in range(int(sys.argv[3])):
     store.add(f"cf-{i}", sys.argv[2], "true" if i % 2 else "spurious")

@@ -78,6 +78,7 @@ def test_user_dataset_and_imported_weights(tmp_path, square_dir):
         **{
             "data.root": str(square_dir),
             "classifier.weights": str(tmp_path / "a" / "classifier" / "model.safetensors"),
+            "classifier.preset": "half",
             "reference.enabled": False,
         }
     )
@@ -104,6 +105,7 @@ def test_explain_stage_joins_the_run_and_the_report(tmp_path, tiny_codec):
             "explain.surrogate": False,
             "explain.search.steps": 10,
             "generator.source": str(tiny_codec),
+            "distil.enabled": False,
         }
     )
     lines = _run(tmp_path / "run", config)

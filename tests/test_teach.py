@@ -7,7 +7,7 @@ from pipeline import config, square, teach
 from pipeline.config import ClassifierConfig
 from pipeline.data import load_folder
 from pipeline.errors import UserError
-from pipeline.feedback import FeedbackStore
+from pipeline.store import FeedbackStore
 from pipeline.train import run as train
 
 
@@ -71,13 +71,15 @@ def test_mask_oracle_matches_mask_ground_truth(tmp_path, unbiased):
     assert result["labelled"] == 12 and "failed" not in labels
     assert labels.to_dict() == truth
     assert set(FeedbackStore(tmp_path / "feedback.sqlite").events()["annotator"]) == {"teacher:mask"}
+    teach.run(tmp_path, "mask", unbiased / "data")  # the same verdicts again: nothing appended
+    assert len(FeedbackStore(tmp_path / "feedback.sqlite").events()) == 12
 
 
 def test_model_oracle_matches_mask_ground_truth(tmp_path, unbiased):
     truth = _hand_made_counterfactuals(tmp_path, unbiased / "data")
     result = teach.run(tmp_path, "model", unbiased / "data", unbiased / "reference")
     labels = FeedbackStore(tmp_path / "feedback.sqlite").labels().set_index("cf_id")["label"]
-    assert result["labelled"] + result["skipped"] == 12
+    assert result["labelled"] + result["abstained"] == 12 and result["not_flipped"] == 1
     agree = np.mean([labels[k] == truth[k] for k in labels.index])
     assert result["labelled"] >= 10 and agree >= 0.9
 

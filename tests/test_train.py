@@ -18,7 +18,8 @@ def test_tiny_classifier_learns_the_shortcut_and_round_trips(tmp_path):
 
     # the artefacts: safetensors + card + Lightning CSV and TensorBoard logs
     card = json.loads((tmp_path / "ckpt" / "card.json").read_text())
-    assert card["arch"] == "small_cnn" and card["classes"] == ["0", "1"] and card["image_size"] == 32
+    assert card["arch"] == "small_cnn" and card["classes"] == ["0", "1"] and card["image_size"] == [32, 32]
+    assert card["channels"] == 3 and card["stem"] == "standard"  # small_cnn on colour data
     assert card["data_hash"] == data.fingerprint("train") and card["metrics"]["epochs"] == 3
     assert (tmp_path / "ckpt" / "model.safetensors").exists()
     logs = pd.read_csv(tmp_path / "ckpt" / "logs" / "metrics.csv")

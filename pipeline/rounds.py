@@ -1,0 +1,108 @@
+"""The CFKD round policy: which classifier each round explains and fine-tunes, which verdicts it learns from,
+when a round has nothing new to teach, the closing judgement, the label-free choice of the result, and the gain.
+
+Round r: explain the classifier of round r - 1 -> the teacher's verdicts -> distil -> evaluate. The runner owns
+the stages and their fingerprints; this module only decides what flows between them.
+"""
+
+from __future__ import annotations
+
+from pipeline.config import DistilConfig
+from pipeline.data import FolderData
+from pipeline.rundir import read_json, write_json
+
+
+def taught(config: DistilConfig, round: int) -> list[int]:
+    """The rounds whose verdicts round ``round`` trains on: all so far (a verdict stays valid) or its own."""
+    return list(range(1, round + 1)) if config.accumulate else [round]
+
+
+def start(config: DistilConfig, explained: str) -> str:
+    """The classifier a round fine-tunes: the one it explained (latest) or the run's first (initial)."""
+    return explained if config.start == "latest" else "classifier"
+
+
+def run(r, data: FolderData, metrics: dict) -> bool:
+    """Every round, then with distil.select the closing judgement and the result; False while experts label."""
+    metrics["rounds"], model = [], "classifier"
+    for n in range(1, r.config.distil.rounds + 1):
+        described = r.explain(data, n, model)
+        if not r.feedback(data, n):
+            return False
+        model = r.distil(data, n, model)
+        metrics["rounds"].append(round_metrics(r, n, described, metrics))
+        write_json(r.dir.root / "metrics.json", metrics)
+    if not r.config.distil.select:
+        return True
+    metrics["closing"] = closing(r, data, metrics["rounds"])
+    if metrics["closing"] is None:
+        return False
+    metrics["selected"] = select(metrics)
+    return True
+
+
+def closing(r, data: FolderData, done: list[dict]) -> dict | None:
+    """Explain and judge the last classifier once more (a round without distil); None while experts label it.
+    A closing round without verdicts (nothing flipped) is recorded, not an error: it judges, it does not teach."""
+    n = len(done) + 1
+    described = r.explain(data, n, done[-1]["model"])
+    if not r.feedback(data, n, require=False):
+        return None
+    fed = read_json(r.dir.path(f"feedback_r{n}") / "summary.json")
+    return {"round": n, "explained": done[-1]["model"], "flip_rate": described["validity"], **fed}
+
+
+def round_metrics(r, n: int, described: dict, before: dict) -> dict:
+    tested = read_json(r.dir.path(f"distil_r{n}") / "evaluation" / "metrics.json")
+    fed = read_json(r.dir.path(f"feedback_r{n}") / "summary.json")
+    return {
+        "round": n,
+        "model": f"distil_r{n}",
+        "explained": "classifier" if n == 1 else f"distil_r{n - 1}",
+        "flip_rate": described["validity"],
+        **fed,
+        "training": r.card_metrics(f"distil_r{n}"),
+        "test_accuracy": tested["accuracy"],
+        "worst_group_accuracy": tested["worst_group_accuracy"],
+        "worst_group": tested["worst_group"],
+        "per_group": {g: v["accuracy"] for g, v in tested["per_group"].items()},
+        "gain": gain(tested, before),
+    }
+
+
+def gain(after: dict, before: dict) -> dict | None:
+    """Share of the gap between the biased and the reference classifier that a correction closes."""
+    if "reference" not in before:
+        return None
+    out = {}
+    for key in ("accuracy", "worst_group_accuracy"):
+        gap = before["reference"][key] - before["classifier"][key]
+        out[key] = (after[key] - before["classifier"][key]) / gap if abs(gap) > 1e-9 else None
+    return out
+
+
+def judged(metrics: dict) -> list[dict]:
+    """Every round's feedback, plus the closing judgement of the last classifier (distil.select)."""
+    return [*metrics.get("rounds", []), *([metrics["closing"]] if metrics.get("closing") else [])]
+
+
+def select(metrics: dict) -> dict:
+    """The classifier whose counterfactuals the teacher judged true most often (feedback accuracy, which needs no
+    test labels). An earlier round wins a tie: as good a judgement with less fine-tuning drift. Its test figures
+    come along for the report only."""
+    scored = judged(metrics)
+    names = ["classifier", *(r["model"] for r in metrics["rounds"])]
+    scores = [
+        (j["feedback_accuracy"], -i)
+        for i, j in enumerate(scored[: len(names)])
+        if j.get("feedback_accuracy") is not None
+    ]
+    best = -max(scores)[1] if scores else len(names) - 1
+    tested = metrics["classifier"] if best == 0 else metrics["rounds"][best - 1]
+    return {
+        "model": names[best],
+        "round": best,
+        "feedback_accuracy": scored[best].get("feedback_accuracy") if best < len(scored) else None,
+        "test_accuracy": tested.get("accuracy", tested.get("test_accuracy")),
+        "worst_group_accuracy": tested["worst_group_accuracy"],
+    }
