@@ -39,8 +39,9 @@ def inputs(root: Path, rows: pd.DataFrame) -> torch.Tensor:
     return (torch.from_numpy(np.stack(images))[:, None] - MEAN) / STD
 
 
-def plain_training(root: Path, epochs: int, seed: int = 0) -> tuple[torch.nn.Module, float, list[str]]:
-    """The user's code: torchvision resnet18 with a 1-channel stem, Adam, no cfkd; (model, test accuracy)."""
+def plain_training(root: Path, epochs: int, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor, list[str]]:
+    """The user's code: torchvision resnet18 with a 1-channel stem, Adam, no cfkd; (model, test predictions as
+    class indices into the sorted class names, classes)."""
     table = pd.read_csv(root / "metadata.csv", keep_default_na=False)
     classes = sorted(table["label"].unique())
     torch.manual_seed(seed)
@@ -60,8 +61,7 @@ def plain_training(root: Path, epochs: int, seed: int = 0) -> tuple[torch.nn.Mod
     test = table[table["split"] == "test"]
     with torch.no_grad():
         pred = model(inputs(root, test)).argmax(1)
-    truth = torch.tensor([classes.index(v) for v in test["label"]])
-    return model, float((pred == truth).float().mean()), classes
+    return model, pred, classes
 
 
 def cfkd(*argv: str) -> str:
@@ -81,7 +81,10 @@ def main() -> None:
     started = time.perf_counter()
     shapes.generate(work / "data", shapes.ShapesConfig(poison=0.9, seed=0))
     shapes.generate(work / "reference", shapes.ShapesConfig(poison=1 / 3, seed=1))
-    model, plain_accuracy, classes = plain_training(work / "data", args.epochs)
+    model, plain_pred, classes = plain_training(work / "data", args.epochs)
+    test = pd.read_csv(work / "data" / "metadata.csv", keep_default_na=False).query("split == 'test'")
+    truth = torch.tensor([classes.index(v) for v in test["label"]])
+    plain_accuracy = float((plain_pred == truth).float().mean())
     torch.save(model.state_dict(), work / "model.pt")
     trained = time.perf_counter()
 
@@ -100,6 +103,8 @@ def main() -> None:
     )
     cfkd("evaluate", "--checkpoint", str(work / "imported"), "--data", str(work / "data"))
     evaluated = json.loads((work / "imported" / "eval_test" / "metrics.json").read_text())
+    ours = pd.read_csv(work / "imported" / "eval_test" / "predictions.csv", keep_default_na=False)
+    agreement = float((torch.tensor(ours["pred"].to_numpy()) == plain_pred).float().mean())
 
     config = {
         "name": "own-data",
@@ -121,6 +126,7 @@ def main() -> None:
         "cfkd_evaluate_accuracy": evaluated["accuracy"],
         "difference_points": round(100 * abs(plain_accuracy - evaluated["accuracy"]), 3),
         "within_half_a_point": abs(plain_accuracy - evaluated["accuracy"]) <= 0.005,
+        "same_prediction_per_image": agreement,
         "classes": classes,
         "run_status": metrics["status"],
         "verdicts": int(len(verdicts)),
@@ -129,6 +135,11 @@ def main() -> None:
         "abstained": metrics["rounds"][0]["abstained"],
         "before": {k: metrics["classifier"][k] for k in ("accuracy", "worst_group_accuracy")},
         "after_round_1": {k: metrics["rounds"][0][k] for k in ("test_accuracy", "worst_group_accuracy")},
+        "feedback_accuracy": {
+            "before": metrics["rounds"][0]["feedback_accuracy"],
+            "after_round_1": metrics["closing"]["feedback_accuracy"],
+        },
+        "selected": metrics["selected"]["model"],
         "reference": {k: metrics["reference"][k] for k in ("accuracy", "worst_group_accuracy")},
         "report": (work / "run" / "report.html").exists(),
         "seconds": {

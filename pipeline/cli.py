@@ -137,7 +137,8 @@ def _evaluate(args) -> None:
 def _generator_train(args) -> None:
     from pipeline import codec
 
-    config = codec.CodecConfig(kind=args.kind, max_steps=args.steps, max_minutes=args.minutes, seed=args.seed)
+    given = {"kind": args.kind, "max_steps": args.steps, "max_minutes": args.minutes, "seed": args.seed}
+    config = codec.CodecConfig(**{k: v for k, v in given.items() if v is not None})
     card = codec.train(Path(args.out), config, args.verbose)
     print(json.dumps({k: v for k, v in card.items() if k not in ("config", "corpus")}, indent=2))
 
@@ -332,12 +333,11 @@ def parser() -> argparse.ArgumentParser:
         "train", help="train the embedded generic codec on the procedural corpus", parents=[common]
     )
     gt.add_argument("--out", default="checkpoints/generic-codec")
-    gt.add_argument("--kind", default="AutoencoderTiny", choices=["AutoencoderTiny", "AutoencoderKL"])
-    gt.add_argument("--steps", type=int, default=3000)
-    gt.add_argument(
-        "--minutes", type=float, default=50.0, help="CPU budget; training stops at steps or minutes"
-    )
-    gt.add_argument("--seed", type=int, default=0)
+    # defaults: pipeline.codec.CodecConfig (read when the command runs, so --help stays light)
+    gt.add_argument("--kind", choices=["AutoencoderTiny", "AutoencoderKL"])
+    gt.add_argument("--steps", type=int, help="most training steps")
+    gt.add_argument("--minutes", type=float, help="CPU budget; training stops at steps or minutes")
+    gt.add_argument("--seed", type=int)
     gt.set_defaults(func=_generator_train)
 
     ex = sub.add_parser("explain", help="SCE-LITE-HQ counterfactuals for a classifier", parents=[common])
