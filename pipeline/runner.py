@@ -175,19 +175,16 @@ class Run:
         """Verdicts on the round's counterfactuals into feedback_r<round>/; False while experts still label."""
         f, name, explained = self.config.feedback, f"feedback_r{round}", manifest.folder(round)
         if f.teacher == "human":
-            count = feedback.labelled(self.dir.root, round, f)
-            if count < f.min_labels:
+            snapshot, need = (
+                feedback.current(self.dir.root, round, f),
+                feedback.needed(self.dir.root, round, f),
+            )
+            if len(snapshot) < need:
                 self.log(
-                    f"[feedback] round {round}: {count} of the {f.min_labels} labels needed; label the "
+                    f"[feedback] round {round}: {len(snapshot)} of the {need} labels needed; label the "
                     f"counterfactuals, then run the same command again:\n  cfkd annotate --run-dir {self.dir.root}"
                 )
                 return False
-            snapshot = feedback.verdicts(
-                feedback.FeedbackStore(self.dir.root / feedback.STORE),
-                manifest.read_round(self.dir.root, round),
-                round,
-                f.min_votes,
-            )
             key = cfg.fingerprint("feedback", f, self.keys[explained], snapshot.to_dict("records"))
         else:
             key = cfg.fingerprint("feedback", f, self.keys[explained], round)
