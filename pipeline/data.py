@@ -216,6 +216,12 @@ class Fit(torch.nn.Module):
         return v2.functional.center_crop(v2.functional.resize(image, fitted, antialias=True), [height, width])
 
 
+def read_rgb(path: Path, dtype=np.float32) -> np.ndarray:
+    """An image file as an (H, W, 3) array on the 0-255 scale."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=dtype)
+
+
 def load_mask(path: Path, size, resize: str = "pad") -> np.ndarray:
     """A feature mask (white = the true evidence) as a boolean (height, width) array, fitted to ``size`` by the
     same policy as its image, so it stays aligned whatever the aspect."""

@@ -27,7 +27,7 @@ from torchvision.transforms import v2
 
 from pipeline import manifest, models
 from pipeline.config import DistilConfig
-from pipeline.data import FolderData, ImageDataset
+from pipeline.data import FolderData, ImageDataset, read_rgb
 from pipeline.errors import UserError
 from pipeline.train import ClassifierSystem, KeepBest, make_trainer, uses_gpu
 
@@ -110,11 +110,6 @@ FLIPS = {
 def training_transform(card: models.ModelCard, flip: str) -> v2.Compose:
     """The classifier's own preprocessing, then the random flips ``distil.flip`` asks for (training data only)."""
     return v2.Compose([models.input_transform(card), *FLIPS[flip]])
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.float32)
 
 
 class Counterfactuals(Dataset):

@@ -62,16 +62,12 @@ def why_empty(info: dict, teacher: str) -> str:
     return f"no expert has labelled any of the {info['flipped']} counterfactuals yet"
 
 
-def needed(run_dir: Path, round: int, config: FeedbackConfig) -> int:
-    """Expert labels the round waits for: min_labels, or every flipped counterfactual when there are fewer (a round
-    with nothing to show waits for nothing)."""
-    return min(config.min_labels, len(manifest.flipped(manifest.read_round(run_dir, round))))
-
-
-def current(run_dir: Path, round: int, config: FeedbackConfig) -> pd.DataFrame:
-    """The round's verdicts in the store right now (what experts have labelled so far)."""
+def progress(run_dir: Path, round: int, config: FeedbackConfig) -> tuple[pd.DataFrame, int]:
+    """The round's verdicts in the store right now, and how many expert labels it waits for: min_labels, or every
+    flipped counterfactual when there are fewer (a round with nothing to show waits for nothing)."""
     table = manifest.read_round(run_dir, round)
-    return verdicts(FeedbackStore(Path(run_dir) / STORE), table, round, config.min_votes)
+    given = verdicts(FeedbackStore(Path(run_dir) / STORE), table, round, config.min_votes)
+    return given, min(config.min_labels, len(manifest.flipped(table)))
 
 
 def run(

@@ -252,20 +252,18 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def weight_channels(arch: str, state: dict[str, torch.Tensor]) -> int:
-    """Input channels of the weights: the second dimension of their first convolution (3 when unknown)."""
-    name = first_conv(build(arch, 2))
-    weight = state.get(f"{name}.weight") if name else None
-    return int(weight.shape[1]) if weight is not None and weight.ndim == 4 else 3
-
-
-def weight_classes(arch: str, state: dict[str, torch.Tensor]) -> int | None:
-    """Output classes of the weights: the rows of their last linear layer (None without one)."""
+def weight_shape(arch: str, state: dict[str, torch.Tensor]) -> tuple[int, int | None]:
+    """(input channels, output classes) of the weights: the second dimension of their first convolution (3 when
+    unknown) and the rows of their last linear layer (None without one), from one probe build of ``arch``."""
+    probe = build(arch, 2)
+    conv = first_conv(probe)
+    weight = state.get(f"{conv}.weight") if conv else None
+    channels = int(weight.shape[1]) if weight is not None and weight.ndim == 4 else 3
     try:
-        weight = state.get(f"{last_linear(build(arch, 2))}.weight")
+        head = state.get(f"{last_linear(probe)}.weight")
     except ValueError:
-        return None
-    return int(weight.shape[0]) if weight is not None and weight.ndim == 2 else None
+        return channels, None
+    return channels, int(head.shape[0]) if head is not None and head.ndim == 2 else None
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -352,7 +350,7 @@ def import_weights(
     library defines it (standard stem), the classes and, when known, the data's channels."""
     weights = Path(weights)
     state = read_state_dict(weights)
-    channels = weight_channels(arch, state)
+    channels, predicted = weight_shape(arch, state)
     if channels not in (1, 3):
         raise UserError(
             f"weights {weights} take {channels} input channels: cfkd feeds 1 (greyscale) or 3 (RGB)"
@@ -361,7 +359,6 @@ def import_weights(
         raise UserError(
             f"weights {weights} take 1 input channel (greyscale) but the dataset has colour images"
         )
-    predicted = weight_classes(arch, state)
     if predicted is not None and predicted != len(classes):
         raise UserError(
             f"weights {weights} predict {predicted} classes, the dataset has {len(classes)} ({', '.join(classes)})"

@@ -175,10 +175,7 @@ class Run:
         """Verdicts on the round's counterfactuals into feedback_r<round>/; False while experts still label."""
         f, name, explained = self.config.feedback, f"feedback_r{round}", manifest.folder(round)
         if f.teacher == "human":
-            snapshot, need = (
-                feedback.current(self.dir.root, round, f),
-                feedback.needed(self.dir.root, round, f),
-            )
+            snapshot, need = feedback.progress(self.dir.root, round, f)
             if len(snapshot) < need:
                 self.log(
                     f"[feedback] round {round}: {len(snapshot)} of the {need} labels needed; label the "

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from pipeline import manifest, models
-from pipeline.data import load_mask
+from pipeline.data import load_mask, read_rgb
 from pipeline.errors import UserError
 from pipeline.store import FeedbackStore
 
@@ -38,11 +38,6 @@ def banded(score: float, band: float) -> str:
     return "true" if score > band else "spurious" if score <= 1 / band else "unsure"
 
 
-def _rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"), float)
-
-
 def mask_verdicts(
     table: pd.DataFrame, explain_dir: Path, data_root: Path, band: float = 1.0, resize: str = "pad"
 ) -> pd.Series:
@@ -51,7 +46,8 @@ def mask_verdicts(
     for row in table.itertuples():
         if not masks.get(row.source_path):
             continue  # no feature mask for this image: the oracle abstains
-        delta = np.abs(_rgb(explain_dir / row.counterfactual) - _rgb(explain_dir / row.original)).sum(-1)
+        cf, original = (read_rgb(explain_dir / p, float) for p in (row.counterfactual, row.original))
+        delta = np.abs(cf - original).sum(-1)
         # the mask fitted like its image was (same size, same resize policy)
         mask = load_mask(data_root / masks[row.source_path], list(delta.shape), resize).astype(float)
         # change per pixel on the feature / per pixel overall: > 1 <=> the centred-mask mean is positive

@@ -208,8 +208,8 @@ def test_experts_are_not_asked_for_more_labels_than_there_are_cards(tmp_path):
     (tmp_path / "explain").mkdir()
     rows = [{"id": f"s{i}", "sample": f"s{i}", "success": i < 2} for i in range(4)]
     pd.DataFrame(rows).to_csv(tmp_path / "explain" / "manifest.csv", index=False)
-    assert feedback.needed(tmp_path, 1, FeedbackConfig(teacher="human", min_labels=20)) == 2
+    assert feedback.progress(tmp_path, 1, FeedbackConfig(teacher="human", min_labels=20))[1] == 2
     pd.DataFrame([{**r, "success": False} for r in rows]).to_csv(
         tmp_path / "explain" / "manifest.csv", index=False
     )
-    assert feedback.needed(tmp_path, 1, FeedbackConfig(teacher="human", min_labels=20)) == 0
+    assert feedback.progress(tmp_path, 1, FeedbackConfig(teacher="human", min_labels=20))[1] == 0
