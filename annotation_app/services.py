@@ -81,6 +81,16 @@ def load_round(run_dir: Path, number: int) -> Round:
     return Round(number, folder, pd.DataFrame(keep).reset_index(drop=True), refused, missing, not_flipped)
 
 
+def image_problem(path: Path) -> str | None:
+    """Why an image file cannot be shown (not an image, truncated, a decompression bomb), or None."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        return f"{Path(path).name} cannot be shown: not a readable image ({type(exc).__name__})"
+    return None
+
+
 def round_counts(rnd: Round, labels: pd.DataFrame) -> dict[str, int]:
     """The round as the metrics count it: consensus-free counts of every annotator's current verdicts on the
     shown cards, the cards nobody has judged yet, and the counterfactuals that did not flip."""
@@ -121,10 +131,12 @@ def clusters(manifest: pd.DataFrame, k: int, seed: int = 0, side: int = 16) -> p
     """Cluster index per counterfactual id, from KMeans on downsampled signed difference maps."""
     features = []
     for path in manifest["difference"]:
-        with Image.open(path) as image:
-            features.append(
-                np.asarray(image.convert("RGB").resize((side, side), Image.BILINEAR), float).ravel() / 255
-            )
+        try:
+            with Image.open(path) as image:
+                small = image.convert("RGB").resize((side, side), Image.BILINEAR)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):  # shown as such on its card
+            small = Image.new("RGB", (side, side), (255, 255, 255))
+        features.append(np.asarray(small, float).ravel() / 255)
     k = max(1, min(k, len(features)))
     assignment = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(np.stack(features))
     return pd.Series(assignment, index=manifest["id"].tolist())

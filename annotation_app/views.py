@@ -88,7 +88,11 @@ def card(
         ("original", "counterfactual", "difference"),
         ("original", "counterfactual", "change (red brighter, blue darker)"),
     ):
-        column.image(str(row[key]), caption=caption, width=width)
+        problem = services.image_problem(row[key])
+        if problem:  # one line in place of the image; the card can still be judged or skipped
+            column.error(problem)
+        else:
+            column.image(str(row[key]), caption=caption, width=width)
     columns[2].image(colour_bar(), width=width)
     st.caption(f"your label: **{mine or '—'}**")
     st.text_input("Comment (optional)", key=f"comment-{row['id']}")

@@ -8,7 +8,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.errors import Interrupted, UserError, stop_on_signals
 
 
 def _data_square(args) -> None:
@@ -185,13 +185,27 @@ def _teach(args) -> None:
     )
 
 
-def _annotate(args) -> None:
+def _port_free(address: str, port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as probe:
+        try:
+            probe.bind((address, port))
+        except OSError:
+            return False
+    return True
+
+
+def _annotate(args) -> int:
     import os
+    import signal
     import subprocess
 
     run_dir = Path(args.run_dir).resolve()
     if not run_dir.is_dir():
         raise UserError(f"run directory not found: {run_dir}")
+    if not _port_free(args.address, args.port):
+        raise UserError(f"port {args.port} on {args.address} is in use: stop what holds it or choose --port")
     app = Path(__file__).resolve().parent.parent / "annotation_app" / "app.py"
     env = {**os.environ, "CFKD_RUN_DIR": str(run_dir)}
     token = args.token or os.environ.get("CFKD_TOKEN", "")
@@ -215,17 +229,35 @@ def _annotate(args) -> None:
     print(
         f"annotation app for {run_dir}: http://{args.address}:{args.port}" + ("/?token=..." if token else "")
     )
-    subprocess.run(command, env=env, check=False)
+    server, stopped = subprocess.Popen(command, env=env), []
+
+    def forward(signum, frame):  # a stop signal for this process stops the server too: it never serves on alone
+        stopped.append(signum)
+        server.send_signal(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, forward)
+    code = server.wait()
+    if stopped:
+        print(f"annotation app stopped ({signal.Signals(stopped[0]).name})", file=sys.stderr)
+        return 128 + stopped[0]
+    return 128 - code if code < 0 else code  # the server killed by signal N: 128 + N, as a shell reports it
 
 
 def _feedback(args) -> None:
+    from pipeline import manifest
     from pipeline.store import FeedbackStore
 
-    store = FeedbackStore(Path(args.run_dir) / "feedback.sqlite")
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
+    store = FeedbackStore(run_dir / "feedback.sqlite")
     if args.feedback_command == "export":
         print(f"exported {store.export(args.file)} label events to {args.file}")
-    else:
-        print(f"imported {store.import_(args.file)} new label events from {args.file}")
+        return
+    # a verdict is only for a counterfactual this run has shown: ids from every round's manifest
+    known = {i for r in manifest.rounds(run_dir) for i in manifest.read_round(run_dir, r)["id"]}
+    print(f"imported {store.import_(args.file, known)} new label events from {args.file}")
 
 
 def _run(args) -> None:
@@ -456,13 +488,21 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet.configure(args.verbose)
     try:
-        args.func(args)
+        with stop_on_signals():
+            return args.func(args) or 0
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except Interrupted as exc:
+        where = f" in stage {exc.stage}" if exc.stage else ""
+        print(f"interrupted{where} ({exc}); rerun to resume", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:  # the file system refused (permission, no space, not a folder): the user's to fix
+        if args.verbose:
+            traceback.print_exc()
+        target = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{target}", file=sys.stderr)
+        return UserError.exit_code
     except Exception as exc:  # a bug of ours: one line by default, the traceback with --verbose
         if args.verbose:
             traceback.print_exc()
@@ -471,7 +511,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    return 0
 
 
 if __name__ == "__main__":

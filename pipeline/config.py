@@ -247,7 +247,10 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
         "auto, 32-true, 16-mixed or bf16-mixed",
     ),
     "baseline.subsets": (lambda v: v >= 1, "an integer >= 1"),
-    "name": (lambda v: v and "/" not in v and "\\" not in v and v not in {".", ".."}, "a plain folder name"),
+    "name": (
+        lambda v: v and v.isprintable() and not set(v) & set("/\\") and v not in {".", ".."},
+        "a plain folder name (no slashes, no control characters)",
+    ),
 }
 
 
@@ -349,12 +352,38 @@ def load(path: str | Path | None) -> RunConfig:
     """Read a YAML config file (None = the embedded default run, pipeline/default.yaml)."""
     path = Path(path) if path is not None else DEFAULT_RUN
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_StrictLoader)
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except IsADirectoryError:
+        raise UserError(f"config file {path} is a folder") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"config file {path} is not valid YAML{where}: {problem}") from None
     return from_dict(raw)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+
+def _unique_keys(loader: _StrictLoader, node: yaml.MappingNode) -> dict:
+    first: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in first:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key '{key}' given twice (first at line {first[key]})", key_node.start_mark
+            )
+        first[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_keys)
 
 
 def to_dict(config) -> dict:

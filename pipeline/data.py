@@ -134,7 +134,12 @@ def _read_csv(csv: Path) -> pd.DataFrame:
         raise UserError(f"{csv}: not a readable CSV ({str(exc).strip().splitlines()[0]})") from None
     missing = [c for c in REQUIRED if c not in table.columns]
     if missing:
-        raise UserError(f"{csv}: missing column(s) {', '.join(missing)} (required: {', '.join(REQUIRED)})")
+        header = ",".join(table.columns)
+        other = next((name for sep, name in ((";", "semicolons"), ("\t", "tabs")) if sep in header), None)
+        hint = f"; the header is separated by {other}: metadata.csv takes commas" if other else ""
+        raise UserError(
+            f"{csv}: missing column(s) {', '.join(missing)} (required: {', '.join(REQUIRED)}){hint}"
+        )
     if table.empty:
         raise UserError(f"{csv}: no rows")
     return table

@@ -4,7 +4,8 @@ A simulated teacher (pipeline.teach) labels the round first; experts label in th
 come from the store's consensus for exactly this round's counterfactual ids (an id names one image, so a verdict
 never moves to another). Counts keep apart what the teacher said (true / spurious / unsure) from what it never
 judged: counterfactuals that did not flip the classifier, and flipped ones it abstained on (no mask for the
-image, a reference that gets the original wrong, an expert who has not got to it yet).
+image, a reference that gets the original wrong, an expert who has not got to it yet). Verdicts on images the
+round no longer shows (explain ran again) are counted as stale and never used.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from pipeline.store import LABELS, FeedbackStore
 STORE = "feedback.sqlite"
 
 
+def open_store(run_dir: Path) -> FeedbackStore:
+    return FeedbackStore(Path(run_dir) / STORE)
+
+
 def verdicts(store: FeedbackStore, table: pd.DataFrame, round: int, min_votes: int = 1) -> pd.DataFrame:
     """Consensus labels (true, spurious or unsure) of this round's flipped counterfactuals."""
     consensus = store.consensus(round, min_votes)
@@ -29,7 +34,14 @@ def verdicts(store: FeedbackStore, table: pd.DataFrame, round: int, min_votes: i
     return consensus[consensus["cf_id"].isin(ids)].reset_index(drop=True)
 
 
-def summary(given: pd.DataFrame, table: pd.DataFrame) -> dict:
+def stale(store: FeedbackStore, table: pd.DataFrame, round: int) -> int:
+    """Counterfactuals of this round with a verdict in the store that the round's manifest no longer shows (the
+    explain stage ran again and made other images): their verdicts stay in the store and are never used."""
+    labelled = set(store.labels(round)["cf_id"])
+    return len(labelled - set(table["id"]))
+
+
+def summary(given: pd.DataFrame, table: pd.DataFrame, stale: int = 0) -> dict:
     """Counts per verdict, not flipped, abstained, and feedback accuracy = true / (true + spurious): a score of
     the explained classifier that needs no test labels."""
     counts = given["label"].value_counts()
@@ -42,6 +54,7 @@ def summary(given: pd.DataFrame, table: pd.DataFrame) -> dict:
         "labels": labels,
         "not_flipped": int(len(table) - flipped),
         "abstained": flipped - int(len(given)),
+        "stale": stale,
         "feedback_accuracy": labels["true"] / judged if judged else None,
     }
 
@@ -66,7 +79,7 @@ def progress(run_dir: Path, round: int, config: FeedbackConfig) -> tuple[pd.Data
     """The round's verdicts in the store right now, and how many expert labels it waits for: min_labels, or every
     flipped counterfactual when there are fewer (a round with nothing to show waits for nothing)."""
     table = manifest.read_round(run_dir, round)
-    given = verdicts(FeedbackStore(Path(run_dir) / STORE), table, round, config.min_votes)
+    given = verdicts(open_store(run_dir), table, round, config.min_votes)
     return given, min(config.min_labels, len(manifest.flipped(table)))
 
 
@@ -87,9 +100,9 @@ def run(
         teach.run(
             run_dir, config.teacher, data_root, reference, config.noise, round, seed, config.band, resize
         )
-    table = manifest.read_round(run_dir, round)
-    given = verdicts(FeedbackStore(Path(run_dir) / STORE), table, round, config.min_votes)
-    info = summary(given, table)
+    table, store = manifest.read_round(run_dir, round), open_store(run_dir)
+    given = verdicts(store, table, round, config.min_votes)
+    info = summary(given, table, stale(store, table, round))
     if require and given.empty:
         raise UserError(f"round {round}: no verdict to learn from: {why_empty(info, config.teacher)}")
     given.to_csv(out / "verdicts.csv", index=False)

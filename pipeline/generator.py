@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from pipeline.errors import UserError
@@ -81,7 +82,12 @@ def load(source: str = DEFAULT_SOURCE, subfolder: str | None = None) -> Codec:
     folder = resolve(source)
     if folder is not None:
         path = folder / subfolder if subfolder else folder
-        return Codec(getattr(diffusers, _class_of(path)).from_pretrained(path))
+        model_class = getattr(diffusers, _class_of(path))
+        try:
+            return Codec(model_class.from_pretrained(path))
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # no weights, truncated, mis-shaped
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"generator.source {path}: cannot load its weights ({first})") from None
     if "/" not in source or source.startswith((".", "/", "~")):
         raise UserError(
             f"generator.source '{source}': no such folder (and not a hub id like 'madebyollin/taesd')"

@@ -21,6 +21,8 @@ def configure(verbose: bool = False) -> None:
     level = logging.INFO if verbose else logging.ERROR
     for name in _NOISY:
         logging.getLogger(name).setLevel(level)
+    # diffusers logs a failed load as an error before raising it; cfkd reports the raised error in its own line
+    logging.getLogger("diffusers").setLevel(level if verbose else logging.CRITICAL)
     if not verbose:
         warnings.filterwarnings("ignore")
         os.environ.setdefault("PYTHONWARNINGS", "ignore")  # also for processes we start

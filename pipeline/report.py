@@ -177,12 +177,14 @@ def _pair_title(stem: str, classes: list[str]) -> str:
 
 
 def verdict_counts(f: dict) -> str:
-    """true / spurious / unsure as the teacher gave them, then not flipped and abstained (no verdict)."""
+    """true / spurious / unsure as the teacher gave them, then not flipped, abstained (no verdict) and stale (given
+    on images the round no longer shows)."""
     if not f:
         return ""
     labels = f.get("labels", {})
     given = "/".join(str(labels.get(k, 0)) for k in ("true", "spurious", "unsure"))
-    return f"{given} ({f.get('not_flipped', 0)} not flipped, {f.get('abstained', 0)} abstained)"
+    stale = f", {f['stale']} stale, not used" if f.get("stale") else ""
+    return f"{given} ({f.get('not_flipped', 0)} not flipped, {f.get('abstained', 0)} abstained{stale})"
 
 
 def _round_rows(metrics: dict) -> pd.DataFrame:

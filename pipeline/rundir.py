@@ -1,5 +1,6 @@
 """The run directory contract: one folder per stage, written under a temporary name and renamed when complete;
-a finished stage whose fingerprint (config + inputs) matches is skipped."""
+a finished stage whose fingerprint (config + inputs) matches is skipped. One process at a time works in a run
+directory: it holds an OS file lock for the whole run."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import filelock
+
 from pipeline.errors import UserError
 
 DONE = "stage.json"  # written last inside a stage folder: its fingerprint and summary
+LOCK, HOLDER = ".lock", ".lock.pid"  # the OS lock, and who holds it (apart: opening the lock file truncates it)
 
 
 def write_json(path: Path, obj) -> None:
@@ -69,3 +73,27 @@ class RunDir:
             tmp.rename(final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def locked(root: str | Path) -> Iterator[None]:
+    """Hold the run directory's lock (released by the OS even when the process is killed); a second run on the
+    same directory stops at once, naming the holder."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(root / LOCK)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        try:
+            holder = f"PID {(root / HOLDER).read_text().strip()}"
+        except OSError:
+            holder = "another process"
+        raise UserError(
+            f"run directory {root} is in use by another cfkd run ({holder}); wait for it to finish or stop it"
+        ) from None
+    try:
+        (root / HOLDER).write_text(str(os.getpid()))
+        yield
+    finally:
+        lock.release()

@@ -28,8 +28,8 @@ from pipeline import (
     train,
 )
 from pipeline.data import FolderData, load_folder
-from pipeline.errors import UserError
-from pipeline.rundir import RunDir, file_hash, read_json, write_json
+from pipeline.errors import Interrupted, UserError
+from pipeline.rundir import RunDir, file_hash, locked, read_json, write_json
 
 STAGES = (
     "data",
@@ -66,8 +66,12 @@ class Run:
             return key
         self.log(f"[{name}] running")
         started = time.perf_counter()
-        with self.dir.stage(name, key) as tmp:
-            body(tmp)
+        try:
+            with self.dir.stage(name, key) as tmp:
+                body(tmp)
+        except Interrupted as exc:  # the temporary folder is gone; say where the run stopped
+            exc.stage = exc.stage or name
+            raise
         self.log(f"[{name}] done in {time.perf_counter() - started:.1f} s")
         return key
 
@@ -177,8 +181,11 @@ class Run:
         if f.teacher == "human":
             snapshot, need = feedback.progress(self.dir.root, round, f)
             if len(snapshot) < need:
+                table = manifest.read_round(self.dir.root, round)
+                stale = feedback.stale(feedback.open_store(self.dir.root), table, round)
+                old = f" ({stale} earlier verdict(s) were on images explain has since replaced)" if stale else ""
                 self.log(
-                    f"[feedback] round {round}: {len(snapshot)} of the {need} labels needed; label the "
+                    f"[feedback] round {round}: {len(snapshot)} of the {need} labels needed{old}; label the "
                     f"counterfactuals, then run the same command again:\n  cfkd annotate --run-dir {self.dir.root}"
                 )
                 return False
@@ -201,6 +208,12 @@ class Run:
             )
 
         self._stage(name, key, body)
+        stale = read_json(self.dir.path(name) / "summary.json").get("stale", 0)
+        if stale:
+            self.log(
+                f"[feedback] round {round}: {stale} verdict(s) were given on counterfactuals this round no longer "
+                "shows (explain ran again): kept in the store, not used"
+            )
         return True
 
     def distil(self, data: FolderData, round: int, model: str) -> str:
@@ -265,8 +278,13 @@ def run(
     verbose: bool = False,
     log=print,
 ) -> Path:
-    """Every stage of the default pipeline; returns the path of report.html."""
-    r = Run(config, root, resolve_redo(force, start), verbose, log)
+    """Every stage of the default pipeline, holding the run directory's lock; returns the path of report.html."""
+    with locked(root):
+        return _run_stages(Run(config, root, resolve_redo(force, start), verbose, log))
+
+
+def _run_stages(r: Run) -> Path:
+    config = r.config
     cfg.dump(config, r.dir.root / "config.yaml")
     data = r.data()
     check_teacher(config, data)
@@ -288,5 +306,5 @@ def run(
     metrics["status"] = "complete" if finished else "waiting for feedback"
     write_json(r.dir.root / "metrics.json", metrics)
     path = report.write(r.dir.root, data)
-    log(f"[report] {path}")
+    r.log(f"[report] {path}")
     return path

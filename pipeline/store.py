@@ -1,7 +1,7 @@
 """The feedback store: one SQLite file (WAL) per run holding every label event ever made, append-only.
 
-The latest event per (counterfactual, annotator) is that annotator's label; an event with label ``none``
-withdraws it (undo). Consensus is a majority over annotators (ties -> unsure). Safe under several processes:
+The latest event per (counterfactual, annotator) by event time (ties: by event id) is that annotator's label, so
+merging an older export never undoes a newer verdict; an event with label ``none`` withdraws it (undo). Consensus is a majority over annotators (ties -> unsure). Safe under several processes:
 each write is one short transaction, and a busy database is waited for and retried, never reported as locked.
 """
 
@@ -41,8 +41,53 @@ CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
 """
 
 
+_last_time = datetime.datetime.min.replace(tzinfo=datetime.UTC)
+
+
 def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")
+    """UTC now, strictly later than any time this process handed out before (an undo right after a verdict still
+    sorts after it)."""
+    global _last_time
+    now = datetime.datetime.now(datetime.UTC)
+    _last_time = max(now, _last_time + datetime.timedelta(microseconds=1))
+    return _last_time.isoformat(timespec="microseconds")
+
+
+def event_time(value) -> str:
+    """An event time as the store keeps it (UTC, ISO 8601, microseconds: sortable as text); naive times are UTC."""
+    try:
+        when = value if isinstance(value, datetime.datetime) else datetime.datetime.fromisoformat(str(value))
+    except ValueError:
+        raise ValueError(f"time '{value}' is not an ISO 8601 time") from None
+    when = when.replace(tzinfo=datetime.UTC) if when.tzinfo is None else when.astimezone(datetime.UTC)
+    return when.isoformat(timespec="microseconds")
+
+
+def _event(e: dict) -> tuple:
+    """One event as a row of the table, or ValueError naming what is wrong with it."""
+    cf_id, annotator, label = (str(e.get(k, "") or "").strip() for k in ("cf_id", "annotator", "label"))
+    if not cf_id:
+        raise ValueError("empty cf_id")
+    if label not in (*LABELS, WITHDRAWN):
+        raise ValueError(f"label '{label}' for {cf_id}: expected one of {', '.join(LABELS)}")
+    if not annotator:
+        raise ValueError("an annotator name is required")
+    try:
+        round = int(str(e.get("round", 1)))
+    except ValueError:
+        raise ValueError(f"round '{e.get('round')}' is not a whole number") from None
+    if round < 1:
+        raise ValueError(f"round {round}: rounds count from 1")
+    created = e.get("created_at")
+    return (
+        str(e.get("event_id") or "").strip() or uuid.uuid4().hex,
+        cf_id,
+        round,
+        annotator,
+        label,
+        str(e.get("comment", "") or ""),
+        event_time(created) if created else _now(),
+    )
 
 
 class FeedbackStore:
@@ -78,42 +123,41 @@ class FeedbackStore:
 
     # -- writing ---------------------------------------------------------------------------------------------
     def add(self, cf_id: str, annotator: str, label: str, round: int = 1, comment: str = "") -> str:
-        return self.add_many(
-            [{"cf_id": cf_id, "annotator": annotator, "label": label, "round": round, "comment": comment}]
-        )[0]
+        event_id = uuid.uuid4().hex
+        event = {"cf_id": cf_id, "annotator": annotator, "label": label, "round": round, "comment": comment}
+        self.add_many([event | {"event_id": event_id}])
+        return event_id
 
-    def add_many(self, events: Iterable[dict]) -> list[str]:
-        """Append events in one transaction; each gets an event_id and a timestamp unless it has them."""
-        rows = []
-        for e in events:
-            label, annotator = str(e["label"]), str(e.get("annotator", "")).strip()
-            if label not in (*LABELS, WITHDRAWN):
-                raise UserError(f"label '{label}' for {e['cf_id']}: expected one of {', '.join(LABELS)}")
-            if not annotator:
-                raise UserError("an annotator name is required")
-            rows.append(
-                (
-                    e.get("event_id") or uuid.uuid4().hex,
-                    str(e["cf_id"]),
-                    int(e.get("round", 1)),
-                    annotator,
-                    label,
-                    str(e.get("comment", "") or ""),
-                    e.get("created_at") or _now(),
-                )
-            )
+    def add_many(self, events: Iterable[dict], first_row: int = 1) -> int:
+        """Append events in one transaction, all or none; each gets an event id and a time unless it has them. An
+        event id already in the store is skipped when it is the same event and an error when it differs. Returns
+        how many events this call added."""
+        rows, problems = [], []
+        for n, e in enumerate(events, start=first_row):
+            try:
+                rows.append(_event(e))
+            except ValueError as exc:
+                problems.append(f"row {n}: {exc}")
+        _raise_problems(problems)
+        given = list(enumerate(rows, start=first_row))
 
         def write(db):
             db.execute("BEGIN IMMEDIATE")
+            clashes = _clashes(db, given)
+            if clashes:
+                db.execute("ROLLBACK")
+                _raise_problems(clashes)
+            before = db.total_changes
             db.executemany(
                 "INSERT OR IGNORE INTO events (event_id, cf_id, round, annotator, label, comment, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
+            added = db.total_changes - before
             db.execute("COMMIT")
+            return added
 
-        self._retry(write)
-        return [r[0] for r in rows]
+        return self._retry(write)
 
     def undo(self, cf_id: str, annotator: str, round: int = 1) -> str | None:
         """Restore the annotator's label before their latest event (append-only: a new event carries it)."""
@@ -137,7 +181,7 @@ class FeedbackStore:
         sql = (
             f"SELECT {', '.join(COLUMNS)} FROM events"
             + (" WHERE " + " AND ".join(where) if where else "")
-            + " ORDER BY seq"
+            + " ORDER BY created_at, event_id"
         )
         return self._retry(lambda db: pd.read_sql_query(sql, db, params=args))
 
@@ -168,17 +212,21 @@ class FeedbackStore:
     # -- exchange --------------------------------------------------------------------------------------------
     def export(self, path: str | Path) -> int:
         path, events = Path(path), self.events()
+        if not path.parent.is_dir():
+            raise UserError(f"cannot export to {path}: folder {path.parent} does not exist")
         events.to_parquet(path, index=False) if path.suffix == ".parquet" else events.to_csv(
             path, index=False
         )
         return len(events)
 
-    def import_(self, path: str | Path) -> int:
-        """Merge an export (CSV or Parquet); events already present (same event_id) are skipped."""
+    def import_(self, path: str | Path, known: set[str] | None = None) -> int:
+        """Merge an export (CSV or Parquet), all rows or none: every row is checked (counterfactual ids among
+        ``known`` when given, times, rounds, labels) and every problem named by its row. Returns the events added
+        (rows already present are skipped)."""
         path = Path(path)
         try:
             table = (
-                pd.read_parquet(path)
+                pd.read_parquet(path).astype(str)
                 if path.suffix == ".parquet"
                 else pd.read_csv(path, dtype=str, keep_default_na=False)
             )
@@ -187,6 +235,43 @@ class FeedbackStore:
         missing = [c for c in COLUMNS if c not in table.columns]
         if missing:
             raise UserError(f"{path}: missing column(s) {', '.join(missing)}")
-        before = len(self.events())
-        self.add_many(table[COLUMNS].to_dict("records"))
-        return len(self.events()) - before
+        first_row = 2  # a CSV's line 1 is its header
+        if known is not None:
+            unknown = [
+                f"row {n}: unknown counterfactual '{cf}'"
+                for n, cf in enumerate(table["cf_id"], start=first_row)
+                if cf not in known
+            ]
+            _raise_problems(unknown, f"{path}: ")
+        try:
+            return self.add_many(table[COLUMNS].to_dict("records"), first_row)
+        except UserError as exc:
+            raise UserError(f"{path}: {exc}") from None
+
+
+MAX_LISTED = 10
+
+
+def _raise_problems(problems: list[str], prefix: str = "") -> None:
+    if problems:
+        more = f"; ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise UserError(
+            f"{prefix}{len(problems)} bad event(s), nothing imported: {'; '.join(problems[:MAX_LISTED])}{more}"
+        )
+
+
+def _clashes(db: sqlite3.Connection, given: list[tuple[int, tuple]]) -> list[str]:
+    """Rows whose event id is already taken, in the store or earlier in the batch, by a different event."""
+    seen: dict[str, tuple] = {}
+    ids = [row[0] for _, row in given]
+    for start in range(0, len(ids), 500):  # SQLite's limit on bound parameters
+        chunk = ids[start : start + 500]
+        marks = ", ".join("?" * len(chunk))
+        query = f"SELECT {', '.join(COLUMNS)} FROM events WHERE event_id IN ({marks})"
+        seen.update({r[0]: r for r in db.execute(query, chunk)})
+    problems = []
+    for n, row in given:
+        other = seen.setdefault(row[0], row)
+        if tuple(other) != row:
+            problems.append(f"row {n}: event id {row[0]} already names another event ({other[4]} on {other[1]})")
+    return problems

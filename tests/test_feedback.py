@@ -7,6 +7,7 @@ import time
 import pandas as pd
 import pytest
 
+from pipeline import manifest
 from pipeline.errors import UserError
 from pipeline.store import FeedbackStore
 
@@ -113,3 +114,46 @@ def test_bad_files_are_user_errors(tmp_path):
     (tmp_path / "bad.csv").write_text("cf_id,label\nx,true\n")
     with pytest.raises(UserError, match="missing column"):
         FeedbackStore(tmp_path / "ok.sqlite").import_(tmp_path / "bad.csv")
+
+
+def test_the_latest_verdict_by_time_wins_over_an_older_import(tmp_path):
+    """Merging an older export never makes an annotator's older verdict current again."""
+    laptop = FeedbackStore(tmp_path / "laptop.sqlite")
+    laptop.add_many([{"cf_id": "cf-1", "annotator": "alice", "label": "true", "created_at": "2026-11-01T09:00:00Z"}])
+    laptop.export(tmp_path / "old.csv")
+    store = FeedbackStore(tmp_path / "run.sqlite")
+    store.add("cf-1", "alice", "spurious")  # now: later than the laptop's verdict
+    assert store.import_(tmp_path / "old.csv") == 1
+    assert store.labels().set_index("cf_id")["label"].to_dict() == {"cf-1": "spurious"}
+    # times in another zone are compared as the instants they are
+    store.add_many([{"cf_id": "cf-2", "annotator": "bob", "label": "true", "created_at": "2026-11-01T12:00:00+02:00"}])
+    store.add_many([{"cf_id": "cf-2", "annotator": "bob", "label": "unsure", "created_at": "2026-11-01T11:00:00Z"}])
+    assert store.labels().set_index("cf_id").loc["cf-2", "label"] == "unsure"
+
+
+def test_import_counts_only_its_own_rows_and_skips_identical_events(tmp_path):
+    source = FeedbackStore(tmp_path / "a.sqlite")
+    source.add_many([{"cf_id": f"cf-{i}", "annotator": "alice", "label": "true"} for i in range(3)])
+    source.export(tmp_path / "e.csv")
+    target = FeedbackStore(tmp_path / "b.sqlite")
+    assert target.import_(tmp_path / "e.csv") == 3
+    target.add("cf-9", "bob", "spurious")  # another writer between two imports
+    assert target.import_(tmp_path / "e.csv") == 0
+    assert target.import_(tmp_path / "e.csv", known={"cf-0", "cf-1", "cf-2"}) == 0
+
+
+def test_stale_verdicts_are_counted_and_never_used(tmp_path):
+    """Explain ran again and made other images: verdicts on the old ones are reported, not attached to the new."""
+    from pipeline import feedback
+
+    round_dir = tmp_path / "explain"
+    round_dir.mkdir()
+    row = {c: "" for c in manifest.COLUMNS} | {"sample": "train-0", "attempt": 1, "success": True}
+    manifest.write([row | {"id": "train-0-t1-a1-new"}], round_dir / manifest.NAME)
+    store = feedback.open_store(tmp_path)
+    store.add("train-0-t1-a1-old", "alice", "spurious")
+    store.add("train-0-t1-a1-new", "alice", "true")
+    table = manifest.read_round(tmp_path, 1)
+    given = feedback.verdicts(store, table, 1)
+    assert given["cf_id"].tolist() == ["train-0-t1-a1-new"]
+    assert feedback.summary(given, table, feedback.stale(store, table, 1))["stale"] == 1
