@@ -231,7 +231,9 @@ def _annotate(args) -> int:
     )
     server, stopped = subprocess.Popen(command, env=env), []
 
-    def forward(signum, frame):  # a stop signal for this process stops the server too: it never serves on alone
+    def forward(
+        signum, frame
+    ):  # a stop signal for this process stops the server too: it never serves on alone
         stopped.append(signum)
         server.send_signal(signum)
 

@@ -63,8 +63,8 @@ class ClassifierConfig:
     lr: float = 2e-3
     weight_decay: float = 0.05
     balanced: bool = False  # class-balanced sampling of the training split
-    accelerator: str = "auto"  # Lightning accelerator: auto, cpu, gpu, ...
-    devices: str | int = "auto"
+    accelerator: str = "auto"  # Lightning accelerator: auto (a GPU when there is one), cpu, gpu, ...
+    devices: str | int = 1  # N > 1 (or auto: every GPU): DDP over N devices in spawned processes
     seed: int = 0
 
 
@@ -101,7 +101,7 @@ class ExplainConfig:
     surrogate_epochs: int = 2  # distillation epochs of the smooth surrogate
     search: SearchConfig = field(default_factory=lambda: RECOMMENDED_SEARCH)
     accelerator: str = "auto"
-    devices: str | int = "auto"
+    devices: str | int = 1  # N > 1: the images to explain are shared out over N devices (DDP)
     seed: int = 0
 
 
@@ -154,8 +154,8 @@ class DistilConfig:
     lr: float = 5e-4
     weight_decay: float = 0.05
     accelerator: str = "auto"  # Lightning: auto uses a GPU when there is one
-    devices: str | int = "auto"
-    strategy: str = "auto"  # DDP when devices > 1
+    devices: str | int = 1  # N > 1: DDP over N devices
+    strategy: str = "auto"  # auto: ddp_spawn when devices > 1
     precision: str = "auto"  # auto: bf16-mixed on GPUs that support it, else 32-true
     seed: int = 0
 
@@ -180,6 +180,12 @@ class RunConfig:
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     distil: DistilConfig = field(default_factory=DistilConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+
+
+def _devices_ok(v) -> bool:
+    if isinstance(v, int):
+        return v >= 1 or v == -1
+    return v in ("auto", "-1") or all(part.strip().isdigit() for part in v.split(","))
 
 
 # Value checks beyond the type: key -> (predicate, what is allowed)
@@ -247,6 +253,10 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
         "auto, 32-true, 16-mixed or bf16-mixed",
     ),
     "baseline.subsets": (lambda v: v >= 1, "an integer >= 1"),
+    **{
+        f"{section}.devices": (_devices_ok, "an integer >= 1, -1 (all), auto, or GPU ids like '0,1'")
+        for section in ("classifier", "explain", "distil")
+    },
     "name": (
         lambda v: v and v.isprintable() and not set(v) & set("/\\") and v not in {".", ".."},
         "a plain folder name (no slashes, no control characters)",

@@ -196,8 +196,24 @@ def mixed_sampler(original: ImageDataset, cfs: Counterfactuals, mix: float, n: i
         counts = np.bincount(targets)
         present = (counts > 0).sum()
         weights.append(share / present / counts[targets] if len(targets) else np.zeros(0))
-    generator = torch.Generator().manual_seed(seed)
-    return WeightedRandomSampler(np.concatenate(weights).tolist(), n, replacement=True, generator=generator)
+    return SeededSampler(np.concatenate(weights).tolist(), n, seed)
+
+
+class SeededSampler(WeightedRandomSampler):
+    """Weighted draws with replacement from a generator of its own, made on first use: a torch.Generator cannot
+    travel to DDP's spawned workers, and every worker must draw the same sequence to take its share of."""
+
+    def __init__(self, weights: list[float], num_samples: int, seed: int):
+        super().__init__(weights, num_samples, replacement=True)
+        self.seed = seed
+
+    def __iter__(self):
+        if self.generator is None:
+            self.generator = torch.Generator().manual_seed(self.seed)
+        return super().__iter__()
+
+    def __getstate__(self):
+        return self.__dict__ | {"generator": None}
 
 
 def precision(config: DistilConfig) -> str:
@@ -240,7 +256,7 @@ def run(
             DataLoader(Counterfactuals(cf_val, cf_folder, card.classes, transform), batch_size=256)
         )
     system = DistilSystem(backbone.train(), len(card.classes), config, len(val_loaders) > 1)
-    keep = KeepBest("val_select", mode="max") if config.keep == "best" else None
+    keep = KeepBest(out / ".best.safetensors", "val_select", mode="max") if config.keep == "best" else None
     frozen = [HeadOnly(models.last_linear(backbone))] if config.layers == "head" else []
     started = time.perf_counter()
     fit = make_trainer(
@@ -257,9 +273,9 @@ def run(
         fit.validate(system, val_loaders, verbose=False)
     fit.fit(system, train_loader, val_loaders)
     metrics = {k: round(float(v), 4) for k, v in fit.callback_metrics.items() if k != "val_select"}
-    if keep:
-        backbone.load_state_dict(keep.state)
-        metrics.update(best_epoch=keep.best_epoch, selection_score=round(keep.best_value, 4))
+    kept = keep.restore(backbone) if keep else None
+    if kept:
+        metrics.update(best_epoch=kept["best_epoch"], selection_score=round(kept["score"], 4))
     metrics.update(
         kept=config.keep,
         epochs=config.epochs,

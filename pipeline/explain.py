@@ -7,6 +7,7 @@ and one grid per class pair for the report.
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from pipeline.train import make_trainer, predict, uses_gpu  # noqa: E402
 
 
 class Requests(Dataset):
-    """(image in [-1, 1], target class, row in the split, feature mask or zeros, has-mask flag)."""
+    """(image in [-1, 1], target class, row in the split, feature mask or zeros, has-mask flag, request index)."""
 
     def __init__(self, images: ImageDataset, rows: list[int], targets: list[int], card: models.ModelCard):
         self.images, self.rows, self.targets = images, rows, targets
@@ -48,13 +49,24 @@ class Requests(Dataset):
         mask = torch.zeros(1, *self.size)
         if rel:
             mask = torch.from_numpy(load_mask(self.images.root / rel, self.size, self.resize))[None].float()
-        return {"x": x, "target": self.targets[i], "row": row, "mask": mask, "has_mask": bool(rel)}
+        return {
+            "x": x,
+            "target": self.targets[i],
+            "row": row,
+            "mask": mask,
+            "has_mask": bool(rel),
+            "index": i,
+        }
 
 
 class ExplainSystem(L.LightningModule):
-    def __init__(self, explainer: Explainer, seed: int, grey: bool = False):
+    """The search as a predict step. Each process (one per device under DDP) writes its share of the results to
+    ``parts/rank-<r>.pt`` at the end; the stage reads every part, so no result is lost or counted twice."""
+
+    def __init__(self, explainer: Explainer, seed: int, parts: Path, grey: bool = False):
         super().__init__()
-        self.explainer, self.seed, self.grey = explainer, seed, grey
+        self.explainer, self.seed, self.parts, self.grey = explainer, seed, Path(parts), grey
+        self.results: list[dict] = []
 
     def predict_step(self, batch, batch_idx):
         with torch.enable_grad():  # Trainer.predict runs without autograd; the search needs it
@@ -63,12 +75,26 @@ class ExplainSystem(L.LightningModule):
             for a in attempts:
                 a["x_cf"] = a["x_cf"].mean(1, keepdim=True).expand_as(a["x_cf"]).contiguous()
         n = len(batch["x"])
-        return {
-            "batch": {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()},
-            "attempts": [
-                {k: v.cpu() if torch.is_tensor(v) else v / n for k, v in a.items()} for a in attempts
-            ],
-        }
+        self.results.append(
+            {
+                "batch": {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()},
+                # a batch-wide number (seconds) becomes a per-image share
+                "attempts": [
+                    {k: v.cpu() if torch.is_tensor(v) else torch.full((n,), v / n) for k, v in a.items()}
+                    for a in attempts
+                ],
+            }
+        )
+
+    def on_predict_epoch_end(self):
+        self.parts.mkdir(parents=True, exist_ok=True)
+        torch.save(self.results, self.parts / f"rank-{self.global_rank}.pt")
+
+
+def gathered(parts: Path) -> list[dict]:
+    """Every process's batches, in request order."""
+    batches = [b for path in sorted(parts.glob("rank-*.pt")) for b in torch.load(path, weights_only=True)]
+    return sorted(batches, key=lambda b: int(b["batch"]["index"][0]))
 
 
 # On the CPU a search batch holds at most this many pixels (32 images at 64 px, 2 at 256 px): larger batches fall
@@ -162,17 +188,22 @@ def run(
     requests = Requests(images, rows, targets, card)
     trainer = make_trainer(accelerator=config.accelerator, devices=config.devices, inference_mode=False)
     started = time.perf_counter()
-    outputs = trainer.predict(
-        ExplainSystem(explainer, config.seed, data.grey),
+    parts = out / ".parts"
+    trainer.predict(
+        ExplainSystem(explainer, config.seed, parts, data.grey),
         DataLoader(requests, batch_size=batch_size(config, card.image_size)),
+        return_predictions=False,
     )
     seconds = time.perf_counter() - started
+    outputs = gathered(parts)
+    shutil.rmtree(parts)
     table = write_outputs(outputs, images, card, explainer, data, out)
     summary = desiderata.summarise(table)
     summary.update(
         surrogate_agreement=agreement,
         wall_seconds=round(seconds, 1),
         counterfactuals_per_second=len(table) / seconds,
+        processes=trainer.world_size,
         settings=config.search.__dict__,
     )
     summary.update(attempt_diversity(outputs))
@@ -217,6 +248,10 @@ def write_outputs(
                 has_mask = masks is not None and bool(batch["has_mask"][i])
                 records.append(
                     {
+                        "order": (
+                            int(batch["index"][i]),
+                            k,
+                        ),  # request, attempt: the same on any device count
                         "id": cf_id,
                         "sample": sample,
                         "source_path": images.rows["path"][row],
@@ -241,10 +276,10 @@ def write_outputs(
                         "no_room": bool(attempt["no_room"][i]),
                         "evaluations": int(attempt["steps"][i]) * explainer.evaluations_per_step()
                         + explainer.evaluations_per_attempt(),
-                        "seconds": float(attempt["seconds"]),
+                        "seconds": float(attempt["seconds"][i]),
                     }
                 )
-    return manifest.write(records, out / manifest.NAME)
+    return manifest.write(sorted(records, key=lambda r: r["order"]), out / manifest.NAME)
 
 
 def grid(group: pd.DataFrame, out: Path, path: Path, samples: int = 6) -> None:

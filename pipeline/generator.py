@@ -85,7 +85,12 @@ def load(source: str = DEFAULT_SOURCE, subfolder: str | None = None) -> Codec:
         model_class = getattr(diffusers, _class_of(path))
         try:
             return Codec(model_class.from_pretrained(path))
-        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # no weights, truncated, mis-shaped
+        except (
+            OSError,
+            ValueError,
+            RuntimeError,
+            SafetensorError,
+        ) as exc:  # no weights, truncated, mis-shaped
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise UserError(f"generator.source {path}: cannot load its weights ({first})") from None
     if "/" not in source or source.startswith((".", "/", "~")):

@@ -18,7 +18,10 @@ import filelock
 from pipeline.errors import UserError
 
 DONE = "stage.json"  # written last inside a stage folder: its fingerprint and summary
-LOCK, HOLDER = ".lock", ".lock.pid"  # the OS lock, and who holds it (apart: opening the lock file truncates it)
+LOCK, HOLDER = (
+    ".lock",
+    ".lock.pid",
+)  # the OS lock, and who holds it (apart: opening the lock file truncates it)
 
 
 def write_json(path: Path, obj) -> None:

@@ -183,7 +183,11 @@ class Run:
             if len(snapshot) < need:
                 table = manifest.read_round(self.dir.root, round)
                 stale = feedback.stale(feedback.open_store(self.dir.root), table, round)
-                old = f" ({stale} earlier verdict(s) were on images explain has since replaced)" if stale else ""
+                old = (
+                    f" ({stale} earlier verdict(s) were on images explain has since replaced)"
+                    if stale
+                    else ""
+                )
                 self.log(
                     f"[feedback] round {round}: {len(snapshot)} of the {need} labels needed{old}; label the "
                     f"counterfactuals, then run the same command again:\n  cfkd annotate --run-dir {self.dir.root}"

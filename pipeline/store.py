@@ -273,5 +273,7 @@ def _clashes(db: sqlite3.Connection, given: list[tuple[int, tuple]]) -> list[str
     for n, row in given:
         other = seen.setdefault(row[0], row)
         if tuple(other) != row:
-            problems.append(f"row {n}: event id {row[0]} already names another event ({other[4]} on {other[1]})")
+            problems.append(
+                f"row {n}: event id {row[0]} already names another event ({other[4]} on {other[1]})"
+            )
     return problems

@@ -6,7 +6,6 @@ classifier from its safetensors checkpoint without Lightning.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,6 +17,8 @@ import torchmetrics
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
@@ -68,28 +69,43 @@ class ClassifierSystem(L.LightningModule):
 
 
 class KeepBest(L.Callback):
-    """Keep the backbone weights of the epoch with the best ``monitor`` value (``mode`` min or max) in memory:
-    Lightning's ModelCheckpoint would write pickled checkpoints, and only the backbone is wanted."""
+    """Keep the backbone weights of the epoch with the best ``monitor`` value (``mode`` min or max). Global rank 0
+    writes them to ``path`` (safetensors) with their epoch and score: under DDP the callback lives in the worker
+    processes, so only a file comes back. Lightning's ModelCheckpoint would write pickled checkpoints of the
+    whole system, and only the backbone is wanted."""
 
-    def __init__(self, monitor: str = "val_loss", mode: str = "min"):
-        self.monitor, self.sign = monitor, 1.0 if mode == "min" else -1.0
-        self.best, self.best_epoch, self.state = float("inf"), -1, None
+    def __init__(self, path: Path, monitor: str = "val_loss", mode: str = "min"):
+        self.path, self.monitor, self.sign = Path(path), monitor, 1.0 if mode == "min" else -1.0
+        self.path.unlink(missing_ok=True)  # a file left by an interrupted run competes with nothing
 
-    @property
-    def best_value(self) -> float:
-        return self.sign * self.best
+    def kept_score(self) -> float | None:
+        if not self.path.is_file():
+            return None
+        with safe_open(self.path, "pt") as f:
+            return float(f.metadata()["score"])
 
     def on_validation_end(self, trainer, pl_module):
-        # not on_validation_epoch_end: Lightning reduces the epoch's logged metrics after that hook
+        # not on_validation_epoch_end: Lightning reduces the epoch's logged metrics after that hook. The file is
+        # the record to beat: a validate() before fit() runs in other worker processes under DDP
         value = trainer.callback_metrics.get(self.monitor)
-        if trainer.sanity_checking or value is None or self.sign * float(value) >= self.best:
+        if trainer.sanity_checking or value is None or not trainer.is_global_zero:
             return
-        fitting = trainer.state.fn == TrainerFn.FITTING
-        self.best, self.best_epoch = (
-            self.sign * float(value),
-            trainer.current_epoch if fitting else -1,
-        )  # -1: before training
-        self.state = copy.deepcopy({k: v.detach().cpu() for k, v in pl_module.backbone.state_dict().items()})
+        kept = self.kept_score()
+        if kept is not None and self.sign * float(value) >= self.sign * kept:
+            return
+        epoch = trainer.current_epoch if trainer.state.fn == TrainerFn.FITTING else -1  # -1: before training
+        state = {k: v.detach().cpu().clone() for k, v in pl_module.backbone.state_dict().items()}
+        save_file(state, self.path, metadata={"epoch": str(epoch), "score": str(float(value))})
+
+    def restore(self, backbone: nn.Module) -> dict | None:
+        """Load the kept weights into ``backbone`` and remove the file; their epoch and score, or None."""
+        if not self.path.is_file():
+            return None
+        with safe_open(self.path, "pt") as f:
+            kept = f.metadata()
+        backbone.load_state_dict(load_file(self.path))
+        self.path.unlink()
+        return {"best_epoch": int(kept["epoch"]), "score": float(kept["score"])}
 
 
 class EpochBar(TQDMProgressBar):
@@ -128,17 +144,35 @@ def trainer_loggers(out: Path | None) -> list | bool:
     return [CSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="logs", version="")]
 
 
+def device_count(accelerator: str, devices: str | int | list) -> int:
+    """How many devices Lightning will run on: an int (-1: all), a list or "0,1" of GPU ids, or auto (all GPUs
+    with a GPU accelerator, else one)."""
+    every = torch.cuda.device_count() if uses_gpu(accelerator) else 1
+    if isinstance(devices, list):
+        return len(devices)
+    text = str(devices).strip()
+    if text in ("auto", "-1"):
+        return max(1, every)
+    if text.isdigit():
+        return int(text)
+    return len([d for d in text.split(",") if d.strip()])
+
+
 def make_trainer(
     out: Path | None = None,
     max_epochs: int = 1,
     accelerator: str = "auto",
-    devices: str | int = "auto",
+    devices: str | int = 1,
     callbacks=(),
     verbose: bool = False,
     **options,
 ) -> L.Trainer:
     """The one Lightning Trainer of every stage: quiet, no pickled checkpoints, logs in ``out/logs`` when given,
-    the epoch bar; ``options`` pass straight to Lightning (strategy, precision, inference_mode, ...)."""
+    the epoch bar, DDP in spawned processes over several devices; ``options`` pass straight to Lightning
+    (strategy, precision, inference_mode, ...)."""
+    if options.get("strategy", "auto") == "auto" and device_count(accelerator, devices) > 1:
+        # spawned workers: a cfkd run is a sequence of stages, not a script Lightning's DDP could start again
+        options["strategy"] = "ddp_spawn"
     settings = dict(
         max_epochs=max_epochs,
         accelerator=accelerator,
@@ -178,17 +212,18 @@ def run(
     val_set = ImageDataset(data, "val", data.classes, transform)
     backbone = models.build(config.arch, len(data.classes), image_size, card.channels, card.stem)
     system = ClassifierSystem(backbone, len(data.classes), config.lr, config.weight_decay)
-    keep = KeepBest()
+    keep = KeepBest(out / ".best.safetensors")
     started = time.perf_counter()
     fit = make_trainer(out, config.epochs, config.accelerator, config.devices, [keep], verbose)
     fit.fit(
         system, _loader(train_set, config.batch_size, True, config.balanced), _loader(val_set, 256, False)
     )
-    if keep.state is not None:
-        backbone.load_state_dict(keep.state)
+    kept = keep.restore(backbone)
     metrics = {k: round(float(v), 4) for k, v in fit.callback_metrics.items()}
     metrics.update(
-        best_epoch=keep.best_epoch, epochs=config.epochs, seconds=round(time.perf_counter() - started, 1)
+        best_epoch=kept["best_epoch"] if kept else config.epochs - 1,
+        epochs=config.epochs,
+        seconds=round(time.perf_counter() - started, 1),
     )
     card = replace(card, metrics=metrics, data_hash=data.fingerprint("train"))
     models.save(backbone.eval(), card, out)
@@ -200,7 +235,6 @@ def predict(
 ) -> np.ndarray:
     """Class probabilities for every item of ``dataset`` (Lightning batched inference)."""
     system = ClassifierSystem(model, num_classes=len(dataset.classes))
-    batches = make_trainer(None, 1, config.accelerator, config.devices).predict(
-        system, _loader(dataset, 256, False)
-    )
+    # one device: a short pass whose batches must all come back to this process
+    batches = make_trainer(None, 1, config.accelerator, 1).predict(system, _loader(dataset, 256, False))
     return torch.cat(batches).float().numpy()

@@ -9,13 +9,12 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from pipeline import cli, config, manifest, models, square
+from pipeline import cli, config, manifest, models
 from pipeline.store import FeedbackStore
 
 
@@ -51,7 +50,17 @@ def _bomb(path: Path) -> None:
 
 
 def _import(tmp: Path, weights: Path) -> list[str]:
-    return ["import", "--weights", str(weights), "--arch", "small_cnn", "--classes", "a,b", "--preset", "half"] + [
+    return [
+        "import",
+        "--weights",
+        str(weights),
+        "--arch",
+        "small_cnn",
+        "--classes",
+        "a,b",
+        "--preset",
+        "half",
+    ] + [
         "--image-size",
         "32",
         "--out",
@@ -71,7 +80,12 @@ def _run_dir(tmp: Path) -> Path:
     root = tmp / "run"
     (root / "explain").mkdir(parents=True)
     config.dump(config.from_dict({}), root / "config.yaml")
-    row = {c: "" for c in manifest.COLUMNS} | {"id": "cf-a", "sample": "train-0", "attempt": 1, "success": True}
+    row = {c: "" for c in manifest.COLUMNS} | {
+        "id": "cf-a",
+        "sample": "train-0",
+        "attempt": 1,
+        "success": True,
+    }
     manifest.write([row], root / "explain" / manifest.NAME)
     return root
 
@@ -110,7 +124,15 @@ def _generator(tmp: Path, tiny_biased, tiny_codec, spoil) -> list[str]:
     shutil.copytree(tiny_codec, codec)
     spoil(codec)
     (tmp / "c.yaml").write_text(f"generator:\n  source: {codec}\nexplain:\n  per_pair: 1\n")
-    return ["explain", "--checkpoint", str(checkpoint), "--data", str(data.root), "--config", str(tmp / "c.yaml")] + [
+    return [
+        "explain",
+        "--checkpoint",
+        str(checkpoint),
+        "--data",
+        str(data.root),
+        "--config",
+        str(tmp / "c.yaml"),
+    ] + [
         "--out",
         str(tmp / "out"),
     ]
@@ -140,14 +162,19 @@ CASES = {
         "Not a directory",
     ),
     # weights and cards
-    "empty .pt": (lambda t, f: (t / "w.pt").write_bytes(b"") or _import(t, t / "w.pt"), "cannot read weights"),
+    "empty .pt": (
+        lambda t, f: (t / "w.pt").write_bytes(b"") or _import(t, t / "w.pt"),
+        "cannot read weights",
+    ),
     "all-NaN weights": (lambda t, f: _nan_weights(t), "NaN"),
     "card image_size 'abc'": (lambda t, f: _card(t, f["square_dir"], image_size="abc"), "image_size"),
     "card image_size -5": (lambda t, f: _card(t, f["square_dir"], image_size=-5), "image_size"),
     "card std 0": (lambda t, f: _card(t, f["square_dir"], std=[0, 0, 0]), "std"),
     "card classes '01'": (lambda t, f: _card(t, f["square_dir"], classes="01"), "classes"),
     "generator without weights": (
-        lambda t, f: _generator(t, f["tiny_biased"], f["tiny_codec"], lambda c: [p.unlink() for p in c.glob("*.safetensors")]),
+        lambda t, f: _generator(
+            t, f["tiny_biased"], f["tiny_codec"], lambda c: [p.unlink() for p in c.glob("*.safetensors")]
+        ),
         "cannot load its weights",
     ),
     "generator with truncated safetensors": (
@@ -156,7 +183,10 @@ CASES = {
     ),
     # configs
     "run name with NUL": (lambda t, f: _yaml(t, 'name: "a\\0b"\n'), "control characters"),
-    "duplicate YAML key": (lambda t, f: _yaml(t, "data:\n  image_size: 32\n  image_size: 64\n"), "given twice"),
+    "duplicate YAML key": (
+        lambda t, f: _yaml(t, "data:\n  image_size: 32\n  image_size: 64\n"),
+        "given twice",
+    ),
     "YAML syntax error": (lambda t, f: _yaml(t, "data: [1,\n  x: 2\n"), "line 3, column 1"),
     "teach --noise 1.5": (
         lambda t, f: ["teach", "--run-dir", str(_run_dir(t)), "--teacher", "mask", "--noise", "1.5"],
@@ -167,12 +197,21 @@ CASES = {
         lambda t, f: ["feedback", "export", "--run-dir", str(_run_dir(t)), str(t / "nowhere" / "e.csv")],
         "does not exist",
     ),
-    "import: unknown counterfactual": (lambda t, f: _import_events(t, cf_id="cf-zzz"), "unknown counterfactual"),
-    "import: time not-a-time": (lambda t, f: _import_events(t, created_at="not-a-time"), "not an ISO 8601 time"),
+    "import: unknown counterfactual": (
+        lambda t, f: _import_events(t, cf_id="cf-zzz"),
+        "unknown counterfactual",
+    ),
+    "import: time not-a-time": (
+        lambda t, f: _import_events(t, created_at="not-a-time"),
+        "not an ISO 8601 time",
+    ),
     "import: round -7": (lambda t, f: _import_events(t, round="-7"), "rounds count from 1"),
     "import: round one": (lambda t, f: _import_events(t, round="one"), "not a whole number"),
     "import: unknown label": (lambda t, f: _import_events(t, label="maybe"), "expected one of"),
-    "import: event id taken by another event": (lambda t, f: _conflicting_event(t), "already names another event"),
+    "import: event id taken by another event": (
+        lambda t, f: _conflicting_event(t),
+        "already names another event",
+    ),
 }
 
 

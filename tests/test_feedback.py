@@ -119,15 +119,21 @@ def test_bad_files_are_user_errors(tmp_path):
 def test_the_latest_verdict_by_time_wins_over_an_older_import(tmp_path):
     """Merging an older export never makes an annotator's older verdict current again."""
     laptop = FeedbackStore(tmp_path / "laptop.sqlite")
-    laptop.add_many([{"cf_id": "cf-1", "annotator": "alice", "label": "true", "created_at": "2026-11-01T09:00:00Z"}])
+    laptop.add_many(
+        [{"cf_id": "cf-1", "annotator": "alice", "label": "true", "created_at": "2026-11-01T09:00:00Z"}]
+    )
     laptop.export(tmp_path / "old.csv")
     store = FeedbackStore(tmp_path / "run.sqlite")
     store.add("cf-1", "alice", "spurious")  # now: later than the laptop's verdict
     assert store.import_(tmp_path / "old.csv") == 1
     assert store.labels().set_index("cf_id")["label"].to_dict() == {"cf-1": "spurious"}
     # times in another zone are compared as the instants they are
-    store.add_many([{"cf_id": "cf-2", "annotator": "bob", "label": "true", "created_at": "2026-11-01T12:00:00+02:00"}])
-    store.add_many([{"cf_id": "cf-2", "annotator": "bob", "label": "unsure", "created_at": "2026-11-01T11:00:00Z"}])
+    store.add_many(
+        [{"cf_id": "cf-2", "annotator": "bob", "label": "true", "created_at": "2026-11-01T12:00:00+02:00"}]
+    )
+    store.add_many(
+        [{"cf_id": "cf-2", "annotator": "bob", "label": "unsure", "created_at": "2026-11-01T11:00:00Z"}]
+    )
     assert store.labels().set_index("cf_id").loc["cf-2", "label"] == "unsure"
 
 

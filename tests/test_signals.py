@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_config
+
 from pipeline import config
 
 CFKD = [sys.executable, "-m", "pipeline.cli"]
@@ -22,7 +22,12 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 def _start(argv: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
-        CFKD + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True
+        CFKD + argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        start_new_session=True,
     )
 
 
@@ -53,7 +58,15 @@ def _write(conf: config.RunConfig, path: Path) -> Path:
 def test_sigterm_during_explain_stops_cleanly_and_a_rerun_resumes(tmp_path, tiny_codec):
     long = {"explain.enabled": True, "explain.per_pair": 4, "explain.search.steps": 5000}
     long |= {"explain.search.patience": 5000, "generator.source": str(tiny_codec), "distil.enabled": False}
-    run = _start(["run", "--config", str(_write(tiny_config(**long), tmp_path / "a.yaml")), "--run-dir", str(tmp_path / "run")])
+    run = _start(
+        [
+            "run",
+            "--config",
+            str(_write(tiny_config(**long), tmp_path / "a.yaml")),
+            "--run-dir",
+            str(tmp_path / "run"),
+        ]
+    )
     _wait_for_line(run, "[explain] running")
     time.sleep(3)  # inside Lightning's predict loop
     code, err = _stop(run, signal.SIGTERM)
@@ -63,7 +76,14 @@ def test_sigterm_during_explain_stops_cleanly_and_a_rerun_resumes(tmp_path, tiny
 
     short = long | {"explain.search.steps": 3, "explain.per_pair": 1}
     rerun = subprocess.run(
-        CFKD + ["run", "--config", str(_write(tiny_config(**short), tmp_path / "b.yaml")), "--run-dir", str(tmp_path / "run")],
+        CFKD
+        + [
+            "run",
+            "--config",
+            str(_write(tiny_config(**short), tmp_path / "b.yaml")),
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
         capture_output=True,
         text=True,
         env=ENV,
