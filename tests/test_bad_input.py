@@ -263,3 +263,19 @@ def test_the_app_names_a_file_that_is_not_an_image_and_moves_on(tmp_path, monkey
     assert len(at.error) == 1 and "0.png cannot be shown: not a readable image" in at.error[0].value
     at.button(key="label-unsure").click().run()
     assert not at.exception and labels(run) == {"cf-0": "unsure"}
+
+
+def test_a_run_where_nothing_flips_says_what_to_change_every_time(tmp_path, tiny_codec, capsys):
+    """The demo's settings (distil.select on) with a search too short to flip anything: one line, every rerun."""
+    from conftest import tiny_config
+
+    conf = tiny_config(
+        **{"explain.enabled": True, "explain.per_pair": 1, "explain.search.steps": 2, "explain.search.lr": 1e-9},
+        **{"generator.source": str(tiny_codec), "distil.rounds": 1},
+    )
+    config.dump(conf, tmp_path / "c.yaml")
+    argv = ["run", "--config", str(tmp_path / "c.yaml"), "--run-dir", str(tmp_path / "run")]
+    for _ in range(2):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "none of the" in err[0] and "flipped the classifier" in err[0], err

@@ -148,8 +148,14 @@ def test_train_and_evaluate_commands(tmp_path, square_dir, capsys):
 
 
 def test_feedback_export_and_import(tmp_path, capsys):
+    from pipeline import config, manifest
     from pipeline.store import FeedbackStore
 
+    for run in ("a", "b"):  # two run directories that showed the same counterfactual
+        (tmp_path / run / "explain").mkdir(parents=True)
+        config.dump(config.from_dict({}), tmp_path / run / "config.yaml")
+        row = {c: "" for c in manifest.COLUMNS} | {"id": "cf-1", "attempt": 1, "success": True}
+        manifest.write([row], tmp_path / run / "explain" / manifest.NAME)
     FeedbackStore(tmp_path / "a" / "feedback.sqlite").add("cf-1", "alice", "true")
     assert (
         cli.main(["feedback", "export", "--run-dir", str(tmp_path / "a"), str(tmp_path / "x.parquet")]) == 0

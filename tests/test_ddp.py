@@ -4,6 +4,8 @@ that learns the verdicts; model selection that still sees every validation, the 
 
 from __future__ import annotations
 
+import sys
+import types
 from dataclasses import replace
 
 import pytest
@@ -15,6 +17,13 @@ from pipeline.config import DistilConfig
 from pipeline.evaluate import evaluate
 
 KEY = ["sample", "source_class", "target_class", "attempt"]
+
+
+@pytest.fixture(autouse=True)
+def plain_main(monkeypatch):
+    """Spawned workers run the parent's __main__ again; in pytest, after an AppTest, that is the Streamlit app.
+    (Under the cfkd command it is the console script, which does nothing on import.)"""
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
 
 
 def test_explain_on_two_processes_writes_every_counterfactual_once(tiny_biased, tiny_codec, tmp_path):
