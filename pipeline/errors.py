@@ -1,5 +1,6 @@
 """The two ways a run ends early on purpose: bad user input (exit 2) and a signal (exit 128 + signal number)."""
 
+import multiprocessing
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +26,9 @@ class Interrupted(BaseException):
 
 
 def _raise(signum, frame):
+    # DDP workers (spawned by Lightning) compute results that are now discarded: stop them at once
+    for worker in multiprocessing.active_children():
+        worker.kill()
     raise Interrupted(signum)
 
 

@@ -148,3 +148,52 @@ def test_annotate_refuses_a_busy_port_and_takes_its_server_down_on_sigterm(tmp_p
     while _serving(port):  # the server went with it
         assert time.monotonic() < deadline, "the Streamlit server is still serving"
         time.sleep(0.2)
+
+
+def _workers() -> int:
+    """Processes multiprocessing's spawn started (Lightning's DDP workers) on this machine."""
+    count = 0
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            count += b"--multiprocessing-fork" in cmdline.read_bytes()
+        except OSError:
+            continue
+    return count
+
+
+def test_sigterm_under_ddp_stops_the_workers_too(tmp_path, tiny_codec):
+    long = {
+        "explain.enabled": True,
+        "explain.per_pair": 4,
+        "explain.search.steps": 5000,
+        "explain.devices": 2,
+    }
+    long |= {
+        "explain.accelerator": "cpu",
+        "explain.search.patience": 5000,
+        "generator.source": str(tiny_codec),
+    }
+    before = _workers()
+    run = _start(
+        [
+            "run",
+            "--config",
+            str(_write(tiny_config(**long), tmp_path / "a.yaml")),
+            "--run-dir",
+            str(tmp_path / "run"),
+        ]
+    )
+    _wait_for_line(run, "[explain] running")
+    deadline = time.monotonic() + 120
+    while _workers() < before + 2:  # both DDP workers are up
+        assert time.monotonic() < deadline and run.poll() is None, "no DDP workers"
+        time.sleep(0.5)
+    time.sleep(5)
+    code, err = _stop(run, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM
+    assert err.strip().splitlines() == ["interrupted in stage explain (SIGTERM); rerun to resume"]
+    deadline = time.monotonic() + 10
+    while _workers() > before:
+        assert time.monotonic() < deadline, "DDP workers outlived the run"
+        time.sleep(0.2)
+    assert not list((tmp_path / "run").glob(".*.tmp-*"))
