@@ -40,7 +40,9 @@ def main() -> int:
     p.add_argument("--out", default=str(HERE / "results" / "gpu.json"))
     args = p.parse_args()
     if not torch.cuda.is_available():
-        print("no CUDA GPU on this machine: benchmarks/gpu.py measures GPU runs only; skipped", file=sys.stderr)
+        print(
+            "no CUDA GPU on this machine: benchmarks/gpu.py measures GPU runs only; skipped", file=sys.stderr
+        )
         return 0
     quiet.configure(False)
     run_dir = Path(args.run_dir)

@@ -19,7 +19,9 @@ _NOISY = (
 
 def configure(verbose: bool = False) -> None:
     level = logging.INFO if verbose else logging.ERROR
-    os.environ["CFKD_QUIET"] = "0" if verbose else "1"  # read by processes this one starts (pipeline/__init__)
+    os.environ["CFKD_QUIET"] = (
+        "0" if verbose else "1"
+    )  # read by processes this one starts (pipeline/__init__)
     for name in _NOISY:
         logging.getLogger(name).setLevel(level)
     # diffusers logs a failed load as an error before raising it; cfkd reports the raised error in its own line

@@ -270,7 +270,12 @@ def test_a_run_where_nothing_flips_says_what_to_change_every_time(tmp_path, tiny
     from conftest import tiny_config
 
     conf = tiny_config(
-        **{"explain.enabled": True, "explain.per_pair": 1, "explain.search.steps": 2, "explain.search.lr": 1e-9},
+        **{
+            "explain.enabled": True,
+            "explain.per_pair": 1,
+            "explain.search.steps": 2,
+            "explain.search.lr": 1e-9,
+        },
         **{"generator.source": str(tiny_codec), "distil.rounds": 1},
     )
     config.dump(conf, tmp_path / "c.yaml")
