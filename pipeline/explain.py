@@ -189,15 +189,16 @@ def run(
     trainer = make_trainer(accelerator=config.accelerator, devices=config.devices, inference_mode=False)
     started = time.perf_counter()
     parts = out / ".parts"
+    per_batch = batch_size(config, card.image_size)
     trainer.predict(
         ExplainSystem(explainer, config.seed, parts, data.grey),
-        DataLoader(requests, batch_size=batch_size(config, card.image_size)),
+        DataLoader(requests, batch_size=per_batch),
         return_predictions=False,
     )
     seconds = time.perf_counter() - started
     outputs = gathered(parts)
     shutil.rmtree(parts)
-    table = write_outputs(outputs, images, card, explainer, data, out)
+    table = write_outputs(outputs, images, card, explainer, data, out, per_batch)
     summary = desiderata.summarise(table)
     summary.update(
         surrogate_agreement=agreement,
@@ -222,8 +223,10 @@ def attempt_diversity(outputs) -> dict:
 
 
 def write_outputs(
-    outputs, images: ImageDataset, card, explainer: Explainer, data: FolderData, out: Path
+    outputs, images: ImageDataset, card, explainer: Explainer, data: FolderData, out: Path, per_batch: int
 ) -> pd.DataFrame:
+    """PNGs and the manifest, its rows in one order whatever the device count: one device's batches of
+    ``per_batch`` requests, each batch attempt by attempt."""
     for folder in ("originals", "counterfactuals", "differences"):
         (out / folder).mkdir(parents=True, exist_ok=True)
     split = images.rows["split"][0]
@@ -237,7 +240,7 @@ def write_outputs(
             stats = desiderata.per_counterfactual(batch["x"], attempt["x_cf"], masks)
             feats = desiderata.thumbnails(attempt["x_cf"])
             for i, row in enumerate(batch["row"].tolist()):
-                target = int(batch["target"][i])
+                target, request = int(batch["target"][i]), int(batch["index"][i])
                 sample = manifest.sample_id(split, row)
                 before, after = pixels(batch["x"][i], data.grey), pixels(attempt["x_cf"][i], data.grey)
                 cf_id = manifest.counterfactual_id(sample, target, k, before, after)
@@ -248,10 +251,7 @@ def write_outputs(
                 has_mask = masks is not None and bool(batch["has_mask"][i])
                 records.append(
                     {
-                        "order": (
-                            int(batch["index"][i]),
-                            k,
-                        ),  # request, attempt: the same on any device count
+                        "order": (request // per_batch, k, request),
                         "id": cf_id,
                         "sample": sample,
                         "source_path": images.rows["path"][row],
