@@ -22,14 +22,42 @@ def _data_square(args) -> None:
     print(f"wrote {len(table)} images to {args.out}")
 
 
-def _data_shapes(args) -> None:
-    from pipeline import shapes
+def _generated():
+    """The benchmark datasets besides Square: name -> (config dataclass, generator, what it is)."""
+    from pipeline import confounded, shapes
+
+    return {
+        "shapes": (shapes.ShapesConfig, shapes.generate, "greyscale 48x64, 3 classes, a corner-tag shortcut"),
+        "stamp": (
+            confounded.StampConfig,
+            confounded.generate_stamp,
+            "natural textures, 3 classes, a corner-watermark shortcut",
+        ),
+        "stain": (
+            confounded.StainConfig,
+            confounded.generate_stain,
+            "histology-like tiles, 2 classes, a scanner colour-cast shortcut",
+        ),
+    }
+
+
+def _data_generated(args) -> None:
+    import dataclasses
 
     if not 0 <= args.poison <= 1:
         raise UserError(f"--poison {args.poison}: expected a share in [0, 1]")
-    config = shapes.ShapesConfig(n=args.n, poison=args.poison, seed=args.seed)
-    table = shapes.generate(args.out, config)
-    print(f"wrote {len(table)} greyscale {config.height}x{config.width} images to {args.out}")
+    if args.n < 20:
+        raise UserError(f"--n {args.n}: expected at least 20 images")
+    config_class, generate, _ = _generated()[args.data_command]
+    given = {k: getattr(args, k, None) for k in ("n", "poison", "seed", "size")}
+    names = {f.name for f in dataclasses.fields(config_class)}
+    config = config_class(**{k: v for k, v in given.items() if v is not None and k in names})
+    if getattr(config, "size", 16) < 16:
+        raise UserError(f"--size {config.size}: expected at least 16 px")
+    table = generate(args.out, config)
+    print(
+        f"wrote {len(table)} {args.data_command} images ({', '.join(sorted(set(table['label'])))}) to {args.out}"
+    )
 
 
 def _data_check(args) -> None:
@@ -175,8 +203,18 @@ def _teach(args) -> None:
         else config.from_dict({"feedback": {"band": args.band}}).feedback.band
     )
     noise = config.from_dict({"feedback": {"noise": args.noise}}).feedback.noise
+    oracle = args.oracle or conf.feedback.oracle
     result = teach.run(
-        run_dir, args.teacher, data_root, reference, noise, args.round, args.seed, band, conf.data.resize
+        run_dir,
+        args.teacher,
+        data_root,
+        reference,
+        noise,
+        args.round,
+        args.seed,
+        band,
+        conf.data.resize,
+        oracle,
     )
     print(
         f"{result['annotator']}: {result['labelled']} verdicts ({result.get('true', 0)} true, "
@@ -287,10 +325,8 @@ def _distil(args) -> None:
 def parser() -> argparse.ArgumentParser:
     # defaults come from the config dataclasses: one copy
     from pipeline.config import ClassifierConfig, DataConfig, FeedbackConfig, SquareConfig
-    from pipeline.shapes import ShapesConfig
 
     square, data_defaults, feedback_defaults = SquareConfig(), DataConfig(), FeedbackConfig()
-    shapes_defaults = ShapesConfig()
     size_default = str(data_defaults.image_size)
     p = argparse.ArgumentParser(
         prog="cfkd", description="Find and remove Clever-Hans shortcuts in image classifiers."
@@ -346,16 +382,23 @@ def parser() -> argparse.ArgumentParser:
     )
     sq.add_argument("--seed", type=int, default=square.seed)
     sq.set_defaults(func=_data_square)
-    sh = data.add_parser(
-        "shapes",
-        help="generate Shapes (greyscale, 48x64, 3 classes, a corner-tag shortcut)",
-        parents=[common],
-    )
-    sh.add_argument("--out", required=True)
-    sh.add_argument("--n", type=int, default=shapes_defaults.n)
-    sh.add_argument("--poison", type=float, default=shapes_defaults.poison)
-    sh.add_argument("--seed", type=int, default=shapes_defaults.seed)
-    sh.set_defaults(func=_data_shapes)
+    for name, (config_class, _, what) in _generated().items():
+        defaults = config_class()
+        generated = data.add_parser(name, help=f"generate {name.capitalize()} ({what})", parents=[common])
+        generated.add_argument("--out", required=True)
+        generated.add_argument(
+            "--n", type=int, default=defaults.n, help="images in all splits (default %(default)s)"
+        )
+        generated.add_argument(
+            "--poison",
+            type=float,
+            default=defaults.poison,
+            help="share of train/val images whose confounder is their own class's (default %(default)s)",
+        )
+        generated.add_argument("--seed", type=int, default=defaults.seed)
+        if hasattr(defaults, "size"):
+            generated.add_argument("--size", type=int, help=f"image side (default {defaults.size})")
+        generated.set_defaults(func=_data_generated)
     check = data.add_parser("check", help="validate a folder dataset (metadata.csv)", parents=[common])
     check.add_argument("root")
     check.set_defaults(func=_data_check)
@@ -396,6 +439,11 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         default=feedback_defaults.noise,
         help="share of verdicts flipped at random (imperfect expert)",
+    )
+    te.add_argument(
+        "--oracle",
+        choices=["density", "intervention"],
+        help="how the mask teacher judges (default: the run's feedback.oracle)",
     )
     te.add_argument("--round", type=int, default=1)
     te.add_argument("--seed", type=int, default=0)
@@ -499,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f" in stage {exc.stage}" if exc.stage else ""
         print(f"interrupted{where} ({exc}); rerun to resume", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # the reader went away (`cfkd data check ... | head`): nothing left to say
+        sys.stderr.close()
+        return 141
     except OSError as exc:  # the file system refused (permission, no space, not a folder): the user's to fix
         if args.verbose:
             traceback.print_exc()

@@ -116,6 +116,10 @@ class FeedbackConfig:
     # a simulated teacher says unsure when its score (feature change density, reference odds) lies within
     # (1 / band, band], as an expert does before an edit that changes evidence and shortcut alike; 1 = the authors'
     band: float = 2.0
+    # how the mask teacher judges: density (where the change lies against the feature mask) or intervention (the
+    # explained classifier sees the edit's part on the mask and its part off it separately; the part that carries
+    # the flip decides)
+    oracle: str = "density"
     min_labels: int = 1  # human teacher: labelled counterfactuals a round needs before distil continues
     min_votes: int = 1  # annotators that must agree for a consensus label (fewer -> unsure)
 
@@ -233,6 +237,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "feedback.teacher": (lambda v: v in ("mask", "model", "human"), "mask, model or human"),
     "feedback.noise": (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
     "feedback.band": (lambda v: v >= 1.0, "a number >= 1"),
+    "feedback.oracle": (lambda v: v in ("density", "intervention"), "density or intervention"),
     "feedback.min_labels": (lambda v: v >= 1, "an integer >= 1"),
     "feedback.min_votes": (lambda v: v >= 1, "an integer >= 1"),
     "distil.rounds": (lambda v: v >= 1, "an integer >= 1"),

@@ -205,6 +205,7 @@ def run(
         wall_seconds=round(seconds, 1),
         counterfactuals_per_second=len(table) / seconds,
         processes=trainer.world_size,
+        explained=checkpoint.name,  # the classifier's folder (in a run: classifier, distil_r<N>)
         settings=config.search.__dict__,
     )
     summary.update(attempt_diversity(outputs))

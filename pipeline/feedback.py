@@ -98,7 +98,16 @@ def run(
     With ``require``, a round without a single verdict stops the run with the reason."""
     if config.teacher != "human":
         teach.run(
-            run_dir, config.teacher, data_root, reference, config.noise, round, seed, config.band, resize
+            run_dir,
+            config.teacher,
+            data_root,
+            reference,
+            config.noise,
+            round,
+            seed,
+            config.band,
+            resize,
+            config.oracle,
         )
     table, store = manifest.read_round(run_dir, round), open_store(run_dir)
     given = verdicts(store, table, round, config.min_votes)

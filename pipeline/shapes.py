@@ -5,7 +5,7 @@ ring (the class; ``feature_mask`` is the object). A small square tag sits in the
 (dim, mid, bright) is the confounder (``group``). In train/val a share ``poison`` of the images carries the tag
 of their own class, the rest one of another class; the test split is unconfounded (tags drawn at random). It is
 the kind of data a user brings (greyscale, not square, more than two classes, a scanner-tag-like shortcut) and
-the suite's case for it; same seed, same bytes.
+the suite's case for it; same seed, same bytes. ``shortcut_mask`` (for benchmarks) is the tag.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def generate(
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(exist_ok=True)
+    (out / "shortcut").mkdir(exist_ok=True)
     rng = np.random.default_rng(c.seed)
     splits = np.array(["train"] * int(0.6 * c.n) + ["val"] * int(0.2 * c.n))
     splits = np.concatenate([splits, ["test"] * (c.n - len(splits))])
@@ -69,9 +70,14 @@ def generate(
         image = 40 + c.noise * rng.standard_normal((c.height, c.width))
         image[mask] = rng.uniform(150, 230) + c.noise * rng.standard_normal(mask.sum())
         image[1 : 1 + c.tag, 1 : 1 + c.tag] = TAG_LEVELS[tag]
-        path, mask_path = f"images/{i:05d}.png", f"masks/{i:05d}.png"
+        shortcut = np.zeros((c.height, c.width), np.uint8)
+        shortcut[1 : 1 + c.tag, 1 : 1 + c.tag] = 255
+        path, mask_path, shortcut_path = (
+            f"{folder}/{i:05d}.png" for folder in ("images", "masks", "shortcut")
+        )
         Image.fromarray(np.clip(image, 0, 255).round().astype(np.uint8), "L").save(out / path)
         Image.fromarray((mask * 255).astype(np.uint8), "L").save(out / mask_path)
+        Image.fromarray(shortcut, "L").save(out / shortcut_path)
         rows.append(
             {
                 "path": path,
@@ -79,6 +85,7 @@ def generate(
                 "split": split,
                 "group": f"tag{tag}",
                 "feature_mask": mask_path,
+                "shortcut_mask": shortcut_path,
             }
         )
     table = pd.DataFrame(rows)

@@ -3,6 +3,7 @@
 64x64 RGB: grey background of brightness b plus Gaussian noise; a 12x12 patch at a random position whose inner
 8x8 is red with intensity a (G = B = 0) plus noise. Class = a >= 128 (the true feature), confounder = b >= 128.
 In train/val exactly round(p * n) images have confounder == class; the test split is unbiased (p = 0.5).
+``shortcut_mask`` (for benchmarks) is the background, where the confounder lives.
 """
 
 from __future__ import annotations
@@ -61,13 +62,15 @@ def generate(out: str | Path, config: SquareConfig = SquareConfig()) -> pd.DataF
             aligned[members[: int(round(poison * members.size))]] = True
         confounder = np.where(aligned, label, ~label)
         a, b = _intensities(rng, label), _intensities(rng, confounder)
-        (out / "images" / split).mkdir(parents=True, exist_ok=True)
-        (out / "masks" / split).mkdir(parents=True, exist_ok=True)
+        for folder in ("images", "masks", "shortcut"):
+            (out / folder / split).mkdir(parents=True, exist_ok=True)
         for i in range(n):
             image, mask = _render(rng, int(a[i]), int(b[i]), config.size, config.noise)
             path, mask_path = f"images/{split}/{i:05d}.png", f"masks/{split}/{i:05d}.png"
+            shortcut_path = f"shortcut/{split}/{i:05d}.png"
             Image.fromarray(image).save(out / path)
             Image.fromarray(mask).save(out / mask_path)
+            Image.fromarray(255 - mask).save(out / shortcut_path)  # the background: the shortcut
             rows.append(
                 {
                     "path": path,
@@ -75,6 +78,7 @@ def generate(out: str | Path, config: SquareConfig = SquareConfig()) -> pd.DataF
                     "split": split,
                     "group": GROUPS[int(confounder[i])],
                     "feature_mask": mask_path,
+                    "shortcut_mask": shortcut_path,
                     "foreground": int(a[i]),
                     "background": int(b[i]),
                 }

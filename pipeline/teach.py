@@ -1,7 +1,10 @@
 """Simulated teachers: label counterfactuals automatically, writing to the same feedback store as experts.
 
-- mask oracle: the change weighted by the centred feature mask (positive on the true feature, negative
-  elsewhere); a positive mean means the edit sits on the real evidence -> true, else spurious.
+- mask oracle, density rule (default): the change weighted by the centred feature mask (positive on the true
+  feature, negative elsewhere); a positive mean means the edit sits on the real evidence -> true, else spurious.
+- mask oracle by intervention (``oracle: intervention``): the explained classifier sees only the part of the edit
+  inside the feature mask, then only the part outside; whichever carries the flip decides (true / spurious), the
+  density rule where only both parts together move it.
 - model oracle: the unbiased reference classifier; it flips too -> true, else spurious; it abstains where it
   gets the original image wrong itself.
 Only counterfactuals that flipped the classifier get a verdict. Each oracle reduces an edit to a score whose
@@ -23,6 +26,7 @@ from PIL import Image
 from pipeline import manifest, models
 from pipeline.data import load_mask, read_rgb
 from pipeline.errors import UserError
+from pipeline.rundir import read_json
 from pipeline.store import FeedbackStore
 
 TEACHERS = ("mask", "model")
@@ -56,6 +60,59 @@ def mask_verdicts(
     return pd.Series(verdicts, dtype=object)
 
 
+MOVED = 1e-3  # a gain in log-odds below this is no movement (float rounding, not the classifier)
+
+
+def _margin(model, x: torch.Tensor, target: int) -> torch.Tensor:
+    """Log-odds of the target class against the strongest other class, per image."""
+    logp = torch.log_softmax(model(x), -1)
+    others = torch.cat([logp[:, :target], logp[:, target + 1 :]], 1)
+    return logp[:, target] - others.max(1).values
+
+
+@torch.no_grad()
+def intervention_score(
+    model, x: torch.Tensor, x_cf: torch.Tensor, mask: torch.Tensor, target: int
+) -> float | None:
+    """How much more of the flip the change on the feature carries than the change off it: the classifier's gain
+    in target log-odds from applying only the part of the edit inside ``mask`` over the gain from only the part
+    outside it (> 1: the evidence carries it). None when neither part alone moves the classifier toward the
+    target (the parts only work together)."""
+    delta = x_cf - x
+    parts = torch.cat([x, x + mask * delta, x + (1 - mask) * delta])
+    before, inside, outside = _margin(model, parts, target).tolist()
+    gain_in, gain_out = inside - before, outside - before
+    if gain_in <= MOVED and gain_out <= MOVED:
+        return None
+    return max(gain_in, MOVED) / max(gain_out, MOVED)
+
+
+def intervention_verdicts(
+    table: pd.DataFrame,
+    explain_dir: Path,
+    data_root: Path,
+    checkpoint: Path,
+    band: float = 1.0,
+    resize: str = "pad",
+) -> pd.Series:
+    """The mask oracle by intervention: the explained classifier judges the edit's part on the feature mask and
+    its part off it separately; the density rule decides where the parts only flip it together."""
+    model, card = models.load(checkpoint)
+    model, transform = models.OnPixels(model, card), models.pixel_transform(card)
+    masks, density = feature_masks(data_root), mask_verdicts(table, explain_dir, data_root, band, resize)
+    verdicts = {}
+    for row in table.itertuples():
+        if row.id not in density:
+            continue  # no feature mask: abstain, as the density rule does
+        x = _image(explain_dir / row.original, transform)[None]
+        x_cf = _image(explain_dir / row.counterfactual, transform)[None]
+        mask = load_mask(data_root / masks[row.source_path], list(x.shape[-2:]), resize)
+        mask = torch.from_numpy(mask).float()[None, None]
+        score = intervention_score(model, x, x_cf, mask, card.classes.index(row.target_class))
+        verdicts[row.id] = density[row.id] if score is None else banded(score, band)
+    return pd.Series(verdicts, dtype=object)
+
+
 @torch.no_grad()
 def model_verdicts(table: pd.DataFrame, explain_dir: Path, reference: Path, band: float = 1.0) -> pd.Series:
     model, card = models.load(reference)
@@ -71,6 +128,17 @@ def model_verdicts(table: pd.DataFrame, explain_dir: Path, reference: Path, band
         # odds of the target against the strongest other class: > 1 <=> the reference flips too
         verdicts[row.id] = banded(float(p[target] / torch.cat([p[:target], p[target + 1 :]]).max()), band)
     return pd.Series(verdicts, dtype=object)
+
+
+def explained(run_dir: Path, round: int) -> Path:
+    """The checkpoint the round's explain stage explained (recorded in its desiderata.json)."""
+    name = read_json(Path(run_dir) / manifest.folder(round) / "desiderata.json").get("explained")
+    if not name or not (Path(run_dir) / name / models.CARD).is_file():
+        raise UserError(
+            f"round {round}: the interventional mask oracle needs the classifier explain explained, and "
+            f"{manifest.folder(round)}/desiderata.json does not name one in {run_dir} (rerun with --from explain)"
+        )
+    return Path(run_dir) / name
 
 
 def feature_masks(data_root: Path) -> dict[str, str]:
@@ -91,6 +159,7 @@ def run(
     seed: int = 0,
     band: float = 1.0,
     resize: str = "pad",
+    oracle: str = "density",
 ) -> dict:
     """Label every successful counterfactual of the round's explain folder and write the verdicts to the store."""
     if teacher not in TEACHERS:
@@ -98,7 +167,11 @@ def run(
     explain_dir = run_dir / manifest.folder(round)
     everything = manifest.read(explain_dir)
     table = manifest.flipped(everything)
-    if teacher == "mask":
+    if teacher == "mask" and oracle == "intervention":
+        verdicts = intervention_verdicts(
+            table, explain_dir, data_root, explained(run_dir, round), band, resize
+        )
+    elif teacher == "mask":
         verdicts = mask_verdicts(table, explain_dir, data_root, band, resize)
     else:
         if reference is None or not (reference / "card.json").exists():

@@ -1,6 +1,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from pipeline import config, square, teach
@@ -75,6 +76,19 @@ def test_mask_oracle_matches_mask_ground_truth(tmp_path, unbiased):
     assert len(FeedbackStore(tmp_path / "feedback.sqlite").events()) == 12
 
 
+def test_the_interventional_oracle_on_a_run_matches_the_ground_truth(tmp_path, unbiased):
+    """Real images, real classifier: the unbiased one (it reads the square) as the explained classifier."""
+    import json
+    import shutil
+
+    truth = _hand_made_counterfactuals(tmp_path, unbiased / "data")
+    shutil.copytree(unbiased / "reference", tmp_path / "classifier")
+    (tmp_path / "explain" / "desiderata.json").write_text(json.dumps({"explained": "classifier"}))
+    result = teach.run(tmp_path, "mask", unbiased / "data", oracle="intervention")
+    labels = FeedbackStore(tmp_path / "feedback.sqlite").labels().set_index("cf_id")["label"]
+    assert result["labelled"] == 12 and labels.to_dict() == truth
+
+
 def test_model_oracle_matches_mask_ground_truth(tmp_path, unbiased):
     truth = _hand_made_counterfactuals(tmp_path, unbiased / "data")
     result = teach.run(tmp_path, "model", unbiased / "data", unbiased / "reference")
@@ -129,3 +143,63 @@ def test_noise_swaps_true_and_spurious_and_leaves_unsure_alone(tmp_path, unbiase
     labels = FeedbackStore(tmp_path / "feedback.sqlite").labels().set_index("cf_id")["label"]
     expected = {"square": "spurious", "background": "true", "mixed": "unsure"}
     assert labels.to_dict() == {k: expected[k.split("-", 1)[1]] for k in labels.index}
+
+
+class _Regions(torch.nn.Module):
+    """A hand-made two-class classifier on 16 px images: class 1's logit reads the object (the centre 6 x 6) with
+    weight ``a`` and a corner patch (top-left 3 x 3) with weight ``b``; ``both`` needs object and patch at once."""
+
+    def __init__(self, a: float, b: float, both: bool = False):
+        super().__init__()
+        self.a, self.b, self.both = a, b, both
+
+    def forward(self, x):
+        obj, patch = x[:, :, 5:11, 5:11].mean((1, 2, 3)), x[:, :, :3, :3].mean((1, 2, 3))
+        score = torch.minimum(obj, patch) * 40 if self.both else self.a * obj + self.b * patch
+        return torch.stack([torch.zeros_like(score), score], 1)
+
+
+def _edit(where: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, x_cf, object mask): a dark image, and a copy brightened by the given amount in each region."""
+    x = torch.full((1, 3, 16, 16), -0.6)
+    x_cf = x.clone()
+    x_cf[:, :, 5:11, 5:11] += where.get("object", 0.0)
+    x_cf[:, :, :3, :3] += where.get("patch", 0.0)
+    x_cf += where.get("everywhere", 0.0)
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[:, :, 5:11, 5:11] = 1
+    return x, x_cf, mask
+
+
+@pytest.mark.parametrize(
+    "model, edit, verdict",
+    [
+        (_Regions(0, 20), {"patch": 1.2}, "spurious"),  # the patch recoloured: a shortcut edit
+        (_Regions(20, 0), {"object": 1.2}, "true"),  # the object changed: real evidence
+        # a tint over everything, strongest on the object (the density rule would call it true): the flip comes
+        # from the patch's share of it
+        (_Regions(0, 20), {"object": 1.4, "everywhere": 0.7}, "spurious"),
+        (_Regions(20, 20), {"object": 0.8, "patch": 0.8}, "unsure"),  # both carry the flip alike
+    ],
+)
+def test_the_interventional_oracle_finds_the_part_that_flips(model, edit, verdict):
+    x, x_cf, mask = _edit(edit)
+    assert int(model(x_cf).argmax()) == 1 and int(model(x).argmax()) == 0  # a real counterfactual
+    assert teach.banded(teach.intervention_score(model, x, x_cf, mask, 1), band=2.0) == verdict
+    if edit.get("everywhere"):  # where the density rule goes wrong: most of the change lies on the object
+        delta = (x_cf - x).abs().sum(1)[0]
+        assert (delta * mask[0, 0]).mean() / (delta.mean() * mask.mean()) > 2.0
+
+
+def test_the_interventional_oracle_defers_when_only_both_parts_together_flip():
+    x, x_cf, mask = _edit({"object": 1.2, "patch": 1.2})
+    model = _Regions(0, 0, both=True)
+    assert int(model(x_cf).argmax()) == 1
+    assert teach.intervention_score(model, x, x_cf, mask, 1) is None  # the density rule decides
+
+
+def test_the_interventional_oracle_needs_the_explained_classifier(tmp_path):
+    (tmp_path / "explain").mkdir()
+    (tmp_path / "explain" / "desiderata.json").write_text("{}")
+    with pytest.raises(UserError, match="needs the classifier explain explained"):
+        teach.explained(tmp_path, 1)

@@ -1,0 +1,211 @@
+"""Confounded benchmark datasets of other kinds than Square, in the folder format, deterministic (same seed, same
+bytes). Each knows where its shortcut lives and writes it as a ``shortcut_mask`` column (for benchmarks; users'
+datasets do not need one) beside ``feature_mask`` (the real class evidence) and ``group`` (the confounder).
+
+- **stamp**: natural textures (brick, grass, gravel from scikit-image's bundled photos; the class) in random
+  colour tints, with a small semi-transparent watermark in a corner whose glyph (ring, cross, triangle) is the
+  confounder: a local shortcut on natural-looking content, three classes.
+- **stain**: histology-like tiles, pink tissue with purple nuclei whose shape (round or elongated) is the class;
+  the slide's colour cast (warm or cool, as two scanners or staining protocols give) is the confounder: a global
+  colour shortcut. Its ``shortcut_mask`` is the tissue around the nuclei, where the cast is the only signal.
+
+In train/val a share ``poison`` of the images carries the confounder value of their own class, the rest another
+one; the test split is unconfounded. Every size (crop, glyph, nucleus, blur) is a share of the image side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw, ImageFilter
+
+SPLITS = (("train", 0.6), ("val", 0.2), ("test", 0.2))
+
+
+def splits(n: int) -> list[str]:
+    sizes = [int(share * n) for _, share in SPLITS[:-1]]
+    return [name for (name, _), k in zip(SPLITS, [*sizes, n - sum(sizes)]) for _ in range(k)]
+
+
+def confounder(label: int, split: str, poison: float, values: int, rng: np.random.Generator) -> int:
+    """Own class's value with probability ``poison`` in train/val, another value otherwise; uniform in test."""
+    if split == "test":
+        return int(rng.integers(values))
+    if rng.random() < poison:
+        return label
+    return int(rng.choice([v for v in range(values) if v != label]))
+
+
+def _save(out: Path, rel: str, array: np.ndarray) -> None:
+    Image.fromarray(array).save(out / rel)
+
+
+def _write(out: Path, rows: list[dict]) -> pd.DataFrame:
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "metadata.csv", index=False)
+    return table
+
+
+def _folders(out: Path) -> None:
+    for folder in ("images", "masks", "shortcut"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+
+
+# -- stamp ---------------------------------------------------------------------------------------------------
+TEXTURES = ("brick", "grass", "gravel")
+GLYPHS = ("ring", "cross", "triangle")
+
+
+@dataclass(frozen=True)
+class StampConfig:
+    n: int = 900  # images in all splits (60 % train, 20 % val, 20 % test)
+    poison: float = (
+        1.0  # share of train/val images whose watermark is their own class's (1 / 3 = unconfounded)
+    )
+    size: int = 64  # image side, px
+    glyph: float = 0.22  # watermark side, share of the image side
+    opacity: float = 0.6  # how strongly the watermark covers the texture
+    seed: int = 0
+
+
+def _textures() -> dict[str, np.ndarray]:
+    import skimage.data
+
+    return {name: getattr(skimage.data, name)().astype(np.float32) / 255 for name in TEXTURES}
+
+
+def _crop(texture: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A random window (a quarter to a half of the photo's side) resized to ``size``, in a random tint."""
+    side = int(rng.uniform(0.25, 0.5) * texture.shape[0])
+    y, x = rng.integers(0, texture.shape[0] - side + 1), rng.integers(0, texture.shape[1] - side + 1)
+    window = Image.fromarray((texture[y : y + side, x : x + side] * 255).astype(np.uint8))
+    grey = np.asarray(window.resize((size, size), Image.BILINEAR), np.float32) / 255
+    tint = rng.uniform(0.55, 1.0, 3)
+    return grey[..., None] * tint / tint.max()
+
+
+def _glyph(kind: int, size: int, side: int, corner: int, rng: np.random.Generator) -> np.ndarray:
+    """Boolean mask of one watermark glyph in one corner (0 top-left, clockwise), jittered a little."""
+    margin = max(1, round(0.04 * size))
+    jitter = int(rng.integers(0, margin + 1))
+    x0 = margin + jitter if corner in (0, 3) else size - margin - jitter - side
+    y0 = margin + jitter if corner in (0, 1) else size - margin - jitter - side
+    canvas = Image.new("L", (size, size))
+    draw = ImageDraw.Draw(canvas)
+    box = (x0, y0, x0 + side - 1, y0 + side - 1)
+    width = max(1, round(side * 0.2))
+    if kind == 0:
+        draw.ellipse(box, outline=255, width=width)
+    elif kind == 1:
+        mid = side // 2
+        draw.line((x0 + mid, y0, x0 + mid, y0 + side - 1), fill=255, width=width)
+        draw.line((x0, y0 + mid, x0 + side - 1, y0 + mid), fill=255, width=width)
+    else:
+        draw.polygon([(x0 + side / 2, y0), (x0, y0 + side - 1), (x0 + side - 1, y0 + side - 1)], fill=255)
+    return np.asarray(canvas) > 0
+
+
+def generate_stamp(out: str | Path, c: StampConfig = StampConfig()) -> pd.DataFrame:
+    out = Path(out)
+    _folders(out)
+    rng, textures = np.random.default_rng(c.seed), _textures()
+    side = max(4, round(c.glyph * c.size))
+    rows = []
+    for i, split in enumerate(splits(c.n)):
+        label = int(rng.integers(len(TEXTURES)))
+        mark = confounder(label, split, c.poison, len(GLYPHS), rng)
+        image = _crop(textures[TEXTURES[label]], c.size, rng)
+        glyph = _glyph(mark, c.size, side, int(rng.integers(4)), rng)
+        image[glyph] = (1 - c.opacity) * image[glyph] + c.opacity  # a light, semi-transparent mark
+        image += rng.normal(0, 0.02, image.shape)
+        path, mask, short = f"images/{i:05d}.png", f"masks/{i:05d}.png", f"shortcut/{i:05d}.png"
+        _save(out, path, (np.clip(image, 0, 1) * 255).round().astype(np.uint8))
+        _save(out, mask, np.where(glyph, 0, 255).astype(np.uint8))  # the texture is the evidence
+        _save(out, short, np.where(glyph, 255, 0).astype(np.uint8))
+        rows.append(
+            {
+                "path": path,
+                "label": TEXTURES[label],
+                "split": split,
+                "group": GLYPHS[mark],
+                "feature_mask": mask,
+                "shortcut_mask": short,
+            }
+        )
+    return _write(out, rows)
+
+
+# -- stain ---------------------------------------------------------------------------------------------------
+NUCLEI = ("round", "elongated")
+CASTS = ("warm", "cool")
+
+
+@dataclass(frozen=True)
+class StainConfig:
+    n: int = 900
+    poison: float = (
+        1.0  # share of train/val images whose colour cast is their own class's (0.5 = unconfounded)
+    )
+    size: int = 64
+    nuclei: int = 7  # nuclei per tile
+    radius: float = 0.055  # a round nucleus's radius, share of the image side
+    cast: float = 0.12  # strength of a scanner's colour cast (channel gain, red against blue)
+    seed: int = 0
+
+
+def _tissue(size: int, rng: np.random.Generator) -> np.ndarray:
+    """Pink tissue with smooth, blotchy density (noise blurred over a tenth of the side)."""
+    noise = Image.fromarray((rng.random((size, size)) * 255).astype(np.uint8))
+    blotch = np.asarray(noise.filter(ImageFilter.GaussianBlur(size / 10)), np.float32) / 255
+    density = (blotch - blotch.mean()) * 4 + rng.normal(0, 0.03, (size, size))
+    pink = np.array([0.93, 0.72, 0.82], np.float32)
+    return np.clip(pink - density[..., None] * np.array([0.05, 0.12, 0.08]), 0, 1)
+
+
+def _nuclei(kind: int, size: int, count: int, radius: float, rng: np.random.Generator) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    mask = np.zeros((size, size), bool)
+    for _ in range(count):
+        r = radius * size * rng.uniform(0.85, 1.15)
+        a, b = (r, r) if kind == 0 else (r * 1.9, r * 0.55)
+        angle = rng.uniform(0, np.pi)
+        cy, cx = rng.uniform(0.12, 0.88, 2) * size
+        u = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
+        v = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
+        mask |= (u / a) ** 2 + (v / b) ** 2 <= 1
+    return mask
+
+
+def generate_stain(out: str | Path, c: StainConfig = StainConfig()) -> pd.DataFrame:
+    out = Path(out)
+    _folders(out)
+    rng = np.random.default_rng(c.seed)
+    rows = []
+    for i, split in enumerate(splits(c.n)):
+        label = int(rng.integers(len(NUCLEI)))
+        source = confounder(label, split, c.poison, len(CASTS), rng)
+        image = _tissue(c.size, rng)
+        nuclei = _nuclei(label, c.size, c.nuclei, c.radius, rng)
+        purple = np.array([0.42, 0.22, 0.58]) + rng.normal(0, 0.04, (int(nuclei.sum()), 3))
+        image[nuclei] = purple
+        sign = 1 if source == 0 else -1
+        gain = 1 + sign * c.cast * rng.uniform(0.8, 1.2) * np.array([1.0, 0.0, -1.0])
+        image = image * gain + rng.normal(0, 0.015, image.shape)
+        path, mask, short = f"images/{i:05d}.png", f"masks/{i:05d}.png", f"shortcut/{i:05d}.png"
+        _save(out, path, (np.clip(image, 0, 1) * 255).round().astype(np.uint8))
+        _save(out, mask, np.where(nuclei, 255, 0).astype(np.uint8))
+        _save(out, short, np.where(nuclei, 0, 255).astype(np.uint8))
+        rows.append(
+            {
+                "path": path,
+                "label": NUCLEI[label],
+                "split": split,
+                "group": CASTS[source],
+                "feature_mask": mask,
+                "shortcut_mask": short,
+            }
+        )
+    return _write(out, rows)
