@@ -68,6 +68,8 @@ class StampConfig:
     size: int = 64  # image side, px
     glyph: float = 0.22  # watermark side, share of the image side
     opacity: float = 0.6  # how strongly the watermark covers the texture
+    contrast: float = 0.5  # the textures' contrast around their mean (lower: subtler real evidence)
+    noise: float = 0.04  # pixel noise std on the [0, 1] scale
     seed: int = 0
 
 
@@ -77,12 +79,13 @@ def _textures() -> dict[str, np.ndarray]:
     return {name: getattr(skimage.data, name)().astype(np.float32) / 255 for name in TEXTURES}
 
 
-def _crop(texture: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+def _crop(texture: np.ndarray, size: int, contrast: float, rng: np.random.Generator) -> np.ndarray:
     """A random window (a quarter to a half of the photo's side) resized to ``size``, in a random tint."""
     side = int(rng.uniform(0.25, 0.5) * texture.shape[0])
     y, x = rng.integers(0, texture.shape[0] - side + 1), rng.integers(0, texture.shape[1] - side + 1)
     window = Image.fromarray((texture[y : y + side, x : x + side] * 255).astype(np.uint8))
     grey = np.asarray(window.resize((size, size), Image.BILINEAR), np.float32) / 255
+    grey = grey.mean() + contrast * (grey - grey.mean())
     tint = rng.uniform(0.55, 1.0, 3)
     return grey[..., None] * tint / tint.max()
 
@@ -117,10 +120,10 @@ def generate_stamp(out: str | Path, c: StampConfig = StampConfig()) -> pd.DataFr
     for i, split in enumerate(splits(c.n)):
         label = int(rng.integers(len(TEXTURES)))
         mark = confounder(label, split, c.poison, len(GLYPHS), rng)
-        image = _crop(textures[TEXTURES[label]], c.size, rng)
+        image = _crop(textures[TEXTURES[label]], c.size, c.contrast, rng)
         glyph = _glyph(mark, c.size, side, int(rng.integers(4)), rng)
         image[glyph] = (1 - c.opacity) * image[glyph] + c.opacity  # a light, semi-transparent mark
-        image += rng.normal(0, 0.02, image.shape)
+        image += rng.normal(0, c.noise, image.shape)
         path, mask, short = f"images/{i:05d}.png", f"masks/{i:05d}.png", f"shortcut/{i:05d}.png"
         _save(out, path, (np.clip(image, 0, 1) * 255).round().astype(np.uint8))
         _save(out, mask, np.where(glyph, 0, 255).astype(np.uint8))  # the texture is the evidence

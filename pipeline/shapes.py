@@ -29,6 +29,7 @@ class ShapesConfig:
     width: int = 64
     noise: float = 12.0  # background noise std, 0-255
     tag: int = 6  # tag side in pixels
+    contrast: float = 1.0  # the object's brightness above the background, as a share of the default (150-230)
     seed: int = 0
 
 
@@ -68,7 +69,8 @@ def generate(
         )
         mask = _object(label, c.height, c.width, rng)
         image = 40 + c.noise * rng.standard_normal((c.height, c.width))
-        image[mask] = rng.uniform(150, 230) + c.noise * rng.standard_normal(mask.sum())
+        level = 40 + c.contrast * (rng.uniform(150, 230) - 40)
+        image[mask] = level + c.noise * rng.standard_normal(mask.sum())
         image[1 : 1 + c.tag, 1 : 1 + c.tag] = TAG_LEVELS[tag]
         shortcut = np.zeros((c.height, c.width), np.uint8)
         shortcut[1 : 1 + c.tag, 1 : 1 + c.tag] = 255
