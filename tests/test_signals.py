@@ -55,18 +55,16 @@ def _write(conf: config.RunConfig, path: Path) -> Path:
     return path
 
 
+def _start_run(tmp_path: Path, overrides: dict) -> subprocess.Popen:
+    """`cfkd run` on the tiny config with ``overrides``, into tmp_path/run."""
+    config_file = _write(tiny_config(**overrides), tmp_path / "a.yaml")
+    return _start(["run", "--config", str(config_file), "--run-dir", str(tmp_path / "run")])
+
+
 def test_sigterm_during_explain_stops_cleanly_and_a_rerun_resumes(tmp_path, tiny_codec):
     long = {"explain.enabled": True, "explain.per_pair": 4, "explain.search.steps": 5000}
     long |= {"explain.search.patience": 5000, "generator.source": str(tiny_codec), "distil.enabled": False}
-    run = _start(
-        [
-            "run",
-            "--config",
-            str(_write(tiny_config(**long), tmp_path / "a.yaml")),
-            "--run-dir",
-            str(tmp_path / "run"),
-        ]
-    )
+    run = _start_run(tmp_path, long)
     _wait_for_line(run, "[explain] running")
     time.sleep(3)  # inside Lightning's predict loop
     code, err = _stop(run, signal.SIGTERM)
@@ -174,15 +172,7 @@ def test_sigterm_under_ddp_stops_the_workers_too(tmp_path, tiny_codec):
         "generator.source": str(tiny_codec),
     }
     before = _workers()
-    run = _start(
-        [
-            "run",
-            "--config",
-            str(_write(tiny_config(**long), tmp_path / "a.yaml")),
-            "--run-dir",
-            str(tmp_path / "run"),
-        ]
-    )
+    run = _start_run(tmp_path, long)
     _wait_for_line(run, "[explain] running")
     deadline = time.monotonic() + 120
     while _workers() < before + 2:  # both DDP workers are up
