@@ -28,8 +28,9 @@ import pandas as pd
 from PIL import Image
 
 from pipeline import config as cfg
-from pipeline import confounded, manifest, quiet, runner, shapes, square
+from pipeline import manifest, quiet, runner
 from pipeline.data import load_mask
+from pipeline.generators import GENERATORS
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -59,17 +60,9 @@ CASES = {
 
 
 def generate(case: Case, out: Path, poison: float, seed: int) -> None:
-    if out.exists():
-        return
-    given = {"n": case.n, "poison": poison, "seed": seed, **case.extra}
-    if case.kind == "square":
-        square.generate(out, cfg.SquareConfig(**given))
-    elif case.kind == "shapes":
-        shapes.generate(out, shapes.ShapesConfig(**given))
-    elif case.kind == "stamp":
-        confounded.generate_stamp(out, confounded.StampConfig(**given))
-    else:
-        confounded.generate_stain(out, confounded.StainConfig(**given))
+    if not out.exists():
+        config_class, write, _ = GENERATORS[case.kind]
+        write(out, config_class(n=case.n, poison=poison, seed=seed, **case.extra))
 
 
 def run_config(

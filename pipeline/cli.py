@@ -23,22 +23,10 @@ def _data_square(args) -> None:
 
 
 def _generated():
-    """The benchmark datasets besides Square: name -> (config dataclass, generator, what it is)."""
-    from pipeline import confounded, shapes
+    """The benchmark datasets `cfkd data NAME` makes with the common options (Square has its own command)."""
+    from pipeline.generators import GENERATORS
 
-    return {
-        "shapes": (shapes.ShapesConfig, shapes.generate, "greyscale 48x64, 3 classes, a corner-tag shortcut"),
-        "stamp": (
-            confounded.StampConfig,
-            confounded.generate_stamp,
-            "natural textures, 3 classes, a corner-watermark shortcut",
-        ),
-        "stain": (
-            confounded.StainConfig,
-            confounded.generate_stain,
-            "histology-like tiles, 2 classes, a scanner colour-cast shortcut",
-        ),
-    }
+    return {name: entry for name, entry in GENERATORS.items() if name != "square"}
 
 
 def _data_generated(args) -> None:
@@ -223,65 +211,12 @@ def _teach(args) -> None:
     )
 
 
-def _port_free(address: str, port: int) -> bool:
-    import socket
-
-    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as probe:
-        try:
-            probe.bind((address, port))
-        except OSError:
-            return False
-    return True
-
-
 def _annotate(args) -> int:
     import os
-    import signal
-    import subprocess
 
-    run_dir = Path(args.run_dir).resolve()
-    if not run_dir.is_dir():
-        raise UserError(f"run directory not found: {run_dir}")
-    if not _port_free(args.address, args.port):
-        raise UserError(f"port {args.port} on {args.address} is in use: stop what holds it or choose --port")
-    app = Path(__file__).resolve().parent.parent / "annotation_app" / "app.py"
-    env = {**os.environ, "CFKD_RUN_DIR": str(run_dir)}
-    token = args.token or os.environ.get("CFKD_TOKEN", "")
-    if token:
-        env["CFKD_TOKEN"] = token
-    command = [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        str(app),
-        "--server.port",
-        str(args.port),
-        "--server.headless",
-        "true",
-        "--browser.gatherUsageStats",
-        "false",
-        "--server.address",
-        args.address,
-    ]
-    print(
-        f"annotation app for {run_dir}: http://{args.address}:{args.port}" + ("/?token=..." if token else "")
-    )
-    server, stopped = subprocess.Popen(command, env=env), []
+    from annotation_app import launch
 
-    def forward(
-        signum, frame
-    ):  # a stop signal for this process stops the server too: it never serves on alone
-        stopped.append(signum)
-        server.send_signal(signum)
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, forward)
-    code = server.wait()
-    if stopped:
-        print(f"annotation app stopped ({signal.Signals(stopped[0]).name})", file=sys.stderr)
-        return 128 + stopped[0]
-    return 128 - code if code < 0 else code  # the server killed by signal N: 128 + N, as a shell reports it
+    return launch.serve(args.run_dir, args.port, args.address, args.token or os.environ.get("CFKD_TOKEN", ""))
 
 
 def _feedback(args) -> None:

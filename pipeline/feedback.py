@@ -75,12 +75,13 @@ def why_empty(info: dict, teacher: str) -> str:
     return f"no expert has labelled any of the {info['flipped']} counterfactuals yet"
 
 
-def progress(run_dir: Path, round: int, config: FeedbackConfig) -> tuple[pd.DataFrame, int]:
-    """The round's verdicts in the store right now, and how many expert labels it waits for: min_labels, or every
-    flipped counterfactual when there are fewer (a round with nothing to show waits for nothing)."""
-    table = manifest.read_round(run_dir, round)
-    given = verdicts(open_store(run_dir), table, round, config.min_votes)
-    return given, min(config.min_labels, len(manifest.flipped(table)))
+def progress(run_dir: Path, round: int, config: FeedbackConfig) -> tuple[pd.DataFrame, int, int]:
+    """The round's verdicts in the store right now, how many expert labels it waits for (min_labels, or every
+    flipped counterfactual when there are fewer: a round with nothing to show waits for nothing), and how many
+    stale verdicts the store holds for it."""
+    table, store = manifest.read_round(run_dir, round), open_store(run_dir)
+    given = verdicts(store, table, round, config.min_votes)
+    return given, min(config.min_labels, len(manifest.flipped(table))), stale(store, table, round)
 
 
 def run(

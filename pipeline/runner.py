@@ -179,10 +179,8 @@ class Run:
         """Verdicts on the round's counterfactuals into feedback_r<round>/; False while experts still label."""
         f, name, explained = self.config.feedback, f"feedback_r{round}", manifest.folder(round)
         if f.teacher == "human":
-            snapshot, need = feedback.progress(self.dir.root, round, f)
+            snapshot, need, stale = feedback.progress(self.dir.root, round, f)
             if len(snapshot) < need:
-                table = manifest.read_round(self.dir.root, round)
-                stale = feedback.stale(feedback.open_store(self.dir.root), table, round)
                 old = (
                     f" ({stale} earlier verdict(s) were on images explain has since replaced)"
                     if stale

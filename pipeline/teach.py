@@ -99,18 +99,21 @@ def intervention_verdicts(
     its part off it separately; the density rule decides where the parts only flip it together."""
     model, card = models.load(checkpoint)
     model, transform = models.OnPixels(model, card), models.pixel_transform(card)
-    masks, density = feature_masks(data_root), mask_verdicts(table, explain_dir, data_root, band, resize)
-    verdicts = {}
+    masks, verdicts, undecided = feature_masks(data_root), {}, []
     for row in table.itertuples():
-        if row.id not in density:
+        if not masks.get(row.source_path):
             continue  # no feature mask: abstain, as the density rule does
         x = _image(explain_dir / row.original, transform)[None]
         x_cf = _image(explain_dir / row.counterfactual, transform)[None]
         mask = load_mask(data_root / masks[row.source_path], list(x.shape[-2:]), resize)
         mask = torch.from_numpy(mask).float()[None, None]
         score = intervention_score(model, x, x_cf, mask, card.classes.index(row.target_class))
-        verdicts[row.id] = density[row.id] if score is None else banded(score, band)
-    return pd.Series(verdicts, dtype=object)
+        if score is None:
+            undecided.append(row.Index)
+        else:
+            verdicts[row.id] = banded(score, band)
+    density = mask_verdicts(table.loc[undecided], explain_dir, data_root, band, resize)
+    return pd.Series(verdicts | density.to_dict(), dtype=object)
 
 
 @torch.no_grad()
