@@ -44,7 +44,9 @@ def interventions(run: Path, classifier: str, limit: int = 200) -> dict:
     for row in meta[meta["split"] == "val"].head(limit).itertuples():
         x = np.asarray(Image.open(run / "data" / row.path), np.float32)
         square = np.asarray(Image.open(run / "data" / row.feature_mask)) > 127
-        around = dilate(torch.from_numpy(square)[None, None].float(), 2)[0, 0].numpy() > 0  # the patch's rim
+        around = (
+            dilate(torch.from_numpy(square)[None, None].float(), 0.03)[0, 0].numpy() > 0
+        )  # the patch's rim
         target = 1 - int(row.label)
         with torch.no_grad():
             if model(as_input(x)).argmax(1).item() != row.label:

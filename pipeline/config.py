@@ -116,10 +116,10 @@ class FeedbackConfig:
     # a simulated teacher says unsure when its score (feature change density, reference odds) lies within
     # (1 / band, band], as an expert does before an edit that changes evidence and shortcut alike; 1 = the authors'
     band: float = 2.0
-    # how the mask teacher judges: density (where the change lies against the feature mask) or intervention (the
-    # explained classifier sees the edit's part on the mask and its part off it separately; the part that carries
-    # the flip decides)
-    oracle: str = "density"
+    # how the mask teacher judges: intervention (the explained classifier sees the edit's part on the feature mask
+    # and its part off it separately; the part that carries the flip decides, the density rule where only both
+    # together move it) or density (where the change lies against the mask alone)
+    oracle: str = "intervention"
     min_labels: int = 1  # human teacher: labelled counterfactuals a round needs before distil continues
     min_votes: int = 1  # annotators that must agree for a consensus label (fewer -> unsure)
 
@@ -145,6 +145,9 @@ class DistilConfig:
     # a spurious change stays spurious when made stronger: each draw scales it by U(1, stretch) (clipped to the image
     # range), so the shortcut is ignored over its whole range, not at the one point the search stopped (1 = as is)
     stretch: float = 3.0
+    # share of a spurious counterfactual's draws that carry its change (counterfactual - original) onto a random
+    # training image of the same class: the verdict learnt as a transformation, not memorised on one image
+    transplant: float = 0.0
     # random flips of every training image while fine-tuning: "none", "horizontal" or "both". A property of the data:
     # only where a mirrored image means the same (not laterality in chest X-rays, text, a tag in a known corner)
     flip: str = "none"
@@ -230,7 +233,8 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "explain.search.prototype": (lambda v: v >= 0, "a number >= 0"),
     "explain.search.smoothgrad": (lambda v: v >= 0, "an integer >= 0"),
     "explain.search.paste_threshold": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "explain.search.blur": (lambda v: v >= 1 and v % 2 == 1, "an odd integer >= 1"),
+    "explain.search.blur": (lambda v: 0 <= v <= 0.5, "a share of the image side in [0, 0.5]"),
+    "explain.search.dilate": (lambda v: 0 <= v <= 0.5, "a share of the image side in [0, 0.5]"),
     "explain.search.confine": (lambda v: v in ("threshold", "regions"), "threshold or regions"),
     "explain.search.max_regions": (lambda v: 1 <= v <= 8, "an integer in [1, 8]"),
     "explain.search.filter_timestep": (lambda v: v >= 0, "an integer >= 0"),
@@ -248,6 +252,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "distil.holdout": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     "distil.anchor": (lambda v: v >= 0, "a number >= 0"),
     "distil.stretch": (lambda v: 1.0 <= v <= 10.0, "a number in [1, 10]"),
+    "distil.transplant": (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
     "distil.flip": (lambda v: v in ("none", "horizontal", "both"), "none, horizontal or both"),
     "distil.epochs": (lambda v: v >= 1, "an integer >= 1"),
     "distil.batch_size": (lambda v: v >= 2, "an integer >= 2"),

@@ -48,6 +48,9 @@ class Settings:
     # the image is; the cheapest flip otherwise leaves a halo of old background around the object, which a classifier
     # fine-tuned on the edit can read as the class. Scale-free: it shapes the edit without making it smaller
     tv: float = 0.0
+    # roughness is not counted across the original's own edges, so an edit may end where an object or a tag does
+    # (a recoloured tag is smooth); without it only an even change of the whole free region is smooth
+    tv_edges: bool = False
     prototype: float = (
         1.0  # weight of the pull toward real target-class images in the codec's latent (0 = off)
     )
@@ -61,11 +64,12 @@ class Settings:
     smoothgrad_sigma: float = 0.2  # their noise std, relative to the latent's std
     sparsity: bool = True  # paste the original back where the blurred change is small
     paste_threshold: float = 0.15  # ... below this share of the strongest blurred change
-    blur: int = 5  # Gaussian blur kernel (pixels) for change maps
+    blur: float = 0.08  # Gaussian blur kernel of change maps, a share of the image side (5 px at 64 px)
     confine: str = "threshold"  # after an attempt: "threshold" or "regions" (module docstring)
     max_regions: int = 5  # "regions": at most this many segments, so at most 2^n - 1 subsets tried
     diversify: bool = True  # attempt k only changes what attempts < k left untouched
-    dilate: int = 3  # grow the used region by this many pixels before blocking it ("threshold" only)
+    # grow the used region by this share of the image side before blocking it (3 px at 64 px; "threshold" only)
+    dilate: float = 0.05
     filter_timestep: int = 0  # gradient filtering through the UNet at this timestep (0 = off)
 
     @property
@@ -74,9 +78,17 @@ class Settings:
         return self.patch_prior > 0 or self.project
 
 
-def _blur(change: torch.Tensor, size: int) -> torch.Tensor:
-    """Gaussian blur of a (B, 1, H, W) map, padded by replication: torchvision's gaussian_blur reflects at the
-    border, which would mirror a change at the image's edge (a corner tag) back inward."""
+def pixels(share: float, like: torch.Tensor, odd: bool = False) -> int:
+    """A size given as a share of the image side (the geometric mean of height and width) in whole pixels."""
+    n = max(0, round(share * math.sqrt(like.shape[-2] * like.shape[-1])))
+    return max(1, n + (n % 2 == 0)) if odd else n
+
+
+def _blur(change: torch.Tensor, share: float) -> torch.Tensor:
+    """Gaussian blur of a (B, 1, H, W) map, kernel ``share`` of the image side, padded by replication:
+    torchvision's gaussian_blur reflects at the border, which would mirror a change at the image's edge (a corner
+    tag) back inward."""
+    size = pixels(share, change, odd=True)
     if size <= 1:
         return change
     sigma = size / 3
@@ -132,22 +144,46 @@ def makes_progress(p: torch.Tensor, best: torch.Tensor, nats: float = -math.log(
     return log_odds(p) - log_odds(best) >= nats
 
 
-def total_variation(delta: torch.Tensor, free: torch.Tensor | None = None) -> torch.Tensor:
+def _neighbours(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absolute differences to the right and lower neighbour of a (B, C, H, W) tensor."""
+    return (t[..., :, 1:] - t[..., :, :-1]).abs(), (t[..., 1:, :] - t[..., :-1, :]).abs()
+
+
+def edge_weights(x: torch.Tensor, contrast: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per neighbour pair of the original x, near 1 where the image is smooth and near 0 across its edges: exp of
+    minus the squared colour difference over ``contrast`` x the image's median neighbour difference (its noise and
+    texture level, so the same setting fits a noisy scan and a clean render)."""
+    dx, dy = (d.sum(1, keepdim=True) for d in _neighbours(x))
+    level = torch.cat([dx.flatten(1), dy.flatten(1)], 1).median(1).values
+    scale = (contrast * level).clamp_min(1e-3).view(-1, 1, 1, 1)
+    return torch.exp(-((dx / scale) ** 2)), torch.exp(-((dy / scale) ** 2))
+
+
+def total_variation(delta: torch.Tensor, free: torch.Tensor | None = None, edges=None) -> torch.Tensor:
     """Mean absolute difference between neighbouring pixels of a (B, C, H, W) change, per image: (B,). With a
-    (B, 1, H, W) ``free`` mask only pairs of free pixels count: where an attempt may not edit, nothing is rough."""
-    dx = (delta[..., :, 1:] - delta[..., :, :-1]).abs()
-    dy = (delta[..., 1:, :] - delta[..., :-1, :]).abs()
+    (B, 1, H, W) ``free`` mask only pairs of free pixels count: where an attempt may not edit, nothing is rough;
+    with ``edges`` (edge_weights of the original) pairs across the original's edges count less."""
+    dx, dy = _neighbours(delta)
     if free is not None:
         dx = dx * free[..., :, 1:] * free[..., :, :-1]
         dy = dy * free[..., 1:, :] * free[..., :-1, :]
+    if edges is not None:
+        dx, dy = dx * edges[0], dy * edges[1]
     return dx.flatten(1).mean(1) + dy.flatten(1).mean(1)
 
 
-def roughness(delta: torch.Tensor, free: torch.Tensor | None = None, eps: float = 1e-3) -> torch.Tensor:
+def roughness(
+    delta: torch.Tensor, free: torch.Tensor | None = None, edges=None, eps: float = 1e-3
+) -> torch.Tensor:
     """Total variation per unit of mean absolute change (both within ``free``), per image: 0 for an even change,
     the same for a change and its double (eps keeps the first step, from no change at all, finite)."""
     inside = delta if free is None else delta * free
-    return total_variation(delta, free) / (inside.abs().flatten(1).mean(1) + eps)
+    return total_variation(delta, free, edges) / (inside.abs().flatten(1).mean(1) + eps)
+
+
+def copies_of(settings: Settings) -> int:
+    """Latent copies per sample and step (SmoothGrad's noisy copies, or the latent alone)."""
+    return max(1, settings.smoothgrad)
 
 
 def pooled(z: torch.Tensor, side: int = 4) -> torch.Tensor:
@@ -155,8 +191,10 @@ def pooled(z: torch.Tensor, side: int = 4) -> torch.Tensor:
     return F.adaptive_avg_pool2d(z, side).flatten(1)
 
 
-def dilate(mask: torch.Tensor, pixels: int) -> torch.Tensor:
-    return F.max_pool2d(mask, 2 * pixels + 1, stride=1, padding=pixels) if pixels > 0 else mask
+def dilate(mask: torch.Tensor, share: float) -> torch.Tensor:
+    """Grow a (B, 1, H, W) mask by ``share`` of the image side."""
+    n = pixels(share, mask)
+    return F.max_pool2d(mask, 2 * n + 1, stride=1, padding=n) if n > 0 else mask
 
 
 class Explainer(nn.Module):
@@ -215,6 +253,9 @@ class Explainer(nn.Module):
             proto = self._prototype(z0, target)
             nll0 = self.prior(x) if s.patch_prior > 0 else None
             assignment = self.prior.assign(x) if s.project else None
+            edges = edge_weights(x) if s.tv > 0 and s.tv_edges else None
+            if edges is not None and copies_of(s) > 1:
+                edges = tuple(e.repeat(copies_of(s), 1, 1, 1) for e in edges)
         z = z0.clone().requires_grad_(True)
         optimizer = torch.optim.Adam([z], lr=s.lr)
         best, best_p = x.clone(), p_before.clone()
@@ -224,7 +265,7 @@ class Explainer(nn.Module):
         done = no_room.clone()
         steps = torch.zeros(n, dtype=torch.long, device=x.device)
         stalled = torch.zeros_like(steps)  # steps since the target log-odds last rose 0.02
-        copies = max(1, s.smoothgrad)
+        copies = copies_of(s)
         sigma = s.smoothgrad_sigma * z0.std()
         for _ in range(0 if done.all() else s.steps):
             # 1. candidate(s): SmoothGrad evaluates noisy copies of the latent and averages their gradients
@@ -252,7 +293,7 @@ class Explainer(nn.Module):
             objective = ce + s.l1 * l1
             # roughness within the free region, before paste-back: neither mask's edges are part of the edit
             if s.tv > 0:
-                objective = objective + s.tv * roughness(delta, free_rep)
+                objective = objective + s.tv * roughness(delta, free_rep, edges)
             if (
                 proto is not None
             ):  # realism: stay near real images of the target class (Van Looveren & Klaise 2021)

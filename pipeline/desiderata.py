@@ -15,6 +15,9 @@ import pandas as pd
 import torch
 from torch.nn import functional as F
 
+from pipeline.counterfactual import dilate
+
+RIM = 0.03  # share of the image side (2 px at 64 px)
 CHANGED = 0.05  # a pixel counts as changed when its channel-summed |delta| exceeds this ([-1, 1] scale)
 
 
@@ -28,8 +31,10 @@ def per_counterfactual(
         "l2": (x_cf - x).flatten(1).norm(dim=1).numpy(),
         "changed_area": (delta > CHANGED).float().flatten(1).mean(1).numpy(),
     }
-    if feature_mask is not None:  # dilate by 2 px: the patch's ring belongs to the object, not the background
-        mask = F.max_pool2d(feature_mask, 5, stride=1, padding=2)[:, 0]
+    if (
+        feature_mask is not None
+    ):  # dilated by 3 % of the side: an object's rim belongs to it, not the background
+        mask = dilate(feature_mask, RIM)[:, 0]
         total = delta.flatten(1).sum(1).clamp_min(1e-8)
         out["feature_share"] = ((delta * mask).flatten(1).sum(1) / total).numpy()
         # density: mean change on the feature over mean change elsewhere (> 1: the edit concentrates on the

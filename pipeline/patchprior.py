@@ -66,9 +66,16 @@ class PatchPrior(nn.Module):
 
     @classmethod
     def fit(
-        cls, images: torch.Tensor, size: int = 4, components: int = 12, samples: int = 20000, seed: int = 0
+        cls,
+        images: torch.Tensor,
+        size: int | None = None,
+        components: int = 12,
+        samples: int = 20000,
+        seed: int = 0,
     ) -> PatchPrior:
-        """Fit on random patches of real images in [-1, 1] (N, C, H, W); labels are never used."""
+        """Fit on random patches of real images in [-1, 1] (N, C, H, W); labels are never used. The patch side
+        defaults to a sixteenth of the image side, 4 to 8 px: a full covariance costs the 4th power of the side."""
+        size = size or min(8, max(4, round(math.sqrt(images.shape[-2] * images.shape[-1]) / 16)))
         bank = patches(images, size).flatten(0, 1)
         rows = torch.randperm(len(bank), generator=torch.Generator().manual_seed(seed))[:samples]
         mixture = GaussianMixture(components, covariance_type="full", reg_covar=1e-4, random_state=seed)

@@ -13,7 +13,11 @@ from pipeline.counterfactual import (
     Explainer,
     PixelCodec,
     Settings,
+    _blur,
+    dilate,
+    edge_weights,
     makes_progress,
+    pixels,
     roughness,
     segments,
     subset_masks,
@@ -136,7 +140,7 @@ def test_tv_makes_the_search_change_the_image_more_evenly_and_as_validly(tiny_bi
 @pytest.mark.parametrize("confine", ["threshold", "regions"])
 def test_second_attempt_avoids_the_first_attempts_region(tiny_biased, tiny_codec, confine):
     model, x, target = _batch(tiny_biased)
-    settings = Settings(attempts=2, goal=0.8, steps=60, lr=0.1, l1=0.1, dilate=1, confine=confine)
+    settings = Settings(attempts=2, goal=0.8, steps=60, lr=0.1, l1=0.1, dilate=0.03, confine=confine)
     first, second = Explainer(generator.load(str(tiny_codec)), model, settings)(x, target)
     blocked = first["mask"] > 0
     changed_second = (second["x_cf"] - x).abs().sum(1, keepdim=True) > 0
@@ -303,3 +307,31 @@ def test_the_most_confident_originals_flip_in_few_steps(tiny_biased):
     )
     assert result["success"].all(), result["p_after"]
     assert result["steps"].max() <= 20, result["steps"]
+
+
+def test_blur_and_dilation_are_shares_of_the_image_side():
+    """The same settings give the same geometry at every resolution: kernel and margin grow with the image."""
+    assert [pixels(0.08, torch.zeros(1, 1, s, s), odd=True) for s in (32, 64, 128)] == [3, 5, 11]
+    assert pixels(0.05, torch.zeros(1, 1, 48, 64)) == 3  # non-square: the geometric mean of the sides
+    for side in (32, 128):
+        mask = torch.zeros(1, 1, side, side)
+        mask[..., side // 2, side // 2] = 1
+        grown = dilate(mask, 0.05)
+        assert grown.sum() == (2 * pixels(0.05, mask) + 1) ** 2
+        spread = (_blur(mask, 0.08) > 1e-6).sum()
+        assert spread == pixels(0.08, mask, odd=True) ** 2
+
+
+def test_edge_aware_roughness_lets_an_edit_end_where_the_image_has_an_edge():
+    """tv_edges: a tag recoloured up to its own border is smooth; a halo of unchanged background is still rough."""
+    noise = 0.05 * torch.randn((1, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    x = (torch.full((1, 3, 32, 32), -0.6) + noise).clamp(-1, 1)
+    x[..., :6, :6] = 0.8  # a bright tag in the corner
+    edges = edge_weights(x)
+    tag = torch.zeros_like(x)
+    tag[..., :6, :6] = -0.5  # recolour the tag, nothing else
+    halo = torch.full_like(x, 0.3)
+    halo[..., 10:22, 10:22] = 0.0  # brighten the background but leave a square of it as it was
+    assert roughness(tag, edges=edges) < 0.1 * roughness(tag)
+    assert roughness(halo, edges=edges) > 0.7 * roughness(halo)
+    assert roughness(tag, edges=edges) < 0.2 * roughness(halo, edges=edges)

@@ -67,12 +67,12 @@ def _hand_made_counterfactuals(run_dir, data_root, kinds=("square", "background"
 
 def test_mask_oracle_matches_mask_ground_truth(tmp_path, unbiased):
     truth = _hand_made_counterfactuals(tmp_path, unbiased / "data")
-    result = teach.run(tmp_path, "mask", unbiased / "data")
+    result = teach.run(tmp_path, "mask", unbiased / "data", oracle="density")
     labels = FeedbackStore(tmp_path / "feedback.sqlite").labels().set_index("cf_id")["label"]
     assert result["labelled"] == 12 and "failed" not in labels
     assert labels.to_dict() == truth
     assert set(FeedbackStore(tmp_path / "feedback.sqlite").events()["annotator"]) == {"teacher:mask"}
-    teach.run(tmp_path, "mask", unbiased / "data")  # the same verdicts again: nothing appended
+    teach.run(tmp_path, "mask", unbiased / "data", oracle="density")  # the same verdicts again: nothing appended
     assert len(FeedbackStore(tmp_path / "feedback.sqlite").events()) == 12
 
 
@@ -100,7 +100,7 @@ def test_model_oracle_matches_mask_ground_truth(tmp_path, unbiased):
 
 def test_noise_flips_a_share_of_verdicts(tmp_path, unbiased):
     truth = _hand_made_counterfactuals(tmp_path, unbiased / "data")
-    teach.run(tmp_path, "mask", unbiased / "data", noise=0.5, seed=1)
+    teach.run(tmp_path, "mask", unbiased / "data", noise=0.5, seed=1, oracle="density")
     labels = FeedbackStore(tmp_path / "feedback.sqlite").labels().set_index("cf_id")["label"]
     flipped = sum(labels[k] != truth[k] for k in labels.index)
     assert 2 <= flipped <= 10
@@ -119,7 +119,7 @@ def test_banded_verdicts():
 
 def test_the_mask_oracle_is_unsure_of_an_edit_that_moves_square_and_background_alike(tmp_path, unbiased):
     truth = _hand_made_counterfactuals(tmp_path, unbiased / "data", ("square", "background", "mixed"))
-    result = teach.run(tmp_path, "mask", unbiased / "data", band=2.0)
+    result = teach.run(tmp_path, "mask", unbiased / "data", band=2.0, oracle="density")
     labels = FeedbackStore(tmp_path / "feedback.sqlite").labels().set_index("cf_id")["label"]
     assert labels.to_dict() == truth and result["unsure"] == 6
     # the authors' oracle (band 1) never abstains: the ambiguous edits get a verdict too
@@ -139,7 +139,7 @@ def test_the_model_oracles_band_only_turns_verdicts_unsure(tmp_path, unbiased):
 
 def test_noise_swaps_true_and_spurious_and_leaves_unsure_alone(tmp_path, unbiased):
     _hand_made_counterfactuals(tmp_path, unbiased / "data", ("square", "background", "mixed"))
-    teach.run(tmp_path, "mask", unbiased / "data", noise=1.0, band=2.0)
+    teach.run(tmp_path, "mask", unbiased / "data", noise=1.0, band=2.0, oracle="density")
     labels = FeedbackStore(tmp_path / "feedback.sqlite").labels().set_index("cf_id")["label"]
     expected = {"square": "spurious", "background": "true", "mixed": "unsure"}
     assert labels.to_dict() == {k: expected[k.split("-", 1)[1]] for k in labels.index}
