@@ -116,10 +116,10 @@ class FeedbackConfig:
     # a simulated teacher says unsure when its score (feature change density, reference odds) lies within
     # (1 / band, band], as an expert does before an edit that changes evidence and shortcut alike; 1 = the authors'
     band: float = 2.0
-    # how the mask teacher judges: intervention (the explained classifier sees the edit's part on the feature mask
-    # and its part off it separately; the part that carries the flip decides, the density rule where only both
-    # together move it) or density (where the change lies against the mask alone)
-    oracle: str = "intervention"
+    # how the mask teacher judges: density (where the change lies against the feature mask) or intervention (the
+    # explained classifier sees the edit's part on the mask and its part off it separately; the part that carries
+    # the flip decides, the density rule where only both together move it)
+    oracle: str = "density"
     min_labels: int = 1  # human teacher: labelled counterfactuals a round needs before distil continues
     min_votes: int = 1  # annotators that must agree for a consensus label (fewer -> unsure)
 
@@ -237,6 +237,8 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "explain.search.dilate": (lambda v: 0 <= v <= 0.5, "a share of the image side in [0, 0.5]"),
     "explain.search.confine": (lambda v: v in ("threshold", "regions"), "threshold or regions"),
     "explain.search.max_regions": (lambda v: 1 <= v <= 8, "an integer in [1, 8]"),
+    "explain.search.windows": (lambda v: 0 <= v <= 8, "an integer in [0, 8]"),
+    "explain.search.window": (lambda v: 0 < v <= 1, "a share of the image side in (0, 1]"),
     "explain.search.filter_timestep": (lambda v: v >= 0, "an integer >= 0"),
     "feedback.teacher": (lambda v: v in ("mask", "model", "human"), "mask, model or human"),
     "feedback.noise": (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),

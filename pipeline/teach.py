@@ -1,11 +1,11 @@
 """Simulated teachers: label counterfactuals automatically, writing to the same feedback store as experts.
 
-- mask oracle by intervention (default): the explained classifier sees only the part of the edit inside the
-  feature mask, then only the part outside; whichever carries the flip decides (true / spurious), the density rule
-  where only both parts together move it.
-- mask oracle, density rule (``oracle: density``, and the fallback above): the change weighted by the centred
-  feature mask (positive on the true feature, negative elsewhere); a positive mean means the edit sits on the real
-  evidence -> true, else spurious. Where the feature covers most of the image (a texture) it cannot decide.
+- mask oracle, density rule (default): the change weighted by the centred feature mask (positive on the true
+  feature, negative elsewhere); a positive mean means the edit sits on the real evidence -> true, else spurious.
+  Where the feature covers most of the image (a texture) every density is near 1 and it cannot decide.
+- mask oracle by intervention (``oracle: intervention``): the explained classifier sees only the part of the edit
+  inside the feature mask, then only the part outside; whichever carries the flip decides (true / spurious), the
+  density rule where only both parts together move it.
 - model oracle: the unbiased reference classifier; it flips too -> true, else spurious; it abstains where it
   gets the original image wrong itself.
 Only counterfactuals that flipped the classifier get a verdict. Each oracle reduces an edit to a score whose
@@ -163,7 +163,7 @@ def run(
     seed: int = 0,
     band: float = 1.0,
     resize: str = "pad",
-    oracle: str = "intervention",
+    oracle: str = "density",
 ) -> dict:
     """Label every successful counterfactual of the round's explain folder and write the verdicts to the store."""
     if teacher not in TEACHERS:

@@ -335,3 +335,30 @@ def test_edge_aware_roughness_lets_an_edit_end_where_the_image_has_an_edge():
     assert roughness(tag, edges=edges) < 0.1 * roughness(tag)
     assert roughness(halo, edges=edges) > 0.7 * roughness(halo)
     assert roughness(tag, edges=edges) < 0.2 * roughness(halo, edges=edges)
+
+
+class TagOrBrightness(torch.nn.Module):
+    """Reads the mean of the whole image and, 64 times as strongly per pixel, a 4 x 4 tag in the corner: a brighter
+    image flips it, and so does a brighter tag at a tenth of the L1."""
+
+    def forward(self, x):
+        score = 2 * x.mean((1, 2, 3)) + 2 * x[:, :, :4, :4].mean((1, 2, 3)) + 1.4
+        return torch.stack([-score, score], 1)
+
+
+@pytest.mark.parametrize("windows", [0, 1])
+def test_located_windows_find_the_small_edit_a_whole_image_search_misses(windows):
+    """explain.search.windows: attempt 1 also searches inside the window whose occlusion moves the classifier most
+    and keeps the valid edit with the smallest L1: the tag, not the whole image."""
+    x = torch.full((4, 3, 32, 32), -0.5)
+    x[:, :, :4, :4] = -0.2
+    target = torch.ones(4, dtype=torch.long)
+    settings = Settings(attempts=1, goal=0.8, steps=150, lr=0.05, l1=0.1, prototype=0.0, windows=windows)
+    result = Explainer(PixelCodec(), TagOrBrightness(), settings)(x, target)[0]
+    assert result["success"].all()
+    change = (result["x_cf"] - x).abs().sum(1)
+    near_tag = change[:, :8, :8].flatten(1).sum(1) / change.flatten(1).sum(1)
+    if windows:
+        assert (near_tag > 0.95).all()  # the whole edit sits in the tag's window
+    else:
+        assert (near_tag < 0.5).all()  # Adam moves every pixel alike: the flip comes from the whole image

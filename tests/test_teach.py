@@ -72,7 +72,9 @@ def test_mask_oracle_matches_mask_ground_truth(tmp_path, unbiased):
     assert result["labelled"] == 12 and "failed" not in labels
     assert labels.to_dict() == truth
     assert set(FeedbackStore(tmp_path / "feedback.sqlite").events()["annotator"]) == {"teacher:mask"}
-    teach.run(tmp_path, "mask", unbiased / "data", oracle="density")  # the same verdicts again: nothing appended
+    teach.run(
+        tmp_path, "mask", unbiased / "data", oracle="density"
+    )  # the same verdicts again: nothing appended
     assert len(FeedbackStore(tmp_path / "feedback.sqlite").events()) == 12
 
 
