@@ -9,7 +9,10 @@ For a batch of images x (in [-1, 1]) and target classes, each attempt k = 1..K:
      copies (SmoothGrad); success is always judged on the original classifier;
   4. optional gradient filtering: the candidate passes a partial noise/denoise step of a diffusion UNet;
   5. per-sample early stop at the goal probability; the best iterate is kept; finished samples stop changing;
-  6. diversification: attempt k may only change pixels (free = 1) that attempts 1..k-1 left untouched.
+  6. diversification: attempt k may only change pixels (free = 1) that attempts 1..k-1 left untouched;
+  7. optional located windows: attempt 1 also searches inside the windows whose occlusion moves the classifier
+     most, and the valid candidate with the smallest L1 wins (a flip a small tag carries is not hidden behind a
+     larger edit elsewhere).
 Between 5 and 6 each attempt is confined, one of two ways: "threshold" bisects the strongest share of the blurred
 change that still flips; "regions" cuts the original into a few segments (Felzenszwalb graph segmentation) and keeps
 the valid subset of segments with the smallest L1 — so a search that moved object and background together becomes
