@@ -510,7 +510,7 @@ class Explainer(nn.Module):
 
     def evaluations_per_step(self) -> int:
         """Network evaluations (forward or backward passes) per gradient step per sample: a hardware-free cost."""
-        copies = max(1, self.settings.smoothgrad)
+        copies = copies_of(self.settings)
         decoder, model = 2 * copies, 2 * copies  # forward + backward each
         unet = 2 * copies if self.denoiser is not None and self.settings.filter_timestep > 0 else 0
         encoder = 2 * copies if self.settings.prototype > 0 and self.prototypes else 0
