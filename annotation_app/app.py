@@ -11,8 +11,8 @@ import streamlit as st
 from annotation_app import services, views
 from pipeline.store import FeedbackStore
 
-st.set_page_config(page_title="cfkd annotate", layout="wide")
 run_dir = Path(os.environ.get("CFKD_RUN_DIR", "runs/default")).resolve()
+st.set_page_config(page_title=f"cfkd review · {run_dir.name}", layout="wide")
 token = os.environ.get("CFKD_TOKEN", "")
 if token and not views.token_gate(token):
     st.stop()
@@ -31,6 +31,12 @@ with st.sidebar:
         st.stop()
     round_number = st.selectbox("Round", sorted(found), index=len(found) - 1, key="round")
     view = st.radio("View", ["Label", "Clusters", "Agreement"], key="view")
+    order = st.radio(
+        "Order",
+        ["clusters first", "manifest"],
+        key="order",
+        help="clusters first: one representative per group of similar changes, then the most uncertain groups",
+    )
 if not annotator:
     st.info("Enter your name in the sidebar to start labelling.")
     st.stop()
@@ -55,8 +61,17 @@ if rnd.refused or rnd.missing:
     )
 store = FeedbackStore(run_dir / "feedback.sqlite")
 
+
+@st.cache_resource(show_spinner="Grouping similar changes...", max_entries=8)
+def change_clusters(run_dir: Path, number: int, stamp: float):
+    return services.change_clusters(rnd.manifest)
+
+
+groups = change_clusters(
+    run_dir, round_number, manifest_file.stat().st_mtime if manifest_file.exists() else 0.0
+)
 if view == "Clusters":
-    views.cluster_view(rnd, store, annotator)
+    views.cluster_view(rnd, groups, store, annotator)
     st.stop()
 if view == "Agreement":
     views.agreement_view(store, round_number)
@@ -72,6 +87,9 @@ with st.sidebar:
     disagreement = st.checkbox("Annotators disagree", key="disagreement")
 
 
+needed = services.min_labels(run_dir)
+
+
 @st.fragment
 def labelling() -> None:
     labels = store.labels(round_number)
@@ -80,6 +98,11 @@ def labelling() -> None:
     ids = services.queue(
         rnd.manifest, labels, annotator, unlabelled, pair_filter, attempt_filter, disagreement
     )
+    if order == "clusters first":  # the cards seen so far keep their places, so Back retraces them
+        kept, seen = set(ids), st.session_state.setdefault(f"seen-{round_number}", [])
+        fresh = services.review_order(rnd.manifest, groups, labels, annotator)
+        ids = [i for i in [*seen, *(i for i in fresh if i not in set(seen))] if i in kept]
+    views.round_header(services.header(rnd, labels, store.consensus(round_number), annotator, needed), needed)
     done = int(rnd.manifest["id"].isin(mine.index).sum())
     st.progress(done / len(rnd.manifest), text=f"{annotator}: {done} of {len(rnd.manifest)} labelled")
     counts = services.round_counts(rnd, labels)
@@ -90,12 +113,17 @@ def labelling() -> None:
         st.success("Nothing left to label with these filters.")
         return
     current = st.session_state.get("current")
+    if st.session_state.get("ordered_by") != order:  # a new order starts at its own first open card
+        st.session_state["ordered_by"], current = order, None
     if current not in ids:  # first visit or filters changed: resume at the first card not yet labelled
         current = next((cf for cf in ids if cf not in mine.index), ids[0])
     st.session_state["current"] = current
+    seen = st.session_state.setdefault(f"seen-{round_number}", [])
+    if current not in seen:
+        seen.append(current)
     row = rnd.manifest.loc[rnd.manifest["id"] == current].iloc[0]
     st.caption(f"{ids.index(current) + 1} / {len(ids)}")
-    views.card(row, store, annotator, round_number, ids, mine.get(current))
+    views.card(row, store, annotator, round_number, ids, mine.get(current), groups)
 
 
 labelling()

@@ -42,6 +42,8 @@ def serve(run_dir: str | Path, port: int, address: str, token: str = "") -> int:
         "true",
         "--browser.gatherUsageStats",
         "false",
+        "--client.toolbarMode",
+        "minimal",  # no Deploy button or developer menu: the expert sees the review, nothing else
         "--server.address",
         address,
     ]

@@ -1,5 +1,6 @@
 """Everything the annotation app knows, as plain functions (no Streamlit): rounds, the manifest with safe paths,
-the labelling queue, clusters of difference maps and agreement between annotators."""
+the labelling queue, clusters of similar changes with the cluster-first review order, and agreement between
+annotators."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 from PIL import Image
 from sklearn.cluster import KMeans
-from sklearn.metrics import cohen_kappa_score
+from sklearn.decomposition import PCA
+from sklearn.metrics import cohen_kappa_score, silhouette_score
 
 from pipeline import manifest as manifest_files
 from pipeline.errors import UserError
@@ -103,6 +106,32 @@ def round_counts(rnd: Round, labels: pd.DataFrame) -> dict[str, int]:
     }
 
 
+def min_labels(run_dir: Path) -> int:
+    """The run's feedback.min_labels (1 when the run has no readable config): the verdicts a round needs before
+    ``cfkd run`` continues. Read as YAML, so the app never imports the pipeline's torch modules."""
+    try:
+        config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
+        return max(1, int((config.get("feedback") or {}).get("min_labels", 1)))
+    except (OSError, yaml.YAMLError, TypeError, ValueError, AttributeError):
+        return 1
+
+
+def header(rnd: Round, labels: pd.DataFrame, consensus: pd.DataFrame, annotator: str, needed: int) -> dict:
+    """The round as the expert sees it: cards they have left, the round's verdicts so far (consensus over every
+    annotator), its feedback accuracy true / (true + spurious), and how many more verdicts ``cfkd run`` waits for."""
+    shown = set(rnd.manifest["id"])
+    mine = labels[(labels["annotator"] == annotator) & labels["cf_id"].isin(shown)]
+    verdicts = consensus[consensus["cf_id"].isin(shown)]
+    counts = verdicts["label"].value_counts()
+    judged = int(counts.get("true", 0) + counts.get("spurious", 0))
+    return {
+        "left": len(shown) - mine["cf_id"].nunique(),
+        "verdicts": {label: int(counts.get(label, 0)) for label in LABELS},
+        "feedback_accuracy": int(counts.get("true", 0)) / judged if judged else None,
+        "more_needed": max(0, min(needed, len(shown)) - len(verdicts)),
+    }
+
+
 def queue(
     manifest: pd.DataFrame,
     labels: pd.DataFrame,
@@ -127,19 +156,104 @@ def queue(
     return rows["id"].tolist()
 
 
-def clusters(manifest: pd.DataFrame, k: int, seed: int = 0, side: int = 16) -> pd.Series:
-    """Cluster index per counterfactual id, from KMeans on downsampled signed difference maps."""
+def change_features(manifest: pd.DataFrame, side: int = 16) -> np.ndarray:
+    """(n, side * side * 3) changes counterfactual - original, area-downsampled: hue changes count as much as
+    brightness changes, whatever the image size. An unreadable image gives a zero change."""
     features = []
-    for path in manifest["difference"]:
+    for original, counterfactual in zip(manifest["original"], manifest["counterfactual"]):
         try:
-            with Image.open(path) as image:
-                small = image.convert("RGB").resize((side, side), Image.BILINEAR)
+            pair = [_small(p, side) for p in (original, counterfactual)]
+            features.append((pair[1] - pair[0]).ravel() / 255)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):  # shown as such on its card
-            small = Image.new("RGB", (side, side), (255, 255, 255))
-        features.append(np.asarray(small, float).ravel() / 255)
-    k = max(1, min(k, len(features)))
-    assignment = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(np.stack(features))
-    return pd.Series(assignment, index=manifest["id"].tolist())
+            features.append(np.zeros(side * side * 3))
+    return np.stack(features)
+
+
+def _small(path: Path, side: int) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB").resize((side, side), Image.BOX), float)
+
+
+def change_clusters(manifest: pd.DataFrame, seed: int = 0, max_k: int = 12) -> pd.DataFrame:
+    """Groups of similar changes, indexed by counterfactual id: KMeans on the changes (PCA-reduced), the number of
+    groups the one with the best silhouette score (2 to max_k; one group below 4 cards). Columns: cluster, size,
+    distance (to the group's centre) and representative (the member nearest the centre)."""
+    features = change_features(manifest)
+    n = len(features)
+    assignment, distance = np.zeros(n, int), np.linalg.norm(features - features.mean(0), axis=1)
+    if n >= 4 and np.ptp(features, axis=0).max() > 0:
+        reduced = PCA(n_components=min(32, n, features.shape[1]), random_state=seed).fit_transform(features)
+        best = -2.0
+        for k in range(2, min(max_k, n - 1) + 1):
+            fit = KMeans(n_clusters=k, n_init=2, random_state=seed).fit(reduced)
+            if len(set(fit.labels_)) < 2:
+                continue
+            score = silhouette_score(reduced, fit.labels_, sample_size=min(n, 2000), random_state=seed)
+            if score > best:
+                best, assignment = score, fit.labels_
+                distance = np.linalg.norm(reduced - fit.cluster_centers_[fit.labels_], axis=1)
+    table = pd.DataFrame({"cluster": assignment, "distance": distance}, index=manifest["id"].tolist())
+    table["size"] = table.groupby("cluster")["cluster"].transform("size")
+    table["counterfactual"] = manifest["counterfactual"].to_numpy()
+    nearest = table.groupby("cluster")["distance"].idxmin()
+    table["representative"] = table.index.isin(nearest.values)
+    return table
+
+
+def verdict_uncertainty(groups: pd.DataFrame, labels: pd.DataFrame) -> pd.Series:
+    """Per cluster, the entropy (bits) of its next verdict, true against spurious, from every annotator's verdicts
+    in it with one pseudo-count each: 1 for a cluster nobody has judged or one judged half and half, near 0 for a
+    cluster judged alike many times. The queue shows the most uncertain clusters first."""
+    judged = labels[labels["cf_id"].isin(groups.index) & labels["label"].isin(["true", "spurious"])]
+    by_cluster = judged.assign(cluster=judged["cf_id"].map(groups["cluster"]))
+    counts = by_cluster.groupby(["cluster", "label"]).size().unstack(fill_value=0)
+    counts = counts.reindex(
+        index=sorted(groups["cluster"].unique()), columns=["true", "spurious"], fill_value=0
+    )
+    p = (counts["true"] + 1) / (counts.sum(1) + 2)
+    return -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+
+
+def review_order(
+    manifest: pd.DataFrame, groups: pd.DataFrame, labels: pd.DataFrame, annotator: str
+) -> list[str]:
+    """Cluster-first review: the representatives the annotator has not judged (largest cluster first), then their
+    other unjudged cards, most uncertain cluster first (``verdict_uncertainty``) and within a cluster the most
+    atypical change first (farthest from its centre); the cards they have judged last, in manifest order."""
+    ids = manifest["id"].tolist()
+    mine = set(labels.loc[labels["annotator"] == annotator, "cf_id"])
+    open_ = groups.loc[[i for i in ids if i not in mine]]
+    uncertainty = open_["cluster"].map(verdict_uncertainty(groups, labels))
+    open_ = open_.assign(uncertainty=uncertainty)
+    first = open_[open_["representative"]].sort_values("size", ascending=False, kind="stable")
+    rest = open_[~open_["representative"]].sort_values(
+        ["uncertainty", "distance"], ascending=False, kind="stable"
+    )
+    return [*first.index, *rest.index, *(i for i in ids if i in mine)]
+
+
+CLUSTER_COMMENT = "cluster of "  # how a verdict applied to a cluster is marked (individual verdicts win)
+
+
+def apply_to_cluster(store, groups: pd.DataFrame, cf_id: str, annotator: str, label: str, round: int) -> int:
+    """Give the annotator's verdict on ``cf_id`` to every other member of its cluster, except those the annotator
+    judged one by one (an individual verdict always wins); a verdict applied from another card is replaced."""
+    members = groups.index[groups["cluster"] == groups.at[cf_id, "cluster"]]
+    latest = store.labels(round)
+    latest = latest[latest["annotator"] == annotator].set_index("cf_id")["comment"]
+    own = {i for i, comment in latest.items() if not str(comment).startswith(CLUSTER_COMMENT)}
+    events = [
+        {
+            "cf_id": i,
+            "annotator": annotator,
+            "label": label,
+            "round": round,
+            "comment": CLUSTER_COMMENT + cf_id,
+        }
+        for i in members
+        if i != cf_id and i not in own
+    ]
+    return store.add_many(events)
 
 
 def fleiss_kappa(labels: pd.DataFrame) -> float | None:

@@ -203,10 +203,12 @@ def _teach(args) -> None:
         band,
         conf.data.resize,
         oracle,
+        conf.feedback.unrealistic,
     )
     print(
         f"{result['annotator']}: {result['labelled']} verdicts ({result.get('true', 0)} true, "
-        f"{result.get('spurious', 0)} spurious, {result.get('unsure', 0)} unsure), {result['not_flipped']} not "
+        f"{result.get('spurious', 0)} spurious, {result.get('unsure', 0)} unsure, {result.get('unrealistic', 0)} unrealistic), "
+        f"{result['not_flipped']} not "
         f"flipped, {result['abstained']} abstained; wrote {run_dir / 'feedback.sqlite'}"
     )
 

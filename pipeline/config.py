@@ -120,6 +120,9 @@ class FeedbackConfig:
     # explained classifier sees the edit's part on the mask and its part off it separately; the part that carries
     # the flip decides, the density rule where only both together move it)
     oracle: str = "density"
+    # a simulated teacher rejects a counterfactual as unrealistic (never trained on, counted per round) when its
+    # realism proxy (kNN distance ratio to real images of the target class, 1 = like them) exceeds this; 0 = never
+    unrealistic: float = 0.0
     min_labels: int = 1  # human teacher: labelled counterfactuals a round needs before distil continues
     min_votes: int = 1  # annotators that must agree for a consensus label (fewer -> unsure)
 
@@ -243,6 +246,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "feedback.teacher": (lambda v: v in ("mask", "model", "human"), "mask, model or human"),
     "feedback.noise": (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
     "feedback.band": (lambda v: v >= 1.0, "a number >= 1"),
+    "feedback.unrealistic": (lambda v: v == 0 or v >= 1.0, "0 (off) or a realism ratio >= 1"),
     "feedback.oracle": (lambda v: v in ("density", "intervention"), "density or intervention"),
     "feedback.min_labels": (lambda v: v >= 1, "an integer >= 1"),
     "feedback.min_votes": (lambda v: v >= 1, "an integer >= 1"),

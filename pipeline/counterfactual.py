@@ -256,7 +256,7 @@ class Explainer(nn.Module):
         with torch.no_grad():
             z0 = self.codec.encode(x)
             d0 = self.codec.decode(z0)
-            p_before = self._p_target(x, target)
+            p_before = self.p_class(x, target)
             level = self._level(x)
             proto = self._prototype(z0, target)
             nll0 = self.prior(x) if s.patch_prior > 0 else None
@@ -316,7 +316,7 @@ class Explainer(nn.Module):
             # 4. judge the noise-free candidate on the original classifier; keep the best iterate
             with torch.no_grad():
                 current = x_cf[:n] if not s.smoothgrad else self.candidate(x, z, d0, free, assignment)
-                p = self._p_target(current, target)
+                p = self.p_class(current, target)
                 better = (~done) & (p > best_p)
                 progress = (~done) & makes_progress(p, best_p)
                 stalled = torch.where(progress, torch.zeros_like(stalled), stalled + (~done).long())
@@ -380,14 +380,14 @@ class Explainer(nn.Module):
         high = torch.ones_like(peak)
         for _ in range(iterations):
             mid = (low + high) / 2
-            p = self._p_target(x + (change >= mid * peak) * delta, target)
+            p = self.p_class(x + (change >= mid * peak) * delta, target)
             ok = (p >= self.settings.goal).view(-1, 1, 1, 1)
             low, high = torch.where(ok, mid, low), torch.where(ok, high, mid)
         low = torch.where(success.view(-1, 1, 1, 1), low, torch.full_like(low, self.settings.paste_threshold))
         mask = (change >= low * peak).float() * (delta.abs().sum(1, keepdim=True) > 0)
         confined = x + mask * delta
         used = dilate(mask, self.settings.dilate)
-        return {"x_cf": confined, "p_after": self._p_target(confined, target), "mask": mask, "used": used}
+        return {"x_cf": confined, "p_after": self.p_class(confined, target), "mask": mask, "used": used}
 
     @torch.no_grad()
     def confine_regions(self, x, x_cf, target, success) -> dict:
@@ -401,7 +401,7 @@ class Explainer(nn.Module):
         labels = segments(x[valid_rows], self.settings.max_regions)
         for i, label_map in zip(valid_rows.tolist(), labels):
             masks = subset_masks(label_map)
-            p = self._p_target(x[i] + masks * delta[i], target[i].expand(len(masks)))
+            p = self.p_class(x[i] + masks * delta[i], target[i].expand(len(masks)))
             l1 = (masks * delta[i].abs()).flatten(1).sum(1)
             valid = p >= self.settings.goal
             if not valid.any():
@@ -429,7 +429,8 @@ class Explainer(nn.Module):
         return (x + keep * free * delta).clamp(-1, 1)
 
     @torch.no_grad()
-    def _p_target(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def p_class(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The classifier's probability of class target[i] for image i."""
         return torch.softmax(self.classifier(x), -1).gather(1, target[:, None]).squeeze(1)
 
     @torch.no_grad()
@@ -443,14 +444,14 @@ class Explainer(nn.Module):
         lefts = sorted({*range(0, max(1, w - side + 1), stride), max(0, w - side)})
         boxes = [(top, left) for top in tops for left in lefts]
         fill = x.flatten(2).median(2).values[..., None, None]
-        base = log_odds(self._p_target(x, target))
+        base = log_odds(self.p_class(x, target))
         moves = []
         for top, left in boxes:
             occluded = x.clone()
             occluded[..., top : top + side, left : left + side] = fill.expand(
                 -1, -1, min(side, h - top), min(side, w - left)
             )
-            moves.append((log_odds(self._p_target(occluded, target)) - base).abs())
+            moves.append((log_odds(self.p_class(occluded, target)) - base).abs())
         best = torch.stack(moves, 1).topk(min(s.windows, len(boxes)), dim=1).indices  # (B, k)
         masks = torch.zeros(b, best.shape[1], 1, h, w, device=x.device)
         for i, row in enumerate(best.tolist()):

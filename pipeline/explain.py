@@ -223,6 +223,15 @@ def attempt_diversity(outputs) -> dict:
     return {"diversity": desiderata.diversity(xs, attempts, masks)}
 
 
+def source_probability(
+    explainer: Explainer, images: ImageDataset, rows, *xs: torch.Tensor
+) -> list[torch.Tensor]:
+    """p(source class) of each batch of images, on the explainer's device (the card shows it before -> after)."""
+    device = next(explainer.classifier.parameters()).device
+    source = torch.tensor(images.targets)[rows.cpu()].to(device)
+    return [explainer.p_class(x.to(device), source).cpu() for x in xs]
+
+
 def write_outputs(
     outputs, images: ImageDataset, card, explainer: Explainer, data: FolderData, out: Path, per_batch: int
 ) -> pd.DataFrame:
@@ -240,6 +249,7 @@ def write_outputs(
             masks = batch["mask"] if batch["has_mask"].any() else None
             stats = desiderata.per_counterfactual(batch["x"], attempt["x_cf"], masks)
             feats = desiderata.thumbnails(attempt["x_cf"])
+            p_source = source_probability(explainer, images, batch["row"], batch["x"], attempt["x_cf"])
             for i, row in enumerate(batch["row"].tolist()):
                 target, request = int(batch["target"][i]), int(batch["index"][i])
                 sample = manifest.sample_id(split, row)
@@ -264,6 +274,8 @@ def write_outputs(
                         "source_class": card.classes[images.targets[row]],
                         "target_class": card.classes[target],
                         "attempt": k,
+                        "p_source_before": float(p_source[0][i]),
+                        "p_source_after": float(p_source[1][i]),
                         "p_target_before": float(attempt["p_before"][i]),
                         "p_target_after": float(attempt["p_after"][i]),
                         "success": bool(attempt["success"][i]),

@@ -2,7 +2,7 @@
 
 A simulated teacher (pipeline.teach) labels the round first; experts label in the app. Either way the verdicts
 come from the store's consensus for exactly this round's counterfactual ids (an id names one image, so a verdict
-never moves to another). Counts keep apart what the teacher said (true / spurious / unsure) from what it never
+never moves to another). Counts keep apart what the teacher said (true / spurious / unsure / unrealistic) from what it never
 judged: counterfactuals that did not flip the classifier, and flipped ones it abstained on (no mask for the
 image, a reference that gets the original wrong, an expert who has not got to it yet). Verdicts on images the
 round no longer shows (explain ran again) are counted as stale and never used.
@@ -56,6 +56,8 @@ def summary(given: pd.DataFrame, table: pd.DataFrame, stale: int = 0) -> dict:
         "abstained": flipped - int(len(given)),
         "stale": stale,
         "feedback_accuracy": labels["true"] / judged if judged else None,
+        # the experts' own realism measure: the share of verdicts that reject the image as unrealistic
+        "unrealistic_share": labels["unrealistic"] / len(given) if len(given) else None,
     }
 
 
@@ -109,6 +111,7 @@ def run(
             config.band,
             resize,
             config.oracle,
+            config.unrealistic,
         )
     table, store = manifest.read_round(run_dir, round), open_store(run_dir)
     given = verdicts(store, table, round, config.min_votes)

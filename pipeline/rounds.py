@@ -49,7 +49,13 @@ def closing(r, data: FolderData, done: list[dict]) -> dict | None:
     if not r.feedback(data, n, require=False):
         return None
     fed = read_json(r.dir.path(f"feedback_r{n}") / "summary.json")
-    return {"round": n, "explained": done[-1]["model"], "flip_rate": described["validity"], **fed}
+    return {
+        "round": n,
+        "explained": done[-1]["model"],
+        "flip_rate": described["validity"],
+        "realism": described.get("realism"),
+        **fed,
+    }
 
 
 def round_metrics(r, n: int, described: dict, before: dict) -> dict:
@@ -60,6 +66,7 @@ def round_metrics(r, n: int, described: dict, before: dict) -> dict:
         "model": f"distil_r{n}",
         "explained": "classifier" if n == 1 else f"distil_r{n - 1}",
         "flip_rate": described["validity"],
+        "realism": described.get("realism"),
         **fed,
         "training": r.card_metrics(f"distil_r{n}"),
         "test_accuracy": tested["accuracy"],

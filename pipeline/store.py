@@ -19,10 +19,12 @@ import pandas as pd
 
 from pipeline.errors import UserError
 
-LABELS = ("true", "spurious", "unsure")
+# true: real class evidence; spurious: a shortcut; unsure: cannot tell; unrealistic: not something real images show
+# (never trained on, counted as the experts' realism verdict)
+LABELS = ("true", "spurious", "unsure", "unrealistic")
 WITHDRAWN = "none"  # an event that takes an annotator's label back
 COLUMNS = ["event_id", "cf_id", "round", "annotator", "label", "comment", "created_at"]
-SCHEMA = f"""
+TABLE = f"""
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     event_id TEXT NOT NULL UNIQUE,
@@ -32,13 +34,14 @@ CREATE TABLE IF NOT EXISTS events (
     label TEXT NOT NULL CHECK (label IN ({", ".join(repr(x) for x in (*LABELS, WITHDRAWN))})),
     comment TEXT NOT NULL DEFAULT '',
     created_at TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_by_cf ON events (cf_id, annotator, seq);
-CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
-    BEGIN SELECT RAISE(ABORT, 'label events are append-only'); END;
-CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
-    BEGIN SELECT RAISE(ABORT, 'label events are append-only'); END;
-"""
+);"""
+APPEND_ONLY = "BEGIN SELECT RAISE(ABORT, 'label events are append-only'); END"
+GUARDS = (
+    "CREATE INDEX IF NOT EXISTS events_by_cf ON events (cf_id, annotator, seq)",
+    f"CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events {APPEND_ONLY}",
+    f"CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events {APPEND_ONLY}",
+)
+SCHEMA = TABLE + "".join(f"\n{statement};" for statement in GUARDS)
 
 
 _last_time = datetime.datetime.min.replace(tzinfo=datetime.UTC)
@@ -95,6 +98,7 @@ class FeedbackStore:
         self.path, self.retries = Path(path), retries
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._retry(lambda db: db.executescript(SCHEMA))
+        self._retry(_migrate)
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
@@ -247,6 +251,22 @@ class FeedbackStore:
             return self.add_many(table[COLUMNS].to_dict("records"), first_row)
         except UserError as exc:
             raise UserError(f"{path}: {exc}") from None
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """A store made before a label existed keeps every event: its table is rebuilt with today's label check (the
+    copy, the swap and the new index and triggers in one transaction)."""
+    sql = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'events'").fetchone()[0]
+    if all(repr(label) in sql for label in LABELS):
+        return
+    db.execute("BEGIN IMMEDIATE")
+    db.execute(TABLE.replace("EXISTS events (", "EXISTS events_new ("))
+    db.execute(f"INSERT INTO events_new SELECT seq, {', '.join(COLUMNS)} FROM events")
+    db.execute("DROP TABLE events")  # its index and triggers go with it
+    db.execute("ALTER TABLE events_new RENAME TO events")
+    for statement in GUARDS:
+        db.execute(statement)
+    db.execute("COMMIT")
 
 
 MAX_LISTED = 10

@@ -12,7 +12,8 @@ Only counterfactuals that flipped the classifier get a verdict. Each oracle redu
 boundary is 1 (the feature's change per pixel against the image's; the reference's odds of the target class
 against the strongest other class); with ``band`` > 1 it says unsure between 1 / band and band, as an expert does
 before an edit that moves square and background alike (band 1: the authors' oracles exactly). An optional noise
-rate flips verdicts at random to simulate imperfect experts.
+rate flips verdicts at random to simulate imperfect experts; with ``unrealistic`` the teacher rejects edits whose
+realism proxy is above it, as an expert rejects an image no real one looks like.
 """
 
 from __future__ import annotations
@@ -164,6 +165,7 @@ def run(
     band: float = 1.0,
     resize: str = "pad",
     oracle: str = "density",
+    unrealistic: float = 0.0,
 ) -> dict:
     """Label every successful counterfactual of the round's explain folder and write the verdicts to the store."""
     if teacher not in TEACHERS:
@@ -187,6 +189,9 @@ def run(
         flip = np.random.default_rng(seed).random(len(verdicts)) < noise
         # an imperfect expert swaps true and spurious; an unsure verdict stays unsure
         verdicts[flip] = verdicts[flip].replace({"true": "spurious", "spurious": "true"})
+    if unrealistic > 0:  # as an expert rejects an edit no real image shows, whatever it changed
+        realism = table.set_index("id")["realism"].reindex(verdicts.index).to_numpy(float)
+        verdicts[realism > unrealistic] = "unrealistic"
     annotator = f"teacher:{teacher}"
     store = FeedbackStore(run_dir / "feedback.sqlite")
     # a rerun gives the same verdicts: only a verdict that differs from the teacher's current one is appended

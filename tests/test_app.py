@@ -45,7 +45,9 @@ def make_run(root, n=6, bad_path=False, missing_image=False):
     return root
 
 
-def app(monkeypatch, run_dir, token=None, annotator="alice"):
+def app(monkeypatch, run_dir, token=None, annotator="alice", order="manifest"):
+    """The app on run_dir as annotator; order "manifest" (the default here) keeps the cards in manifest order, so a
+    test knows which card comes next; None leaves the app's own cluster-first order."""
     monkeypatch.setenv("CFKD_RUN_DIR", str(run_dir))
     if token:
         monkeypatch.setenv("CFKD_TOKEN", token)
@@ -54,7 +56,10 @@ def app(monkeypatch, run_dir, token=None, annotator="alice"):
     at = AppTest.from_file(APP, default_timeout=30)
     if annotator:
         at.query_params["annotator"] = annotator
-    return at.run()
+    at.run()
+    if order and any(r.key == "order" for r in at.radio):
+        at.radio(key="order").set_value(order).run()
+    return at
 
 
 def labels(run_dir):
@@ -211,3 +216,93 @@ def test_the_round_counts_verdicts_unjudged_and_not_flipped(tmp_path, monkeypatc
     text = " ".join(c.value for c in at.caption)
     assert "spurious: 1" in text and "not judged yet: 3" in text and "not flipped: 1" in text
     assert "cf-failed" not in " ".join(m.value for m in at.markdown)  # never shown
+
+
+def make_clustered_run(root, per_kind=4):
+    """A round whose changes come in three kinds (a hue shift in one corner, a brighter image, a darker other
+    corner), per_kind cards each, interleaved in the manifest."""
+    run = make_run(root, n=3 * per_kind)
+    folder = run / "explain"
+    table = pd.read_csv(folder / "manifest.csv")
+    rng = np.random.default_rng(1)
+    for i, row in table.iterrows():
+        original = np.clip(rng.normal(120, 10, (16, 16, 3)), 0, 255)
+        changed = original.copy()
+        if i % 3 == 0:
+            changed[:6, :6] += [70, -70, 0]  # hue only: the brightness map cannot show it
+        elif i % 3 == 1:
+            changed += 50
+        else:
+            changed[10:, 10:] -= 80
+        for name, image in ((row.original, original), (row.counterfactual, changed)):
+            Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(folder / name)
+    return run
+
+
+def test_change_clusters_choose_their_number_and_a_representative(tmp_path):
+    run = make_clustered_run(tmp_path)
+    rnd = services.load_round(run, 1)
+    groups = services.change_clusters(rnd.manifest)
+    assert groups["cluster"].nunique() == 3 and groups["representative"].sum() == 3
+    kinds = {i: int(i.split("-")[1]) % 3 for i in groups.index}
+    for _, members in groups.groupby("cluster"):
+        assert len({kinds[i] for i in members.index}) == 1  # one kind of change per cluster
+    # the queue: the three representatives first; a cluster judged both ways comes before one judged alike
+    labels = pd.DataFrame(columns=["cf_id", "annotator", "label", "comment"])
+    order = services.review_order(rnd.manifest, groups, labels, "alice")
+    assert set(order[:3]) == set(groups.index[groups["representative"]]) and len(order) == 12
+    by_kind = {k: [i for i in groups.index if kinds[i] == k] for k in range(3)}
+    labels = pd.DataFrame(
+        {
+            "cf_id": [*by_kind[0][:2], *by_kind[1][:2]],
+            "annotator": "bob",
+            "label": ["true", "spurious", "spurious", "spurious"],
+            "comment": "",
+        }
+    )
+    uncertainty = services.verdict_uncertainty(groups, labels)
+    mixed, alike = (groups.at[by_kind[k][0], "cluster"] for k in (0, 1))
+    assert uncertainty[mixed] == pytest.approx(1.0) and uncertainty[alike] < 0.9
+    rest = services.review_order(rnd.manifest, groups, labels, "alice")[3:]
+    assert kinds[rest[0]] == 0  # the mixed cluster's members come first
+
+
+def test_unrealistic_key_and_the_round_header(tmp_path, monkeypatch):
+    run = make_run(tmp_path, n=4)
+    (run / "config.yaml").write_text("feedback:\n  min_labels: 3\n")
+    at = app(monkeypatch, run)
+    header = {m.label: m.value for m in at.metric}
+    assert header["Cards left for you"] == "4" and header["cfkd run"] == "needs 3 more"
+    assert header["Feedback accuracy"] == "—"
+    at.button(key="label-unrealistic").click().run()
+    assert labels(run) == {"cf-0": "unrealistic"}
+    at.button(key="label-true").click().run()
+    at.button(key="label-spurious").click().run()
+    header = {m.label: m.value for m in at.metric}
+    assert header["Cards left for you"] == "1" and header["cfkd run"] == "can continue"
+    assert header["Verdicts this round"] == "T 1 · S 1 · U 0 · R 1" and header["Feedback accuracy"] == "0.50"
+    assert any("p(0)" in m.value and "p(1)" in m.value for m in at.markdown)  # both classes, before -> after
+    captions = " ".join(c.value for c in at.caption)
+    assert "colour change" in captions and "brightness change" in captions
+
+
+def test_the_cluster_first_queue_and_one_key_for_the_whole_cluster(tmp_path, monkeypatch):
+    run = make_clustered_run(tmp_path)
+    groups = services.change_clusters(services.load_round(run, 1).manifest)
+    representatives = set(groups.index[groups["representative"]])
+    at = app(monkeypatch, run, order=None)  # the app's own order
+    first = next(m.value for m in at.markdown if "`cf-" in m.value).split("`")[1]
+    assert first in representatives
+    assert at.button(key="cluster-apply").disabled  # nothing to apply before a verdict
+    at.button(key="label-spurious").click().run()  # the next card is the next cluster's representative
+    second = next(m.value for m in at.markdown if "`cf-" in m.value).split("`")[1]
+    assert second in representatives - {first}
+    at.button(key="prev").click().run()
+    members = groups.index[(groups["cluster"] == groups.at[first, "cluster"]) & (groups.index != first)]
+    store = FeedbackStore(run / "feedback.sqlite")
+    store.add(members[0], "alice", "true")  # judged one by one: it keeps its own verdict
+    at.button(key="cluster-apply").click().run()
+    now = labels(run)
+    assert now[first] == "spurious" and now[members[0]] == "true"
+    assert all(now[m] == "spurious" for m in members[1:])
+    assert len(store.events()) == 2 + len(members) - 1  # one key press, one event per member

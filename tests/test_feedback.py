@@ -163,3 +163,49 @@ def test_stale_verdicts_are_counted_and_never_used(tmp_path):
     given = feedback.verdicts(store, table, 1)
     assert given["cf_id"].tolist() == ["train-0-t1-a1-new"]
     assert feedback.summary(given, table, feedback.stale(store, table, 1))["stale"] == 1
+
+
+def test_a_store_made_before_the_unrealistic_verdict_keeps_its_events_and_takes_it(tmp_path):
+    from pipeline import store as store_module
+
+    path = tmp_path / "feedback.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(store_module.SCHEMA.replace(", 'unrealistic'", ""))  # yesterday's label check
+    old.execute(
+        "INSERT INTO events (event_id, cf_id, round, annotator, label, comment, created_at) VALUES "
+        "('e1', 'cf-1', 1, 'ann', 'spurious', '', '2026-01-01T00:00:00.000000+00:00')"
+    )
+    old.commit()
+    old.close()
+    store = FeedbackStore(path)
+    store.add("cf-2", "ann", "unrealistic")
+    assert store.labels().set_index("cf_id")["label"].to_dict() == {"cf-1": "spurious", "cf-2": "unrealistic"}
+    with pytest.raises(sqlite3.IntegrityError):  # still append-only, still checked
+        db = sqlite3.connect(path)
+        db.execute("DELETE FROM events")
+    with pytest.raises(UserError, match="label 'odd'"):
+        store.add("cf-3", "ann", "odd")
+
+
+def test_unrealistic_verdicts_are_counted_and_never_trained_on(tmp_path):
+    from pipeline import distil, feedback
+
+    table = pd.DataFrame(
+        {
+            "id": ["a", "b", "c", "d"],
+            "sample": ["s1", "s2", "s3", "s4"],
+            "counterfactual": [f"counterfactuals/{i}.png" for i in "abcd"],
+            "original": [f"originals/{i}.png" for i in "abcd"],
+            "source_class": "0",
+            "target_class": "1",
+            "success": True,
+        }
+    )
+    consensus = pd.DataFrame(
+        {"cf_id": list("abcd"), "label": ["spurious", "unrealistic", "true", "unrealistic"]}
+    )
+    training = distil.training_set(table, consensus, use_true=True)
+    assert training["id"].tolist() == ["a", "c"]  # the rejected images never reach the classifier
+    info = feedback.summary(consensus, table)
+    assert info["labels"]["unrealistic"] == 2 and info["unrealistic_share"] == 0.5
+    assert info["feedback_accuracy"] == 0.5  # true / (true + spurious): a rejection is not a judgement

@@ -205,3 +205,17 @@ def test_the_interventional_oracle_needs_the_explained_classifier(tmp_path):
     (tmp_path / "explain" / "desiderata.json").write_text("{}")
     with pytest.raises(UserError, match="needs the classifier explain explained"):
         teach.explained(tmp_path, 1)
+
+
+def test_a_simulated_teacher_rejects_edits_its_realism_proxy_calls_unrealistic(tmp_path, unbiased):
+    truth = _hand_made_counterfactuals(tmp_path, unbiased / "data")
+    path = tmp_path / "explain" / "manifest.csv"
+    table = pd.read_csv(path)
+    table["realism"] = np.where(
+        table["id"].str.endswith("background"), 3.0, 1.2
+    )  # the proxy, as explain writes it
+    table.to_csv(path, index=False)
+    result = teach.run(tmp_path, "mask", unbiased / "data", oracle="density", unrealistic=2.0)
+    labels = FeedbackStore(tmp_path / "feedback.sqlite").labels().set_index("cf_id")["label"]
+    expected = {k: "unrealistic" if k.endswith("background") else v for k, v in truth.items()}
+    assert labels.to_dict() == expected and result["unrealistic"] == 6

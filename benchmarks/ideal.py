@@ -1,0 +1,153 @@
+"""What generalises a verdict: the distil stage given *ideal* spurious counterfactuals on the suite's local-shortcut
+datasets, with and without transplanting each change onto other training images of its class.
+
+An ideal counterfactual of a training image takes the shortcut region (the generator's ``shortcut_mask``, its own
+and a donor's) from a training image of another class and changes nothing else: the shortcut swapped, the evidence
+kept, labelled with the source class ("this change must not flip you"). Distillation then runs with the library's
+defaults from the suite's biased classifier, so the only question left is whether the verdict reaches the images
+it was not given on. Needs the suite's first runs (benchmarks/suite.py leaves runs/suite/suite-NAME-mask).
+
+    .venv/bin/python benchmarks/ideal.py [--only shapes stamp] [--sizes 32 96] [--transplant 0 0.5 1]
+
+Writes benchmarks/results/ideal.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from pipeline import config, distil, models, quiet
+from pipeline.data import load_folder, load_mask
+from pipeline.evaluate import evaluate
+
+HERE = Path(__file__).resolve().parent
+LOCAL = ("shapes", "stamp", "stamp-partial")  # shortcut regions of a few per cent of the image
+
+
+def pixels(path: Path, card: models.ModelCard) -> np.ndarray:
+    """An image at the classifier's geometry as (H, W, 3) on the 0-255 scale."""
+    with Image.open(path) as image:
+        x = models.pixel_transform(card)(image)
+    return ((x.permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.float32)
+
+
+def ideal(data, card: models.ModelCard, n: int, folder: Path, seed: int = 0) -> pd.DataFrame:
+    """n ideal spurious counterfactuals of training images, an equal share per class."""
+    rng = np.random.default_rng(seed)
+    train = data.split("train")
+    per_class = -(-n // len(data.classes))
+    picks = pd.concat(
+        [train[train.label.astype(str) == c].sample(per_class, random_state=seed) for c in data.classes]
+    ).head(n)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for row in picks.itertuples():
+        others = train[train.label.astype(str) != str(row.label)]
+        donor = others.iloc[int(rng.integers(len(others)))]
+        region = load_mask(data.root / row.shortcut_mask, card.image_size, card.resize)
+        region |= load_mask(data.root / donor.shortcut_mask, card.image_size, card.resize)
+        x, cf = pixels(data.root / row.path, card), pixels(data.root / row.path, card)
+        cf[region] = pixels(data.root / donor.path, card)[region]
+        cf_id = f"train-{row.Index:05d}-ideal"
+        for name, image in ((f"{cf_id}.png", cf), (f"{cf_id}-original.png", x)):
+            Image.fromarray(np.clip(image, 0, 255).round().astype(np.uint8)).save(folder / name)
+        rows.append(
+            {
+                "id": cf_id,
+                "sample": f"train-{row.Index:05d}",
+                "counterfactual": f"{cf_id}.png",
+                "original": f"{cf_id}-original.png",
+                "verdict": "spurious",
+                "label": str(row.label),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def flip_rate(model, card: models.ModelCard, table: pd.DataFrame, folder: Path) -> float:
+    """Share of ideal counterfactuals the biased classifier no longer assigns to their source class."""
+    transform = models.input_transform(card)
+    with torch.no_grad():
+        x = torch.stack([transform(Image.open(folder / p).convert("RGB")) for p in table["counterfactual"]])
+        predicted = model(x).argmax(-1).numpy()
+    source = np.array([card.classes.index(label) for label in table["label"]])
+    return round(float(np.mean(predicted != source)), 3)
+
+
+def measure(run: Path, sizes: list[int], transplants: list[float]) -> dict:
+    settings = config.load(run / "config.yaml")
+    data = load_folder(settings.data.root)
+    model, card = models.load(run / "classifier")
+    before, _ = evaluate(model, card, data)
+    settings = settings.distil
+    out = {
+        "before": {k: round(before[k], 4) for k in ("accuracy", "worst_group_accuracy")},
+        "shortcut_pixels": None,
+        "distil": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for n in sizes:
+            table = ideal(data, card, n, tmp / str(n))
+            out["distil"][f"n{n}_biased_flip_rate"] = flip_rate(model.eval(), card, table, tmp / str(n))
+            for share in transplants:
+                fit, held = distil.split_holdout(table, settings.holdout, settings.seed)
+                target = tmp / f"m-{n}-{share}"
+                distil.run(
+                    run / "classifier",
+                    data,
+                    fit,
+                    held,
+                    tmp / str(n),
+                    replace(settings, transplant=share),
+                    target,
+                )
+                after, _ = evaluate(*models.load(target), data)
+                out["distil"][f"n{n}_transplant{share}"] = {
+                    "accuracy": round(after["accuracy"], 4),
+                    "worst_group_accuracy": round(after["worst_group_accuracy"], 4),
+                }
+                print(run.name, n, share, out["distil"][f"n{n}_transplant{share}"], flush=True)
+    masks = [
+        load_mask(data.root / p, card.image_size, card.resize).mean()
+        for p in data.split("train").shortcut_mask[:64]
+    ]
+    out["shortcut_pixels"] = round(float(np.mean(masks)), 4)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", default=list(LOCAL), choices=LOCAL)
+    parser.add_argument("--sizes", nargs="+", type=int, default=[32, 96])
+    parser.add_argument("--transplant", nargs="+", type=float, default=[0.0, 0.5, 1.0])
+    parser.add_argument("--suite", default="runs/suite")
+    args = parser.parse_args()
+    quiet.configure(verbose=False)
+    result = {"benchmark": "distillation from ideal spurious counterfactuals", "datasets": {}}
+    for name in args.only:
+        run = Path(args.suite) / f"suite-{name}-mask"
+        if not (run / "classifier" / "model.safetensors").exists():
+            print(
+                f"error: {run} has no biased classifier; run benchmarks/suite.py --only {name} first",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+        result["datasets"][name] = measure(run, args.sizes, args.transplant)
+    path = HERE / "results" / "ideal.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
