@@ -106,10 +106,8 @@ def labelling() -> None:
     done = int(rnd.manifest["id"].isin(mine.index).sum())
     st.progress(done / len(rnd.manifest), text=f"{annotator}: {done} of {len(rnd.manifest)} labelled")
     counts = services.round_counts(rnd, labels)
-    st.caption(" · ".join(f"{name}: {n}" for name, n in counts.items()))
-    if st.session_state.get("last"):
-        st.caption(f"last: {st.session_state['last']}")
     if not ids:
+        st.caption(" · ".join(f"{name}: {n}" for name, n in counts.items()))
         st.success("Nothing left to label with these filters.")
         return
     current = st.session_state.get("current")
@@ -121,8 +119,10 @@ def labelling() -> None:
     seen = st.session_state.setdefault(f"seen-{round_number}", [])
     if current not in seen:
         seen.append(current)
+    last = f" · last: {st.session_state['last']}" if st.session_state.get("last") else ""
+    where = f"card {ids.index(current) + 1} / {len(ids)}"
+    st.caption(" · ".join([where, *(f"{name}: {n}" for name, n in counts.items())]) + last)
     row = rnd.manifest.loc[rnd.manifest["id"] == current].iloc[0]
-    st.caption(f"{ids.index(current) + 1} / {len(ids)}")
     views.card(row, store, annotator, round_number, ids, mine.get(current), groups)
 
 

@@ -18,7 +18,7 @@ from sklearn.metrics import cohen_kappa_score, silhouette_score
 
 from pipeline import manifest as manifest_files
 from pipeline.errors import UserError
-from pipeline.store import LABELS
+from pipeline.store import CLUSTER_COMMENT, LABELS
 
 REQUIRED = ("id", "original", "counterfactual", "difference", "source_class", "target_class", "attempt")
 
@@ -230,9 +230,6 @@ def review_order(
         ["uncertainty", "distance"], ascending=False, kind="stable"
     )
     return [*first.index, *rest.index, *(i for i in ids if i in mine)]
-
-
-CLUSTER_COMMENT = "cluster of "  # how a verdict applied to a cluster is marked (individual verdicts win)
 
 
 def apply_to_cluster(store, groups: pd.DataFrame, cf_id: str, annotator: str, label: str, round: int) -> int:

@@ -16,15 +16,8 @@ import streamlit as st  # noqa: E402
 
 from annotation_app import services  # noqa: E402
 from pipeline import change_maps  # noqa: E402
-from pipeline.store import FeedbackStore  # noqa: E402
+from pipeline.store import KEYS, MEANINGS, FeedbackStore  # noqa: E402
 
-KEYS = {"true": "T", "spurious": "S", "unsure": "U", "unrealistic": "R"}
-HELP = {
-    "true": "the change is real class evidence",
-    "spurious": "the model flipped for a shortcut",
-    "unsure": "cannot tell",
-    "unrealistic": "no real image looks like this: never trained on, counted as the experts' realism verdict",
-}
 # Streamlit keeps R (rerun) and C (clear caches) for itself, so a button cannot take R as its shortcut; a script
 # placed once in the page maps R to the Unrealistic button (and stops Streamlit's rerun), outside text fields
 KEY_BRIDGE = """<script>
@@ -42,7 +35,7 @@ if (!page.getElementById("cfkd-keys")) {
   page.head.appendChild(script);
 }
 </script>"""
-PANEL = 210  # px per image at zoom 1: four panels side by side fit a 1280 x 800 screen beside the sidebar
+PANEL = 180  # px per image at zoom 1: four panels side by side fit a 1280 x 800 screen beside the sidebar
 ZOOMS = (1, 2, 3)
 
 
@@ -192,8 +185,6 @@ def card(
             else:
                 draw(column, width)
                 column.caption(caption)
-    st.caption(f"your label: **{mine or '—'}**")
-    st.text_input("Comment (optional)", key=f"comment-{row['id']}")
     verdicts = st.columns(len(KEYS) + 1)
     for column, (label, key) in zip(verdicts, KEYS.items()):
         bridged = key == "R"
@@ -201,7 +192,7 @@ def card(
             f"{label.capitalize()} (R)" if bridged else label.capitalize(),
             key=f"label-{label}",
             shortcut=None if bridged else key,
-            help=HELP[label],
+            help=MEANINGS[label],
             type="primary" if mine == label else "secondary",
             on_click=_label,
             args=(store, ids, row["id"], annotator, label, round),
@@ -217,8 +208,10 @@ def card(
     tools[3].button(
         "Flicker", key="flicker", shortcut="F", on_click=_flicker, type="primary" if flicker else "secondary"
     )
+    st.caption(f"your label: **{mine or '—'}**")
     if groups is not None and row["id"] in groups.index:
         cluster_strip(tools[4], row, groups, store, annotator, round, mine)
+    st.text_input("Comment (optional, saved with your next verdict)", key=f"comment-{row['id']}")
 
 
 def cluster_strip(button_column, row, groups: pd.DataFrame, store, annotator: str, round: int, mine) -> None:
@@ -245,18 +238,18 @@ def cluster_strip(button_column, row, groups: pd.DataFrame, store, annotator: st
 
 def round_header(state: dict, needed: int) -> None:
     """Cards left, the verdicts so far, feedback accuracy, and when ``cfkd run`` can go on."""
-    left, verdicts, accuracy, more = st.columns([1, 2, 1, 1.4])
+    left, verdicts, accuracy, more = st.columns([1, 1.6, 1, 1])
     left.metric("Cards left for you", state["left"])
     verdicts.metric(
         "Verdicts this round",
-        " · ".join(f"{KEYS[k]} {v}" for k, v in state["verdicts"].items()),
+        " ".join(f"{KEYS[k]}{v}" for k, v in state["verdicts"].items()),
         help=", ".join(f"{KEYS[k]} = {k}" for k in KEYS),
     )
     fa = state["feedback_accuracy"]
     accuracy.metric("Feedback accuracy", "—" if fa is None else f"{fa:.2f}", help="true / (true + spurious)")
     more.metric(
         "cfkd run",
-        "can continue" if state["more_needed"] == 0 else f"needs {state['more_needed']} more",
+        "ready" if state["more_needed"] == 0 else f"{state['more_needed']} to go",
         help=f"a round needs feedback.min_labels = {needed} verdicts (or all its cards) before distil goes on",
     )
 

@@ -123,6 +123,7 @@ def shares(run_dir: Path, data_root: Path, resize: str) -> dict:
         valid = manifest.flipped(manifest.read(folder / manifest.NAME))
         values = {"shortcut": [], "feature": []}
         first = {"shortcut": [], "feature": []}
+        by_attempt: dict[int, list] = {}
         for row in valid.itertuples():
             cf, original = (
                 np.asarray(Image.open(folder / p).convert("RGB"), float)
@@ -139,9 +140,12 @@ def shares(run_dir: Path, data_root: Path, resize: str) -> dict:
                 values[key].append(share)
                 if int(row.attempt) == 1:
                     first[key].append(share)
+                if key == "shortcut":
+                    by_attempt.setdefault(int(row.attempt), []).append(share)
         mean = {k: round(float(np.mean(v)), 3) if v else None for k, v in values.items()}
         median = {f"{k}_median_a1": round(float(np.median(v)), 3) if v else None for k, v in first.items()}
-        out[f"round_{r}"] = mean | median | {"valid": int(len(valid))}
+        attempts = {str(a): round(float(np.median(v)), 3) for a, v in sorted(by_attempt.items())}
+        out[f"round_{r}"] = mean | median | {"shortcut_median_by_attempt": attempts, "valid": int(len(valid))}
     return out
 
 

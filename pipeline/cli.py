@@ -237,6 +237,20 @@ def _feedback(args) -> None:
     print(f"imported {store.import_(args.file, known)} new label events from {args.file}")
 
 
+def _labelstudio(args) -> None:
+    from pipeline import labelstudio
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
+    if args.feedback_command == "labelstudio-export":
+        n, config = labelstudio.export(run_dir, args.round, Path(args.file))
+        print(f"exported {n} tasks of round {args.round} to {args.file}; labelling config: {config}")
+        return
+    added, skipped = labelstudio.import_export(run_dir, Path(args.file))
+    print(f"imported {added} new label events from {args.file} ({skipped} annotations without a verdict)")
+
+
 def _run(args) -> None:
     from pipeline import config, runner
 
@@ -411,6 +425,19 @@ def parser() -> argparse.ArgumentParser:
         command.add_argument("--run-dir", required=True)
         command.add_argument("file", help="a .csv or .parquet file")
         command.set_defaults(func=_feedback)
+    for name, text in (
+        (
+            "labelstudio-export",
+            "write a round as a Label Studio import (tasks .json + labelling config .xml)",
+        ),
+        ("labelstudio-import", "merge a Label Studio JSON export as label events (no duplicates)"),
+    ):
+        command = fb.add_parser(name, help=text, parents=[common])
+        command.add_argument("--run-dir", required=True)
+        if name == "labelstudio-export":
+            command.add_argument("--round", type=int, default=1, help="the round to export (default 1)")
+        command.add_argument("file", help="a .json file")
+        command.set_defaults(func=_labelstudio)
 
     tr = sub.add_parser("train", help="train a classifier on a folder dataset", parents=[common])
     tr.add_argument("--data", required=True, help="folder dataset")

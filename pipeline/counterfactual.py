@@ -76,6 +76,9 @@ class Settings:
     # carries is not hidden behind a larger edit elsewhere (0 = off; each window costs one more search)
     windows: int = 0
     window: float = 0.25
+    # with windows: the best located edit is its own attempt (2), beside the whole-image edit, instead of competing
+    # with it on L1, so an image yields both its global and its local explanation
+    located_attempt: bool = False
     # grow the used region by this share of the image side before blocking it (3 px at 64 px; "threshold" only)
     dilate: float = 0.05
     filter_timestep: int = 0  # gradient filtering through the UNet at this timestep (0 = off)
@@ -460,12 +463,13 @@ class Explainer(nn.Module):
                 masks[i, j, :, top : top + side, left : left + side] = 1
         return masks
 
-    def first_attempt(self, x, target, free, generator) -> dict:
+    def first_attempt(self, x, target, free, generator) -> list[dict]:
         """Attempt 1: the search over the whole image and, with ``windows``, inside each located window; per sample
-        the valid candidate with the smallest L1 after confinement (the whole-image search where none is valid)."""
+        the valid candidate with the smallest L1 after confinement (the whole-image search where none is valid).
+        With ``located_attempt`` the whole-image edit is attempt 1 and the best window's edit attempt 2."""
         s, b = self.settings, x.shape[0]
         if s.windows <= 0:
-            return self._confined(x, target, self.attempt(x, target, free, generator))
+            return [self._confined(x, target, self.attempt(x, target, free, generator))]
         windows = self.locate(x, target)
         frees = torch.cat([free, *(windows[:, j] * free for j in range(windows.shape[1]))])
         n = frees.shape[0] // b
@@ -473,12 +477,17 @@ class Explainer(nn.Module):
         result = self._confined(xs, targets, self.attempt(xs, targets, frees, generator))
         l1 = (result["x_cf"] - xs).abs().flatten(1).mean(1).view(n, b)
         l1 = torch.where(result["success"].view(n, b), l1, torch.full_like(l1, float("inf")))
+        steps = result["steps"].view(n, b)
+        if s.located_attempt:  # the whole image's own result, then the smallest valid window edit
+            best = l1[1:].argmin(0) + 1
+            located = {k: v[best * b + torch.arange(b, device=x.device)] for k, v in result.items()}
+            whole = {k: v[:b] for k, v in result.items()}
+            return [whole, located | {"steps": steps[1:].sum(0)}]
         chosen = torch.where(torch.isinf(l1.min(0).values), 0, l1.argmin(0)) * b + torch.arange(
             b, device=x.device
         )
-        steps = result["steps"].view(n, b).sum(0)  # every candidate's search is paid for
         picked = {k: v[chosen] for k, v in result.items()}
-        return picked | {"steps": steps}
+        return [picked | {"steps": steps.sum(0)}]  # every candidate's search is paid for
 
     def _confined(self, x, target, result: dict) -> dict:
         """An attempt's result confined (sparsity) with its change mask and the region later attempts avoid."""
@@ -496,17 +505,18 @@ class Explainer(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last)
         free = torch.ones_like(x[:, :1])
         results = []
-        for k in range(self.settings.attempts):
+        while len(results) < self.settings.attempts:
             started = time.perf_counter()
-            if k == 0:
-                result = self.first_attempt(x, target, free, generator)
+            if results:
+                found = [self._confined(x, target, self.attempt(x, target, free, generator))]
             else:
-                result = self._confined(x, target, self.attempt(x, target, free, generator))
-            used = result.pop("used")
-            result["seconds"] = time.perf_counter() - started
-            results.append(result)
-            if self.settings.diversify:
-                free = free * (1 - used)
+                found = self.first_attempt(x, target, free, generator)
+            seconds = (time.perf_counter() - started) / len(found)
+            for result in found[: self.settings.attempts - len(results)]:
+                used = result.pop("used")
+                results.append(result | {"seconds": seconds})
+                if self.settings.diversify:
+                    free = free * (1 - used)
         return results
 
     def evaluations_per_step(self) -> int:

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from pipeline import desiderata, generator, manifest, models, surrogate  # noqa: E402
+from pipeline import change_maps, desiderata, generator, manifest, models, surrogate  # noqa: E402
 from pipeline.config import ExplainConfig, GeneratorConfig  # noqa: E402
 from pipeline.counterfactual import Explainer, pooled  # noqa: E402
 from pipeline.data import FolderData, ImageDataset, hw, load_mask  # noqa: E402
@@ -296,11 +296,11 @@ def write_outputs(
 
 
 def grid(group: pd.DataFrame, out: Path, path: Path, samples: int = 6) -> None:
-    """original | attempt 1..K | change 1..K, one row per sample."""
+    """original | attempt 1..K | brightness change 1..K | colour change 1..K, one row per sample."""
     k = int(group["attempt"].max())
     sample_ids = list(dict.fromkeys(group["sample"]))[:samples]
     fig, axes = plt.subplots(
-        len(sample_ids), 1 + 2 * k, figsize=((1 + 2 * k) * 1.3, len(sample_ids) * 1.4), squeeze=False
+        len(sample_ids), 1 + 3 * k, figsize=((1 + 3 * k) * 1.3, len(sample_ids) * 1.4), squeeze=False
     )
     for row_axes, sample in zip(axes, sample_ids):
         rows = group[group["sample"] == sample].sort_values("attempt")
@@ -310,8 +310,12 @@ def grid(group: pd.DataFrame, out: Path, path: Path, samples: int = 6) -> None:
             for r in rows.itertuples()
         ]
         panels += [(r.difference, f"change a{r.attempt}") for r in rows.itertuples()]
-        for ax, (rel, title) in zip(row_axes, panels):
-            ax.imshow(Image.open(out / rel).convert("RGB"))
+        pictures = [change_maps.read(out / rel) for rel, _ in panels]
+        original = pictures[0]
+        pictures += [change_maps.colour_change(original, cf) for cf in pictures[1 : 1 + len(rows)]]
+        panels += [(None, f"colour a{r.attempt}") for r in rows.itertuples()]
+        for ax, picture, (_, title) in zip(row_axes, pictures, panels):
+            ax.imshow(picture)
             ax.set_title(title, fontsize=7)
             ax.axis("off")
     first = group.iloc[0]

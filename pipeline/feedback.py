@@ -18,7 +18,7 @@ from pipeline import manifest, teach
 from pipeline.config import FeedbackConfig
 from pipeline.errors import UserError
 from pipeline.rundir import write_json
-from pipeline.store import LABELS, FeedbackStore
+from pipeline.store import CLUSTER_COMMENT, LABELS, FeedbackStore
 
 STORE = "feedback.sqlite"
 
@@ -59,6 +59,14 @@ def summary(given: pd.DataFrame, table: pd.DataFrame, stale: int = 0) -> dict:
         # the experts' own realism measure: the share of verdicts that reject the image as unrealistic
         "unrealistic_share": labels["unrealistic"] / len(given) if len(given) else None,
     }
+
+
+def expert_actions(events: pd.DataFrame) -> int:
+    """Key presses that set a verdict: one per expert label event, one per verdict given to a whole cluster (its
+    events share one comment); undo and the simulated teachers' verdicts are not counted."""
+    human = events[~events["annotator"].str.startswith("teacher:") & events["label"].isin(LABELS)]
+    cluster = human["comment"].str.startswith(CLUSTER_COMMENT)
+    return int((~cluster).sum() + human[cluster].groupby(["annotator", "comment"]).ngroups)
 
 
 def why_empty(info: dict, teacher: str) -> str:
@@ -116,6 +124,7 @@ def run(
     table, store = manifest.read_round(run_dir, round), open_store(run_dir)
     given = verdicts(store, table, round, config.min_votes)
     info = summary(given, table, stale(store, table, round))
+    info["expert_actions"] = expert_actions(store.events(round))
     if require and given.empty:
         raise UserError(f"round {round}: no verdict to learn from: {why_empty(info, config.teacher)}")
     given.to_csv(out / "verdicts.csv", index=False)

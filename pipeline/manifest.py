@@ -33,6 +33,8 @@ COLUMNS = (
     "source_class",
     "target_class",
     "attempt",
+    "p_source_before",  # the classifier's probability of the source class, original -> counterfactual
+    "p_source_after",
     "p_target_before",
     "p_target_after",
     "success",

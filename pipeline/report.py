@@ -17,11 +17,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline import manifest  # noqa: E402
+from pipeline import change_maps, manifest  # noqa: E402
 from pipeline.data import FolderData  # noqa: E402
 from pipeline.evaluate import group_names  # noqa: E402
 from pipeline.rounds import judged  # noqa: E402
 from pipeline.rundir import read_json  # noqa: E402
+from pipeline.store import LABELS  # noqa: E402
 
 CLASSIFIERS = {
     "classifier": "classifier (trained on the given data)",
@@ -177,12 +178,12 @@ def _pair_title(stem: str, classes: list[str]) -> str:
 
 
 def verdict_counts(f: dict) -> str:
-    """true / spurious / unsure as the teacher gave them, then not flipped, abstained (no verdict) and stale (given
+    """true / spurious / unsure / unrealistic as the teacher gave them, then not flipped, abstained (no verdict) and stale (given
     on images the round no longer shows)."""
     if not f:
         return ""
     labels = f.get("labels", {})
-    given = "/".join(str(labels.get(k, 0)) for k in ("true", "spurious", "unsure"))
+    given = "/".join(str(labels.get(k, 0)) for k in LABELS)
     stale = f", {f['stale']} stale, not used" if f.get("stale") else ""
     return f"{given} ({f.get('not_flipped', 0)} not flipped, {f.get('abstained', 0)} abstained{stale})"
 
@@ -205,7 +206,10 @@ def _round_rows(metrics: dict) -> pd.DataFrame:
             "gap closed (worst group)": gain.get("worst_group_accuracy"),
             "flip rate": f.get("flip_rate"),
             "feedback accuracy": f.get("feedback_accuracy"),
-            "true / spurious / unsure": verdict_counts(f),
+            "true / spurious / unsure / unrealistic": verdict_counts(f),
+            "rejected as unrealistic": f.get("unrealistic_share"),
+            "expert actions": f.get("expert_actions") or None,
+            "realism proxy (kNN ratio)": f.get("realism"),
             **({"selected (feedback accuracy)": "yes" if stage == chosen else ""} if chosen else {}),
         }
 
@@ -248,7 +252,29 @@ def _round_plots(metrics: dict) -> str:
     return png(fig)
 
 
-COLOURS = {"spurious": "tab:red", "true": "tab:green", "unsure": "tab:grey"}
+def _actions_plot(metrics: dict) -> str:
+    """Worst-group accuracy after each round against the expert actions spent so far (verdict key presses; a
+    verdict given to a whole cluster counts once): what the correction cost in expert time."""
+    rounds = metrics.get("rounds", [])
+    if not any(r.get("expert_actions") for r in rounds):
+        return ""
+    spent = [0]
+    for r in rounds:
+        spent.append(spent[-1] + int(r.get("expert_actions") or 0))
+    worst = [metrics["classifier"]["worst_group_accuracy"], *(r["worst_group_accuracy"] for r in rounds)]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(spent, worst, "o-")
+    for x, y, n in zip(spent, worst, range(len(spent))):
+        ax.annotate("before" if n == 0 else f"round {n}", (x, y), fontsize=7)
+    if metrics.get("reference"):
+        ax.axhline(metrics["reference"]["worst_group_accuracy"], ls=":", c="grey", label="reference")
+        ax.legend(fontsize=7)
+    ax.set(xlabel="expert actions (verdict key presses)", ylabel="worst-group accuracy", ylim=(0, 1.02))
+    ax.set_title("correction against expert time", fontsize=9)
+    return "<h3>Expert actions</h3>" + png(fig)
+
+
+COLOURS = {"spurious": "tab:red", "true": "tab:green", "unsure": "tab:grey", "unrealistic": "tab:purple"}
 
 
 def _verdict_grid(root: Path, round: dict, samples: int = 8) -> str | None:
@@ -260,14 +286,21 @@ def _verdict_grid(root: Path, round: dict, samples: int = 8) -> str | None:
     entries = manifest.read(explained).set_index("id")
     if verdicts.empty:
         return None
-    fig, axes = plt.subplots(3, len(verdicts), figsize=(len(verdicts) * 1.3, 4.2), squeeze=False)
+    fig, axes = plt.subplots(4, len(verdicts), figsize=(len(verdicts) * 1.3, 5.6), squeeze=False)
     for column, v in zip(axes.T, verdicts.itertuples()):
         entry = entries.loc[v.cf_id]
-        for ax, rel in zip(column, (entry["original"], entry["counterfactual"], entry["difference"])):
-            ax.imshow(Image.open(explained / rel).convert("RGB"))
+        pictures = [
+            change_maps.read(explained / entry[k]) for k in ("original", "counterfactual", "difference")
+        ]
+        pictures.append(change_maps.colour_change(pictures[0], pictures[1]))
+        for ax, picture in zip(column, pictures):
+            ax.imshow(picture)
             ax.axis("off")
         column[0].set_title(v.label, fontsize=8, color=COLOURS.get(v.label, "black"))
-    return f"<h3>Round {round['round']}: verdicts (rows: original, counterfactual, change)</h3>" + png(fig)
+    return (
+        f"<h3>Round {round['round']}: verdicts (rows: original, counterfactual, brightness change, colour "
+        "change)</h3>" + png(fig)
+    )
 
 
 def cfkd_section(root: Path, data: FolderData) -> str | None:
@@ -282,7 +315,7 @@ def cfkd_section(root: Path, data: FolderData) -> str | None:
             f"<code>cfkd annotate --run-dir {html.escape(str(root))}</code>, then run again.</p>"
         )
     table = _round_rows(metrics).to_html(index=False, float_format="%.3f", na_rep="-")
-    plots = _round_plots(metrics) if metrics.get("rounds") else ""
+    plots = (_round_plots(metrics) + _actions_plot(metrics)) if metrics.get("rounds") else ""
     grids = "".join(g for g in (_verdict_grid(root, r) for r in judged(metrics)) if g)
     selected = metrics.get("selected")
     if selected:

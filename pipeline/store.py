@@ -19,10 +19,21 @@ import pandas as pd
 
 from pipeline.errors import UserError
 
-# true: real class evidence; spurious: a shortcut; unsure: cannot tell; unrealistic: not something real images show
-# (never trained on, counted as the experts' realism verdict)
-LABELS = ("true", "spurious", "unsure", "unrealistic")
+MEANINGS = {  # the verdicts an expert gives, as the app and the Label Studio config explain them
+    "true": "the change is real class evidence",
+    "spurious": "the model flipped for a shortcut",
+    "unsure": "cannot tell",
+    "unrealistic": "no real image looks like this: never trained on, counted as the experts' realism verdict",
+}
+LABELS = tuple(MEANINGS)
+KEYS = {
+    "true": "T",
+    "spurious": "S",
+    "unsure": "U",
+    "unrealistic": "R",
+}  # one key per verdict, app and Label Studio
 WITHDRAWN = "none"  # an event that takes an annotator's label back
+CLUSTER_COMMENT = "cluster of "  # marks the events of one verdict given to a whole cluster (one key press)
 COLUMNS = ["event_id", "cf_id", "round", "annotator", "label", "comment", "created_at"]
 TABLE = f"""
 CREATE TABLE IF NOT EXISTS events (

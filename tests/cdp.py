@@ -83,20 +83,17 @@ class Browser:
             time.sleep(poll)
         raise TimeoutError("the page never reached the expected state")
 
+    ARROWS = {"ArrowLeft": 37, "ArrowRight": 39}
+
     def key(self, key: str) -> None:
-        """Press and release a letter key, as a person typing."""
-        code = f"Key{key.upper()}"
+        """Press and release a letter key or an arrow key, as a person typing."""
+        arrow = key in self.ARROWS
+        code, vk = (key, self.ARROWS[key]) if arrow else (f"Key{key.upper()}", ord(key.upper()))
+        typed = {} if arrow else {"text": key}
         self.call(
-            "Input.dispatchKeyEvent",
-            type="keyDown",
-            key=key,
-            code=code,
-            text=key,
-            windowsVirtualKeyCode=ord(key.upper()),
+            "Input.dispatchKeyEvent", type="keyDown", key=key, code=code, windowsVirtualKeyCode=vk, **typed
         )
-        self.call(
-            "Input.dispatchKeyEvent", type="keyUp", key=key, code=code, windowsVirtualKeyCode=ord(key.upper())
-        )
+        self.call("Input.dispatchKeyEvent", type="keyUp", key=key, code=code, windowsVirtualKeyCode=vk)
 
     def screenshot(self) -> bytes:
         return base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])

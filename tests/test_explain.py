@@ -241,6 +241,8 @@ def test_explain_stage_writes_manifest_images_and_desiderata(tiny_biased, tiny_c
         assert (tmp_path / "a" / rel).is_file()
     assert set(manifest["attempt"]) == {1, 2} and (manifest["source_class"] != manifest["target_class"]).all()
     assert (manifest["p_target_before"] < 0.5).all()  # only correctly classified images are explained
+    assert (manifest["p_source_before"] > 0.5).all()  # two classes: p(source) + p(target) = 1
+    np.testing.assert_allclose(manifest["p_source_after"] + manifest["p_target_after"], 1, atol=1e-5)
     assert manifest["feature_share"].between(0, 1).all()  # Square has feature masks
     assert (manifest["feature_density"] >= 0).all()
     assert 0 <= summary["validity"] <= 1 and summary["surrogate_agreement"] > 0.5
@@ -362,3 +364,21 @@ def test_located_windows_find_the_small_edit_a_whole_image_search_misses(windows
         assert (near_tag > 0.95).all()  # the whole edit sits in the tag's window
     else:
         assert (near_tag < 0.5).all()  # Adam moves every pixel alike: the flip comes from the whole image
+
+
+def test_the_located_edit_can_be_an_attempt_of_its_own():
+    """explain.search.located_attempt: attempt 1 is the whole-image edit, attempt 2 the best window's, so one image
+    yields its global and its local explanation."""
+    x = torch.full((4, 3, 32, 32), -0.5)
+    x[:, :, :4, :4] = -0.2
+    target = torch.ones(4, dtype=torch.long)
+    settings = Settings(
+        attempts=2, goal=0.8, steps=150, lr=0.05, l1=0.1, prototype=0.0, windows=1, located_attempt=True
+    )
+    whole, located = Explainer(PixelCodec(), TagOrBrightness(), settings)(x, target)
+    assert whole["success"].all() and located["success"].all()
+    share = lambda r: (
+        (r["x_cf"] - x).abs().sum(1)[:, :8, :8].flatten(1).sum(1) / (r["x_cf"] - x).abs().sum((1, 2, 3))
+    )  # noqa: E731
+    assert (share(whole) < 0.5).all() and (share(located) > 0.95).all()
+    assert (located["steps"] > 0).all() and "seconds" in located

@@ -209,3 +209,27 @@ def test_unrealistic_verdicts_are_counted_and_never_trained_on(tmp_path):
     info = feedback.summary(consensus, table)
     assert info["labels"]["unrealistic"] == 2 and info["unrealistic_share"] == 0.5
     assert info["feedback_accuracy"] == 0.5  # true / (true + spurious): a rejection is not a judgement
+
+
+def test_expert_actions_count_key_presses_not_events(tmp_path):
+    from annotation_app import services
+    from pipeline import feedback, report
+
+    store = FeedbackStore(tmp_path / "feedback.sqlite")
+    store.add("a", "alice", "spurious")
+    groups = pd.DataFrame({"cluster": [0, 0, 0, 1]}, index=["a", "b", "c", "d"])
+    assert services.apply_to_cluster(store, groups, "a", "alice", "spurious", 1) == 2  # one press, two events
+    store.add("d", "teacher:mask", "true")  # a simulated teacher spends no expert time
+    store.add("d", "bob", "true")
+    store.undo("d", "bob")  # nor does an undo
+    assert feedback.expert_actions(store.events()) == 3
+    metrics = {
+        "classifier": {"worst_group_accuracy": 0.05},
+        "reference": {"worst_group_accuracy": 0.95},
+        "rounds": [
+            {"worst_group_accuracy": 0.8, "expert_actions": 3},
+            {"worst_group_accuracy": 0.9, "expert_actions": 2},
+        ],
+    }
+    assert "<img" in report._actions_plot(metrics)
+    assert report._actions_plot({"classifier": {}, "rounds": [{"worst_group_accuracy": 0.8}]}) == ""
