@@ -9,7 +9,7 @@ from pathlib import Path
 import streamlit as st
 
 from annotation_app import services, views
-from pipeline.store import FeedbackStore
+from pipeline.store import FeedbackStore, consensus_of
 
 run_dir = Path(os.environ.get("CFKD_RUN_DIR", "runs/default")).resolve()
 st.set_page_config(page_title=f"cfkd review · {run_dir.name}", layout="wide")
@@ -92,7 +92,9 @@ needed = services.min_labels(run_dir)
 
 @st.fragment
 def labelling() -> None:
-    labels = store.labels(round_number)
+    labels = services.current_labels(
+        store, round_number, st.session_state.setdefault(f"read-{round_number}", {})
+    )
     mine = labels[labels["annotator"] == annotator].set_index("cf_id")["label"]
     pair_filter, attempt_filter = None if pair == "all" else pair, None if attempt == "all" else int(attempt)
     ids = services.queue(
@@ -102,8 +104,8 @@ def labelling() -> None:
         kept, seen = set(ids), st.session_state.setdefault(f"seen-{round_number}", [])
         fresh = services.review_order(rnd.manifest, groups, labels, annotator)
         ids = [i for i in [*seen, *(i for i in fresh if i not in set(seen))] if i in kept]
-    views.round_header(services.header(rnd, labels, store.consensus(round_number), annotator, needed), needed)
-    done = int(rnd.manifest["id"].isin(mine.index).sum())
+    views.round_header(services.header(rnd, labels, consensus_of(labels), annotator, needed), needed)
+    done = int(services.among(rnd.manifest["id"], mine.index).sum())
     st.progress(done / len(rnd.manifest), text=f"{annotator}: {done} of {len(rnd.manifest)} labelled")
     counts = services.round_counts(rnd, labels)
     if not ids:

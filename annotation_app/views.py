@@ -87,6 +87,11 @@ def colour_picture(original: str, counterfactual: str, width: int) -> bytes:
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
+def members_sheet(paths: tuple[str, ...]) -> bytes:
+    return change_maps.contact_sheet([Path(p) for p in paths])
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
 def flicker_picture(original: str, counterfactual: str, width: int) -> bytes:
     side = change_maps.read(Path(original)).shape[1]
     return change_maps.flicker_gif(Path(original), Path(counterfactual), max(1, -(-width // side)))
@@ -217,7 +222,7 @@ def card(
 def cluster_strip(button_column, row, groups: pd.DataFrame, store, annotator: str, round: int, mine) -> None:
     """The card's cluster: one key press gives the card's verdict to its members, which are shown below."""
     me = groups.loc[row["id"]]
-    members = groups.index[(groups["cluster"] == me["cluster"]) & (groups.index != row["id"])].tolist()
+    members = [i for i in groups.index[groups["cluster"].to_numpy() == me["cluster"]] if i != row["id"]]
     button_column.button(
         f"Apply to cluster ({len(members)})",
         key="cluster-apply",
@@ -233,7 +238,7 @@ def cluster_strip(button_column, row, groups: pd.DataFrame, store, annotator: st
         "with a similar change"
     )
     if members:
-        st.image([str(p) for p in groups.loc[members[:16], "counterfactual"]], width=48)
+        st.image(members_sheet(tuple(str(p) for p in groups.loc[members[:16], "counterfactual"])))
 
 
 def round_header(state: dict, needed: int) -> None:

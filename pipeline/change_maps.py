@@ -46,6 +46,18 @@ def png(array: np.ndarray, scale: int = 1) -> bytes:
     return buffer.getvalue()
 
 
+def contact_sheet(paths: list[Path], side: int = 48, gap: int = 4) -> bytes:
+    """Thumbnails of several images in one row, as one PNG (one picture to send, not one per member)."""
+    sheet = Image.new("RGB", (len(paths) * (side + gap) - gap, side), "white")
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as image:
+                sheet.paste(image.convert("RGB").resize((side, side), Image.BOX), (i * (side + gap), 0))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            continue  # an unreadable member stays a blank tile; its own card says why
+    return png(np.asarray(sheet))
+
+
 def flicker_gif(original: Path, counterfactual: Path, scale: int = 1, ms: int = 600) -> bytes:
     """An endless animation original <-> counterfactual: the eye finds a small change by its flicker."""
     frames = [Image.fromarray(read(p)) for p in (original, counterfactual)]

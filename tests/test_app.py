@@ -306,3 +306,20 @@ def test_the_cluster_first_queue_and_one_key_for_the_whole_cluster(tmp_path, mon
     assert now[first] == "spurious" and now[members[0]] == "true"
     assert all(now[m] == "spurious" for m in members[1:])
     assert len(store.events()) == 2 + len(members) - 1  # one key press, one event per member
+
+
+def test_the_apps_incremental_read_of_labels_matches_the_store(tmp_path):
+    store, memo = FeedbackStore(tmp_path / "feedback.sqlite"), {}
+    assert services.current_labels(store, 1, memo).empty
+    store.add("a", "alice", "true")
+    store.add("b", "alice", "spurious")
+    pd.testing.assert_frame_equal(services.current_labels(store, 1, memo), store.labels(1))
+    other = FeedbackStore(tmp_path / "feedback.sqlite")  # another expert's app process
+    other.add("a", "bob", "spurious")
+    other.add_many(
+        [{"cf_id": "c", "annotator": "carol", "label": "true", "created_at": "2020-01-01T00:00:00"}]
+    )
+    store.undo("b", "alice")
+    store.add("d", "alice", "true", round=2)  # another round: not this one's
+    pd.testing.assert_frame_equal(services.current_labels(store, 1, memo), store.labels(1))
+    assert set(services.current_labels(store, 1, memo)["cf_id"]) == {"a", "c"}
