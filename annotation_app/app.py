@@ -63,13 +63,12 @@ store = FeedbackStore(run_dir / "feedback.sqlite")
 
 
 @st.cache_resource(show_spinner="Grouping similar changes...", max_entries=8)
-def change_clusters(run_dir: Path, number: int, stamp: float):
-    return services.change_clusters(rnd.manifest)
+def change_clusters(run_dir: Path, number: int, stamp: float, _round: services.Round):
+    return services.change_clusters(_round.manifest)  # the cache key: the run, the round, the manifest's time
 
 
-groups = change_clusters(
-    run_dir, round_number, manifest_file.stat().st_mtime if manifest_file.exists() else 0.0
-)
+stamp = manifest_file.stat().st_mtime if manifest_file.exists() else 0.0
+groups = change_clusters(run_dir, round_number, stamp, rnd)
 if view == "Clusters":
     views.cluster_view(rnd, groups, store, annotator)
     st.stop()
@@ -102,8 +101,8 @@ def labelling() -> None:
     )
     if order == "clusters first":  # the cards seen so far keep their places, so Back retraces them
         kept, seen = set(ids), st.session_state.setdefault(f"seen-{round_number}", [])
-        fresh = services.review_order(rnd.manifest, groups, labels, annotator)
-        ids = [i for i in [*seen, *(i for i in fresh if i not in set(seen))] if i in kept]
+        fresh, were_seen = services.review_order(rnd.manifest, groups, labels, annotator), set(seen)
+        ids = [i for i in [*seen, *(i for i in fresh if i not in were_seen)] if i in kept]
     views.round_header(services.header(rnd, labels, consensus_of(labels), annotator, needed), needed)
     done = int(services.among(rnd.manifest["id"], mine.index).sum())
     st.progress(done / len(rnd.manifest), text=f"{annotator}: {done} of {len(rnd.manifest)} labelled")

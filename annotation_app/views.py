@@ -183,10 +183,14 @@ def card(
     panels = _panels(row, flicker)
     per_row = 4 if zoom == 1 else 2
     width = PANEL * zoom * 4 // (2 * per_row) if zoom > 1 else PANEL
+    reported = set()
     for start in range(0, len(panels), per_row):
         for column, (caption, problem, draw) in zip(st.columns(per_row), panels[start : start + per_row]):
-            if problem:  # one line in place of the image; the card can still be judged or skipped
+            if problem in reported:  # a map of an image already reported: one error line per problem
+                column.caption(f"{caption}: not available")
+            elif problem:  # one line in place of the image; the card can still be judged or skipped
                 column.error(problem)
+                reported.add(problem)
             else:
                 draw(column, width)
                 column.caption(caption)

@@ -171,7 +171,8 @@ def main() -> int:
     try:
         with stop_on_signals():
             for strategy in order:
-                results[strategy] = run_strategy(strategy, conf, ROOT / args.base, budgets, args.keep)
+                base = ROOT / args.base if not results else ROOT / "runs" / f"label-efficiency-{order[0]}"
+                results[strategy] = run_strategy(strategy, conf, base, budgets, args.keep)
                 if strategy == "clusters":
                     budgets = results[strategy]["actions_by_round"]
     except Interrupted as exc:

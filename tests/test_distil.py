@@ -210,14 +210,24 @@ def test_rounds_write_metrics_and_resume_after_an_interruption(tmp_path, tiny_co
     assert "[distil_r1] running" in lines and "[distil_r2] running" in lines
     metrics = json.loads((root / "metrics.json").read_text())
     assert metrics["status"] == "complete" and [r["round"] for r in metrics["rounds"]] == [1, 2]
-    keys = {"flip_rate", "feedback_accuracy", "labels", "test_accuracy", "worst_group_accuracy", "gain"}
+    keys = {
+        "flip_rate",
+        "feedback_accuracy",
+        "labels",
+        "test_accuracy",
+        "worst_group_accuracy",
+        "gain",
+        "realism",
+    }
     for r in metrics["rounds"]:
-        assert keys <= set(r) and set(r["labels"]) == {"true", "spurious", "unsure"}
+        assert keys <= set(r) and set(r["labels"]) == {"true", "spurious", "unsure", "unrealistic"}
+        assert r["expert_actions"] == 0 and r["unrealistic_share"] == 0  # a simulated teacher: no expert time
         assert sum(r["labels"].values()) + r["not_flipped"] + r["abstained"] == r["counterfactuals"]
         assert set(r["gain"]) == {"accuracy", "worst_group_accuracy"}
     assert {"accuracy", "worst_group_accuracy", "gain"} <= set(metrics["dfr"])
     html = (root / "report.html").read_text()
     assert "CFKD rounds" in html and "DFR" in html and "feedback accuracy" in html
+    assert "rejected as unrealistic" in html and "realism proxy" in html
     assert (root / "distil_r2" / "model.safetensors").exists() and (root / "explain_r2").is_dir()
     # distil.select: a closing explain + feedback judges the last classifier, the best judged one is the result
     assert metrics["closing"]["round"] == 3 and metrics["closing"]["explained"] == "distil_r2"
