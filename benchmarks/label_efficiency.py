@@ -43,7 +43,15 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 EXPERT = "simulated-expert"
 STRATEGIES = ("all", "clusters", "random")
-SHARED = ("data", "data_reference", "classifier", "reference", "evaluate", "dfr", "explain")  # the same for every strategy
+SHARED = (
+    "data",
+    "data_reference",
+    "classifier",
+    "reference",
+    "evaluate",
+    "dfr",
+    "explain",
+)  # the same for every strategy
 
 
 def expert_verdicts(run_dir: Path, round: int, conf: cfg.RunConfig) -> pd.Series:
@@ -164,10 +172,9 @@ def main() -> int:
     quiet.configure(verbose=False)
     conf = cfg.load(None)
     conf = cfg.from_dict(cfg.to_dict(conf) | {"feedback": cfg.to_dict(conf.feedback) | {"teacher": "human"}})
-    order = [
-        s for s in ("clusters", "all", "random") if s in args.strategies
-    ]  # random needs clusters' budget
-    results, budgets = {}, {}
+    # random needs the clusters strategy's budget, so clusters runs first
+    order = [s for s in ("clusters", "all", "random") if s in args.strategies]
+    results, budgets, code = {}, {}, 0
     try:
         with stop_on_signals():
             for strategy in order:
@@ -175,19 +182,23 @@ def main() -> int:
                 results[strategy] = run_strategy(strategy, conf, base, budgets, args.keep)
                 if strategy == "clusters":
                     budgets = results[strategy]["actions_by_round"]
+                write(results)  # what is finished is kept, whatever happens to the rest
     except Interrupted as exc:
         print(f"interrupted ({exc}); rerun with --keep to resume", file=sys.stderr)
-        return exc.exit_code
-    out = HERE / "results" / "label_efficiency.json"
-    out.write_text(json.dumps({"benchmark": "label efficiency on the demo", "strategies": results}, indent=1))
-    plot(results, out.with_suffix(".png"))
+        code = exc.exit_code
     for name, result in results.items():
         chosen = result["selected"]
         print(
             f"{name}: {result['expert_actions_total']} actions; selected round {chosen.get('round')}: "
             f"{chosen.get('test_accuracy')} / {chosen.get('worst_group_accuracy')}"
         )
-    return 0
+    return code
+
+
+def write(results: dict) -> None:
+    out = HERE / "results" / "label_efficiency.json"
+    out.write_text(json.dumps({"benchmark": "label efficiency on the demo", "strategies": results}, indent=1))
+    plot(results, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
