@@ -43,15 +43,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 EXPERT = "simulated-expert"
 STRATEGIES = ("all", "clusters", "random")
-SHARED = (
-    "data",
-    "data_reference",
-    "classifier",
-    "reference",
-    "evaluate",
-    "dfr",
-    "explain",
-)  # the same for every strategy
+SHARED = runner.STAGES[: runner.STAGES.index("explain") + 1]  # the same for every strategy: up to round 1
 
 
 def expert_verdicts(run_dir: Path, round: int, conf: cfg.RunConfig) -> pd.Series:

@@ -189,6 +189,10 @@ def run(
         flip = np.random.default_rng(seed).random(len(verdicts)) < noise
         # an imperfect expert swaps true and spurious; an unsure verdict stays unsure
         verdicts[flip] = verdicts[flip].replace({"true": "spurious", "spurious": "true"})
+    if unrealistic > 0 and "realism" not in table:
+        raise UserError(
+            f"feedback.unrealistic needs the realism column of {explain_dir}/manifest.csv (rerun explain)"
+        )
     if unrealistic > 0:  # as an expert rejects an edit no real image shows, whatever it changed
         realism = table.set_index("id")["realism"].reindex(verdicts.index).to_numpy(float)
         verdicts[realism > unrealistic] = "unrealistic"
