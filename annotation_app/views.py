@@ -75,7 +75,7 @@ def distance_bar() -> bytes:
 def picture(path: str, width: int) -> bytes:
     """An image enlarged pixel by pixel to at least ``width`` (the browser then only shrinks it: no blur)."""
     array = change_maps.read(Path(path))
-    return change_maps.png(array, max(1, -(-width // array.shape[1])))
+    return change_maps.png(array, change_maps.scale_for(width, array.shape[1]))
 
 
 @st.cache_data(max_entries=512, show_spinner=False)
@@ -83,7 +83,7 @@ def colour_picture(original: str, counterfactual: str, width: int) -> bytes:
     array = change_maps.colour_change(
         change_maps.read(Path(original)), change_maps.read(Path(counterfactual))
     )
-    return change_maps.png(array, max(1, -(-width // array.shape[1])))
+    return change_maps.png(array, change_maps.scale_for(width, array.shape[1]))
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
@@ -94,7 +94,7 @@ def members_sheet(paths: tuple[str, ...]) -> bytes:
 @st.cache_data(max_entries=64, show_spinner=False)
 def flicker_picture(original: str, counterfactual: str, width: int) -> bytes:
     side = change_maps.read(Path(original)).shape[1]
-    return change_maps.flicker_gif(Path(original), Path(counterfactual), max(1, -(-width // side)))
+    return change_maps.flicker_gif(Path(original), Path(counterfactual), change_maps.scale_for(width, side))
 
 
 def _label(store: FeedbackStore, ids: list[str], cf_id: str, annotator: str, label: str, round: int) -> None:

@@ -17,6 +17,11 @@ from PIL import Image
 FULL = 127.5  # a colour distance of half the value range is shown at full strength
 
 
+def scale_for(width: int, side: int) -> int:
+    """The whole-pixel enlargement that brings an image ``side`` pixels wide to at least ``width``."""
+    return max(1, -(-width // side))
+
+
 def colour_change(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     """Euclidean RGB distance per pixel (0-255 arrays, greyscale or RGB) as an (H, W, 3) uint8 magma image on a
     fixed scale; the square root lifts faint tints so a scattered one stays visible."""
