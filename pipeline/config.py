@@ -151,10 +151,14 @@ class DistilConfig:
     # share of a spurious counterfactual's draws that carry its change (counterfactual - original) onto a random
     # training image of the same class: the verdict learnt as a transformation, not memorised on one image
     transplant: float = 0.0
+    # after fine-tuning, project this many principal directions of the spurious edits' feature change out of the
+    # head and refit it on the training images: the verdict removes a feature everywhere, not on the edited images
+    erase: int = 0
     # random flips of every training image while fine-tuning: "none", "horizontal" or "both". A property of the data:
     # only where a mirrored image means the same (not laterality in chest X-rays, text, a tag in a known corner)
     flip: str = "none"
-    layers: str = "all"  # fine-tune every layer, or only the last linear layer on frozen features ("head")
+    # fine-tune every layer, only the last linear layer on frozen features ("head"), or nothing ("none": erase alone)
+    layers: str = "all"
     # the weights kept: the last epoch, or the one model selection picks on validation data and held-out
     # counterfactuals ("best"; the starting weights compete); validation data as confounded as the training data
     # prefers the shortcut, so best is only for a validation split you trust
@@ -252,13 +256,14 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "feedback.min_votes": (lambda v: v >= 1, "an integer >= 1"),
     "distil.rounds": (lambda v: v >= 1, "an integer >= 1"),
     "distil.start": (lambda v: v in ("latest", "initial"), "latest or initial"),
-    "distil.layers": (lambda v: v in ("all", "head"), "all or head"),
+    "distil.layers": (lambda v: v in ("all", "head", "none"), "all, head or none"),
     "distil.keep": (lambda v: v in ("best", "last"), "best or last"),
     "distil.mix": (lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
     "distil.holdout": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     "distil.anchor": (lambda v: v >= 0, "a number >= 0"),
     "distil.stretch": (lambda v: 1.0 <= v <= 10.0, "a number in [1, 10]"),
     "distil.transplant": (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
+    "distil.erase": (lambda v: 0 <= v <= 64, "an integer in [0, 64]"),
     "distil.flip": (lambda v: v in ("none", "horizontal", "both"), "none, horizontal or both"),
     "distil.epochs": (lambda v: v >= 1, "an integer >= 1"),
     "distil.batch_size": (lambda v: v >= 2, "an integer >= 2"),
@@ -307,6 +312,10 @@ def _cross_checks(config: RunConfig) -> list[str]:
         issues.append(
             "feedback.teacher: model needs the reference classifier (reference.enabled: true, with "
             "reference.root or reference.weights for your own data); or use feedback.teacher: human"
+        )
+    if config.distil.layers == "none" and config.distil.erase == 0:
+        issues.append(
+            "distil.layers: none fine-tunes nothing; it needs distil.erase >= 1 to change the classifier"
         )
     return issues
 

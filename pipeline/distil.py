@@ -6,6 +6,11 @@ source label ("that change must not flip you"); *true* ones take the target labe
 mix original training images and counterfactuals (``mix``; ``stretch`` and ``flip`` vary each draw), optionally
 anchored to its starting weights or with only its last linear layer learning on frozen features (``layers: head``,
 DFR-style), with model selection on the validation split plus counterfactuals of held-out source images.
+
+``erase`` then generalises the spurious verdicts beyond the images they were given on: the principal directions of
+what the spurious edits changed in the features the head reads (f(counterfactual) - f(original)) are projected out
+of the head, which is refitted on the training images' projected features. No logit can read those directions any
+more, on any image: a shortcut the edits moved is removed as a feature, not memorised edit by edit.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 import torchmetrics
 from lightning.pytorch.callbacks import BaseFinetuning
 from PIL import Image
+from sklearn.linear_model import LogisticRegression
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
@@ -28,6 +34,7 @@ from torchvision.transforms import v2
 from pipeline import manifest, models
 from pipeline.config import DistilConfig
 from pipeline.data import FolderData, ImageDataset, read_rgb
+from pipeline.dfr import as_head, features
 from pipeline.errors import UserError
 from pipeline.train import ClassifierSystem, KeepBest, make_trainer, uses_gpu
 
@@ -252,6 +259,36 @@ def precision(config: DistilConfig) -> str:
     return "bf16-mixed" if uses_gpu(config.accelerator) and torch.cuda.is_bf16_supported() else "32-true"
 
 
+def spurious_directions(model: nn.Module, card, table: pd.DataFrame, folder: Path, k: int) -> np.ndarray:
+    """Orthonormal directions (n, d) of what the spurious counterfactuals of ``table`` changed in the features the
+    head reads, f(counterfactual) - f(original): the k principal ones of each round's edits (rows without a round
+    count as one), so each round adds what the classifier it explained still used."""
+    spurious = table[table["verdict"] == "spurious"]
+    transform = models.input_transform(card)
+    edited = features(model, Counterfactuals(spurious, folder, card.classes, transform))
+    originals = spurious.assign(counterfactual=spurious["original"])
+    change = edited - features(model, Counterfactuals(originals, folder, card.classes, transform))
+    rounds = spurious["round"].to_numpy() if "round" in spurious else np.zeros(len(spurious))
+    top = [np.linalg.svd(change[rounds == r], full_matrices=False)[2][:k] for r in np.unique(rounds)]
+    basis, strength, _ = np.linalg.svd(np.concatenate(top).T, full_matrices=False)
+    return basis[:, strength > 1e-6 * strength.max()].T
+
+
+def erase(model: nn.Module, card, data: FolderData, directions: np.ndarray, seed: int = 0) -> None:
+    """Project ``directions`` out of the head and refit it, in place: class-balanced logistic regression on the
+    training images' projected features, folded back as W (I - V^T V) so the architecture stays as it was."""
+    train = ImageDataset(data, "train", card.classes, models.input_transform(card))
+    x, y = features(model, train), np.asarray(train.targets)
+    x = x - (x @ directions.T) @ directions
+    fit = LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced", random_state=seed).fit(x, y)
+    weight, bias = as_head(fit.coef_, fit.intercept_)
+    projection = torch.eye(directions.shape[1]) - torch.from_numpy(directions.T @ directions).float()
+    head = model.get_submodule(models.last_linear(model))
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(weight).float().to(head.weight) @ projection.to(head.weight))
+        head.bias.copy_(torch.from_numpy(bias).float().to(head.bias))
+
+
 @dataclass
 class DistilResult:
     card: models.ModelCard
@@ -259,8 +296,9 @@ class DistilResult:
     val_cfs: int
 
 
-def run(
-    checkpoint: Path,
+def fine_tune(
+    backbone: nn.Module,
+    card: models.ModelCard,
     data: FolderData,
     cf_train: pd.DataFrame,
     cf_val: pd.DataFrame,
@@ -268,12 +306,8 @@ def run(
     config: DistilConfig,
     out: Path,
     verbose: bool = False,
-) -> DistilResult:
-    """Fine-tune the classifier at ``checkpoint`` on the verdicts; write the chosen weights and card to ``out``."""
-    if cf_train.empty:
-        raise UserError("no counterfactual has a usable verdict in this round: nothing to distil")
-    L.seed_everything(config.seed, workers=True, verbose=False)
-    backbone, card = models.load(checkpoint)
+) -> dict:
+    """Fine-tune ``backbone`` in place on original training images mixed with the counterfactuals; its metrics."""
     transform = models.input_transform(card)
     augmented = training_transform(card, config.flip)
     original = ImageDataset(data, "train", card.classes, augmented)
@@ -293,7 +327,6 @@ def run(
     system = DistilSystem(backbone.train(), len(card.classes), config, len(val_loaders) > 1)
     keep = KeepBest(out / ".best.safetensors", "val_select", mode="max") if config.keep == "best" else None
     frozen = [HeadOnly(models.last_linear(backbone))] if config.layers == "head" else []
-    started = time.perf_counter()
     fit = make_trainer(
         out,
         config.epochs,
@@ -311,13 +344,39 @@ def run(
     kept = keep.restore(backbone) if keep else None
     if kept:
         metrics.update(best_epoch=kept["best_epoch"], selection_score=round(kept["score"], 4))
+    return metrics | {"kept": config.keep, "epochs": config.epochs}
+
+
+def run(
+    checkpoint: Path,
+    data: FolderData,
+    cf_train: pd.DataFrame,
+    cf_val: pd.DataFrame,
+    cf_folder: Path,
+    config: DistilConfig,
+    out: Path,
+    verbose: bool = False,
+) -> DistilResult:
+    """Distil the verdicts into the classifier at ``checkpoint`` (fine-tune unless ``layers: none``, then erase);
+    write the chosen weights and card to ``out``."""
+    if cf_train.empty:
+        raise UserError("no counterfactual has a usable verdict in this round: nothing to distil")
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    backbone, card = models.load(checkpoint)
+    started = time.perf_counter()
+    metrics = {}
+    if config.layers != "none":
+        metrics = fine_tune(backbone, card, data, cf_train, cf_val, cf_folder, config, out, verbose)
+    backbone = backbone.cpu().eval()
+    if config.erase > 0 and cf_train["verdict"].eq("spurious").any():
+        directions = spurious_directions(backbone, card, cf_train, cf_folder, config.erase)
+        erase(backbone, card, data, directions, config.seed)
+        metrics.update(erased_directions=len(directions))
     metrics.update(
-        kept=config.keep,
-        epochs=config.epochs,
         counterfactuals_train=len(cf_train),
         counterfactuals_val=len(cf_val),
         seconds=round(time.perf_counter() - started, 1),
     )
     new_card = replace(card, metrics=metrics, source=f"distilled:{checkpoint.name}")
-    models.save(backbone.eval(), new_card, out)
+    models.save(backbone, new_card, out)
     return DistilResult(new_card, len(cf_train), len(cf_val))

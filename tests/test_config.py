@@ -62,12 +62,17 @@ def test_cfkd_sections_are_checked():
     message = str(err.value)
     assert "feedback.teacher: got 'oracle', expected mask, model or human" in message
     assert "distil.mix: got 1.0" in message and "distil.precision: got 'fp8'" in message
-    assert "distil.layers: got 'conv', expected all or head" in message
+    assert "distil.layers: got 'conv', expected all, head or none" in message
     assert "distil.keep: got 'first', expected best or last" in message
     assert "feedback.band: got 0.5, expected a number >= 1" in message
     assert "distil.stretch: got 0.5, expected a number in [1, 10]" in message
     assert "distil.flip: got 'up', expected none, horizontal or both" in message
     assert "baseline.dfr: got 1, expected bool" in message
+    with pytest.raises(UserError, match="distil.layers: none fine-tunes nothing; it needs distil.erase >= 1"):
+        config.from_dict({"distil": {"layers": "none", "erase": 0}})
+    with pytest.raises(UserError, match="distil.erase: got -1, expected an integer in"):
+        config.from_dict({"distil": {"erase": -1}})
+    assert config.from_dict({"distil": {"layers": "none", "erase": 2}}).distil.erase == 2
     default = config.load(None)
     assert default.distil.rounds == 3 and default.feedback.teacher == "mask" and default.baseline.dfr
 

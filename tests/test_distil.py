@@ -426,3 +426,61 @@ def test_transplant_carries_a_spurious_change_onto_training_images_of_its_class(
     own = torch.from_numpy(edited).permute(2, 0, 1).float()
     assert all(torch.equal(scale(cfs[1][0]), own) for _ in range(16))  # a true edit stays on its image
     assert cfs[0][1] == 0 and cfs[1][1] == 1
+
+
+def _logits(model, table: pd.DataFrame, folder, column: str) -> torch.Tensor:
+    images = distil.Counterfactuals(
+        table.assign(counterfactual=table[column]), folder, ["0", "1"], make_transform(32)
+    )
+    with torch.no_grad():
+        return model.eval()(torch.stack([images[i][0] for i in range(len(images))]))
+
+
+def test_erase_makes_the_head_blind_to_what_the_spurious_edits_moved(tiny_biased, tmp_path):
+    """distil.erase: once the spurious edits' feature directions are projected out of the head, those edits no
+    longer move any logit, although the head was refitted and still separates the training images."""
+    ckpt, data = tiny_biased
+    cfs = _swap_background(data, "train", 24, tmp_path / "explain")
+    model, card = models.load(ckpt)
+    moved = (
+        _logits(model, cfs, tmp_path / "explain", "counterfactual")
+        - _logits(model, cfs, tmp_path / "explain", "original")
+    ).abs()
+    directions = distil.spurious_directions(model, card, cfs, tmp_path / "explain", k=len(cfs))
+    distil.erase(model, card, data, directions)
+    after = (
+        _logits(model, cfs, tmp_path / "explain", "counterfactual")
+        - _logits(model, cfs, tmp_path / "explain", "original")
+    ).abs()
+    assert moved.max() > 0.5 and after.max() < 1e-3 * moved.max()
+    start = models.load(ckpt)[0]
+    changed = [n for n, p in model.state_dict().items() if not torch.equal(p, start.state_dict()[n])]
+    assert changed and all(n.startswith(dfr.last_linear(model)) for n in changed)
+
+
+def test_a_round_with_erase_removes_the_shortcut_the_same_fine_tune_leaves(tiny_biased, tmp_path):
+    """A fine-tune too short to unlearn the background on its own; erase on top of it removes the shortcut."""
+    ckpt, data = tiny_biased
+    cfs = _swap_background(data, "train", 40, tmp_path / "explain")
+    worst = {}
+    for k in (0, 1):
+        config = DistilConfig(epochs=1, batch_size=32, lr=1e-4, erase=k)
+        result = distil.run(ckpt, data, cfs, cfs.iloc[:0], tmp_path / "explain", config, tmp_path / f"out{k}")
+        worst[k] = evaluate(*models.load(tmp_path / f"out{k}"), data)[0]["worst_group_accuracy"]
+        assert result.card.metrics.get("erased_directions", 0) == k
+    before = evaluate(*models.load(ckpt), data)[0]["worst_group_accuracy"]
+    assert worst[0] < before + 0.2 and worst[1] >= worst[0] + 0.3
+
+
+def test_layers_none_changes_only_the_head_by_erasing(tiny_biased, tmp_path):
+    ckpt, data = tiny_biased
+    cfs = _swap_background(data, "train", 24, tmp_path / "explain")
+    config = DistilConfig(layers="none", erase=2)
+    result = distil.run(
+        ckpt, data, cfs.assign(round=1), cfs.iloc[:0], tmp_path / "explain", config, tmp_path / "out"
+    )
+    start, model = models.load(ckpt)[0], models.load(tmp_path / "out")[0]
+    changed = {n for n, p in model.state_dict().items() if not torch.equal(p, start.state_dict()[n])}
+    assert changed == {f"{dfr.last_linear(model)}.weight", f"{dfr.last_linear(model)}.bias"}
+    assert result.card.metrics["erased_directions"] == 2 and "epochs" not in result.card.metrics
+    assert not (tmp_path / "out" / "logs").exists()  # no training ran

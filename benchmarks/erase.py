@@ -1,0 +1,120 @@
+"""Probe: erase the spurious directions from the classifier's head instead of (or after) fine-tuning on them.
+
+For each suite dataset, the spurious counterfactuals of round 1 give feature differences f(counterfactual) -
+f(original) at the classifier's last linear layer; their top principal directions span what the edits moved. The
+head W becomes W (I - V V^T): no logit reads those directions, for every image, not only the edited ones. Variants:
+from the biased classifier or from the round-1 fine-tune, with or without refitting the head (logistic regression on
+projected, class-balanced training features). Needs the suite's runs (benchmarks/suite.py).
+
+    .venv/bin/python benchmarks/erase.py [--only square stain] [--k 1 2 4]
+
+Writes benchmarks/results/erase.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from pipeline import distil, models, quiet
+from pipeline.data import ImageDataset, load_folder
+from pipeline.dfr import features
+from pipeline.evaluate import evaluate
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE.parent / "runs" / "suite"
+
+
+def pair_features(model, card, table: pd.DataFrame, run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    transform = models.input_transform(card)
+    cf = distil.Counterfactuals(table, run_dir, card.classes, transform)
+    orig = distil.Counterfactuals(
+        table.assign(counterfactual=table["original"]), run_dir, card.classes, transform
+    )
+    return features(model, cf), features(model, orig)
+
+
+def directions(diff: np.ndarray, k: int) -> tuple[np.ndarray, float]:
+    """The top k right singular vectors of the differences (k, d), and the share of their squared norm they hold."""
+    _, s, vt = np.linalg.svd(diff, full_matrices=False)
+    return vt[:k], float(np.sum(s[:k] ** 2) / np.sum(s**2))
+
+
+def erased(model, v: np.ndarray, refit: tuple | None = None):
+    out = copy.deepcopy(model)
+    head = out.get_submodule(models.last_linear(out))
+    p = torch.eye(v.shape[1]) - torch.from_numpy(v.T @ v).float()
+    with torch.no_grad():
+        if refit is not None:
+            head.weight.copy_(torch.from_numpy(refit[0]).float() @ p)
+            head.bias.copy_(torch.from_numpy(refit[1]).float())
+        else:
+            head.weight.copy_(head.weight @ p)
+    return out
+
+
+def refit_head(x: np.ndarray, y: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    xp = x - (x @ v.T) @ v
+    head = LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced").fit(xp, y)
+    coef, bias = head.coef_, head.intercept_
+    if coef.shape[0] == 1:
+        coef, bias = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-bias / 2, bias / 2])
+    return coef, bias
+
+
+def score(model, card, data) -> dict:
+    m, _ = evaluate(model, card, data)
+    return {"accuracy": round(m["accuracy"], 3), "worst_group_accuracy": round(m["worst_group_accuracy"], 3)}
+
+
+def probe(name: str, ks: list[int]) -> dict:
+    run_dir = WORK / f"suite-{name}-mask"
+    data = load_folder(WORK / "data" / name)
+    table = distil.training_data(run_dir, [1], False)
+    spurious = table[table["verdict"] == "spurious"]
+    result = {"spurious": len(spurious)}
+    for start in ("classifier", "distil_r1"):
+        model, card = models.load(run_dir / start)
+        model.eval()
+        result[start] = {"as_is": score(model, card, data)}
+        if spurious.empty:
+            continue
+        f_cf, f_orig = pair_features(model, card, spurious, run_dir)
+        train = ImageDataset(data, "train", card.classes, models.input_transform(card))
+        x_train, y_train = features(model, train), np.asarray(train.targets)
+        none = np.zeros((0, x_train.shape[1]), np.float32)
+        result[start]["refit_only"] = score(
+            erased(model, none, refit_head(x_train, y_train, none)), card, data
+        )
+        for k in ks:
+            v, held = directions(f_cf - f_orig, k)
+            result[start][f"erase_{k}"] = score(erased(model, v), card, data) | {"energy": round(held, 3)}
+            fitted = refit_head(x_train, y_train, v)
+            result[start][f"erase_{k}_refit"] = score(erased(model, v, fitted), card, data)
+        print(name, start, json.dumps(result[start]), flush=True)
+    return result
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="*", default=["square", "shapes", "stamp", "stain", "stamp-partial"])
+    p.add_argument("--k", nargs="*", type=int, default=[1, 2, 4])
+    p.add_argument("--tag", default="")
+    args = p.parse_args()
+    quiet.configure(False)
+    out = {name: probe(name, args.k) for name in args.only if (WORK / f"suite-{name}-mask").is_dir()}
+    path = HERE / "results" / (f"erase-{args.tag}.json" if args.tag else "erase.json")
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
