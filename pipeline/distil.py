@@ -104,7 +104,10 @@ def stage(
         classifier, card = models.load(explained)
         models.save(classifier, replace(card, metrics={"skipped": "no new usable verdicts"}), out)
     else:
-        run(start, data, fit, held, Path(run_dir), config, out, verbose)
+        # erase spares what the counterfactuals judged true changed: the real evidence
+        evidence = training_data(run_dir, taught, use_true=True) if config.erase else None
+        evidence = evidence[evidence["verdict"] == "true"] if evidence is not None else None
+        run(start, data, fit, held, Path(run_dir), config, out, verbose, evidence)
 
 
 FLIPS = {
@@ -259,19 +262,43 @@ def precision(config: DistilConfig) -> str:
     return "bf16-mixed" if uses_gpu(config.accelerator) and torch.cuda.is_bf16_supported() else "32-true"
 
 
-def spurious_directions(model: nn.Module, card, table: pd.DataFrame, folder: Path, k: int) -> np.ndarray:
-    """Orthonormal directions (n, d) of what the spurious counterfactuals of ``table`` changed in the features the
-    head reads, f(counterfactual) - f(original): the k principal ones of each round's edits (rows without a round
-    count as one), so each round adds what the classifier it explained still used."""
-    spurious = table[table["verdict"] == "spurious"]
+def feature_change(model: nn.Module, card, table: pd.DataFrame, folder: Path) -> np.ndarray:
+    """f(counterfactual) - f(original) per row of ``table``, f being the features the classifier's head reads."""
     transform = models.input_transform(card)
-    edited = features(model, Counterfactuals(spurious, folder, card.classes, transform))
-    originals = spurious.assign(counterfactual=spurious["original"])
-    change = edited - features(model, Counterfactuals(originals, folder, card.classes, transform))
-    rounds = spurious["round"].to_numpy() if "round" in spurious else np.zeros(len(spurious))
-    top = [np.linalg.svd(change[rounds == r], full_matrices=False)[2][:k] for r in np.unique(rounds)]
-    basis, strength, _ = np.linalg.svd(np.concatenate(top).T, full_matrices=False)
+    edited = features(model, Counterfactuals(table, folder, card.classes, transform))
+    originals = table.assign(counterfactual=table["original"])
+    return edited - features(model, Counterfactuals(originals, folder, card.classes, transform))
+
+
+def principal(change: np.ndarray, table: pd.DataFrame, k: int) -> np.ndarray:
+    """The k principal directions of each round's changes, stacked (rows without a round count as one round)."""
+    rounds = table["round"].to_numpy() if "round" in table else np.zeros(len(table))
+    return np.concatenate(
+        [np.linalg.svd(change[rounds == r], full_matrices=False)[2][:k] for r in np.unique(rounds)]
+    )
+
+
+def orthonormal(rows: np.ndarray) -> np.ndarray:
+    if len(rows) == 0:
+        return rows
+    basis, strength, _ = np.linalg.svd(rows.T, full_matrices=False)
     return basis[:, strength > 1e-6 * strength.max()].T
+
+
+def spurious_directions(
+    model: nn.Module, card, table: pd.DataFrame, folder: Path, k: int, evidence: pd.DataFrame | None = None
+) -> np.ndarray:
+    """Orthonormal directions (n, d) of what the spurious counterfactuals of ``table`` changed in the head's
+    features: the k principal ones of each round's edits, so each round adds what the classifier it explained
+    still used. With ``evidence`` (counterfactuals judged true) each direction loses its part along what the true
+    edits changed, and one that lies mostly there (real evidence) is not erased at all."""
+    spurious = table[table["verdict"] == "spurious"]
+    top = principal(feature_change(model, card, spurious, folder), spurious, k)
+    if evidence is not None and not evidence.empty:
+        real = orthonormal(principal(feature_change(model, card, evidence, folder), evidence, k))
+        top = top - (top @ real.T) @ real
+        top = top[np.linalg.norm(top, axis=1) >= 0.5]
+    return orthonormal(top)
 
 
 def erase(model: nn.Module, card, data: FolderData, directions: np.ndarray, seed: int = 0) -> None:
@@ -356,9 +383,10 @@ def run(
     config: DistilConfig,
     out: Path,
     verbose: bool = False,
+    evidence: pd.DataFrame | None = None,
 ) -> DistilResult:
-    """Distil the verdicts into the classifier at ``checkpoint`` (fine-tune unless ``layers: none``, then erase);
-    write the chosen weights and card to ``out``."""
+    """Distil the verdicts into the classifier at ``checkpoint`` (fine-tune unless ``layers: none``, then erase,
+    sparing what the ``evidence`` counterfactuals, judged true, changed); write the weights and card to ``out``."""
     if cf_train.empty:
         raise UserError("no counterfactual has a usable verdict in this round: nothing to distil")
     L.seed_everything(config.seed, workers=True, verbose=False)
@@ -369,8 +397,9 @@ def run(
         metrics = fine_tune(backbone, card, data, cf_train, cf_val, cf_folder, config, out, verbose)
     backbone = backbone.cpu().eval()
     if config.erase > 0 and cf_train["verdict"].eq("spurious").any():
-        directions = spurious_directions(backbone, card, cf_train, cf_folder, config.erase)
-        erase(backbone, card, data, directions, config.seed)
+        directions = spurious_directions(backbone, card, cf_train, cf_folder, config.erase, evidence)
+        if len(directions):
+            erase(backbone, card, data, directions, config.seed)
         metrics.update(erased_directions=len(directions))
     metrics.update(
         counterfactuals_train=len(cf_train),

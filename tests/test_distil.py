@@ -119,8 +119,8 @@ def test_a_head_only_round_moves_only_the_last_layer(tiny_biased, tmp_path):
     cfs = _swap_background(data, "train", 40, tmp_path / "explain")
     fit, held = distil.split_holdout(cfs, 0.2, seed=0)
     config = DistilConfig(
-        epochs=12, batch_size=32, lr=0.05, weight_decay=0.0, layers="head", keep="best", stretch=1.0
-    )
+        epochs=12, batch_size=32, lr=0.05, weight_decay=0.0, layers="head", keep="best", stretch=1.0, erase=0
+    )  # erase would refit this head on the training images alone
     distil.run(ckpt, data, fit, held, tmp_path / "explain", config, tmp_path / "out")
     (start, card), model = models.load(ckpt), models.load(tmp_path / "out")[0]
     changed = [n for n, p in model.state_dict().items() if not torch.equal(p, start.state_dict()[n])]
@@ -137,7 +137,7 @@ def test_keep_best_can_return_the_starting_weights_keep_last_never_does(tiny_bia
     same = {}
     # a wild learning rate wrecks the head: selection must fall back to the start
     for keep in ("best", "last"):
-        config = DistilConfig(epochs=2, batch_size=32, lr=500.0, layers="head", keep=keep)
+        config = DistilConfig(epochs=2, batch_size=32, lr=500.0, layers="head", keep=keep, erase=0)
         card = distil.run(ckpt, data, fit, held, tmp_path / "explain", config, tmp_path / keep).card
         model = models.load(tmp_path / keep)[0]
         same[keep] = all(torch.equal(p, start[n]) for n, p in model.state_dict().items())
@@ -453,6 +453,9 @@ def test_erase_makes_the_head_blind_to_what_the_spurious_edits_moved(tiny_biased
         - _logits(model, cfs, tmp_path / "explain", "original")
     ).abs()
     assert moved.max() > 0.5 and after.max() < 1e-3 * moved.max()
+    # the same edits judged true elsewhere are real evidence: nothing of them is erased
+    evidence = cfs.assign(verdict="true")
+    assert len(distil.spurious_directions(model, card, cfs, tmp_path / "explain", 2, evidence)) == 0
     start = models.load(ckpt)[0]
     changed = [n for n, p in model.state_dict().items() if not torch.equal(p, start.state_dict()[n])]
     assert changed and all(n.startswith(dfr.last_linear(model)) for n in changed)
