@@ -290,14 +290,14 @@ def spurious_directions(
 ) -> np.ndarray:
     """Orthonormal directions (n, d) of what the spurious counterfactuals of ``table`` changed in the head's
     features: the k principal ones of each round's edits, so each round adds what the classifier it explained
-    still used. With ``evidence`` (counterfactuals judged true) each direction loses its part along what the true
-    edits changed, and one that lies mostly there (real evidence) is not erased at all."""
+    still used. With ``evidence`` (counterfactuals judged true) a direction that lies mostly in what the true edits
+    changed (less than half of it outside) is real evidence too and is not erased."""
     spurious = table[table["verdict"] == "spurious"]
     top = principal(feature_change(model, card, spurious, folder), spurious, k)
     if evidence is not None and not evidence.empty:
         real = orthonormal(principal(feature_change(model, card, evidence, folder), evidence, k))
-        top = top - (top @ real.T) @ real
-        top = top[np.linalg.norm(top, axis=1) >= 0.5]
+        outside = np.linalg.norm(top - (top @ real.T) @ real, axis=1)
+        top = top[outside >= 0.5]
     return orthonormal(top)
 
 
