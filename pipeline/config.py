@@ -151,9 +151,9 @@ class DistilConfig:
     # share of a spurious counterfactual's draws that carry its change (counterfactual - original) onto a random
     # training image of the same class: the verdict learnt as a transformation, not memorised on one image
     transplant: float = 0.0
-    # after fine-tuning, project this many principal directions of each round's spurious edits' feature change out
-    # of the head (not one lying mostly in what true edits changed) and refit it on the training images: the
-    # verdict removes a feature from every image, not only from the edited ones (0 = off)
+    # after fine-tuning, project this many principal directions of each round's spurious edits' feature change
+    # (less what the true edits changed) out of the head and refit it on the training images: the verdict removes
+    # a feature from every image, not only from the edited ones (0 = off)
     erase: int = 1
     # random flips of every training image while fine-tuning: "none", "horizontal" or "both". A property of the data:
     # only where a mirrored image means the same (not laterality in chest X-rays, text, a tag in a known corner)

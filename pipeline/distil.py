@@ -104,7 +104,7 @@ def stage(
         classifier, card = models.load(explained)
         models.save(classifier, replace(card, metrics={"skipped": "no new usable verdicts"}), out)
     else:
-        # erase spares what the counterfactuals judged true changed: the real evidence
+        # erase spares what the counterfactuals judged true moved: the real evidence
         evidence = training_data(run_dir, taught, use_true=True) if config.erase else None
         evidence = evidence[evidence["verdict"] == "true"] if evidence is not None else None
         run(start, data, fit, held, Path(run_dir), config, out, verbose, evidence)
@@ -290,15 +290,22 @@ def spurious_directions(
 ) -> np.ndarray:
     """Orthonormal directions (n, d) of what the spurious counterfactuals of ``table`` changed in the head's
     features: the k principal ones of each round's edits, so each round adds what the classifier it explained
-    still used. With ``evidence`` (counterfactuals judged true) a direction that lies mostly in what the true edits
-    changed (less than half of it outside) is real evidence too and is not erased."""
+    still used. With ``evidence`` (counterfactuals judged true) each direction loses its part in the subspace of
+    what the true edits changed, and one that lay mostly there (less than half left) is not erased at all."""
     spurious = table[table["verdict"] == "spurious"]
     top = principal(feature_change(model, card, spurious, folder), spurious, k)
     if evidence is not None and not evidence.empty:
-        real = orthonormal(principal(feature_change(model, card, evidence, folder), evidence, k))
-        outside = np.linalg.norm(top - (top @ real.T) @ real, axis=1)
-        top = top[outside >= 0.5]
+        real = evidence_directions(feature_change(model, card, evidence, folder))
+        top = top - (top @ real.T) @ real
+        top = top[np.linalg.norm(top, axis=1) >= 0.5]
     return orthonormal(top)
+
+
+def evidence_directions(change: np.ndarray, energy: float = 0.9) -> np.ndarray:
+    """The principal directions holding ``energy`` of what the true edits changed: the real evidence's subspace."""
+    _, strength, vt = np.linalg.svd(change, full_matrices=False)
+    share = np.cumsum(strength**2) / max(float(np.sum(strength**2)), 1e-12)
+    return vt[: int(np.searchsorted(share, energy)) + 1]
 
 
 def erase(model: nn.Module, card, data: FolderData, directions: np.ndarray, seed: int = 0) -> None:
@@ -385,8 +392,9 @@ def run(
     verbose: bool = False,
     evidence: pd.DataFrame | None = None,
 ) -> DistilResult:
-    """Distil the verdicts into the classifier at ``checkpoint`` (fine-tune unless ``layers: none``, then erase,
-    sparing what the ``evidence`` counterfactuals, judged true, changed); write the weights and card to ``out``."""
+    """Distil the verdicts into the classifier at ``checkpoint`` (fine-tune unless ``layers: none``, then erase
+    what the spurious edits moved, less what the ``evidence`` edits, judged true, moved); write the weights and card
+    to ``out``."""
     if cf_train.empty:
         raise UserError("no counterfactual has a usable verdict in this round: nothing to distil")
     L.seed_everything(config.seed, workers=True, verbose=False)
