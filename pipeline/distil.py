@@ -279,6 +279,7 @@ def principal(change: np.ndarray, table: pd.DataFrame, k: int) -> np.ndarray:
 
 
 def orthonormal(rows: np.ndarray) -> np.ndarray:
+    """An orthonormal basis (as rows) of the span of ``rows``."""
     if len(rows) == 0:
         return rows
     basis, strength, _ = np.linalg.svd(rows.T, full_matrices=False)

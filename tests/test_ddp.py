@@ -70,8 +70,8 @@ def test_keep_best_under_ddp_still_weighs_the_starting_weights(tiny_biased, tmp_
     ckpt, data = tiny_biased
     cfs = _swap_background(data, "train", 20, tmp_path / "explain")
     conf = DistilConfig(
-        epochs=2, batch_size=32, lr=500.0, layers="head", keep="best", accelerator="cpu", devices=2
-    )
+        epochs=2, batch_size=32, lr=500.0, layers="head", keep="best", accelerator="cpu", devices=2, erase=0
+    )  # erase would refit the kept head
     card = distil.run(ckpt, data, cfs, cfs.iloc[:0], tmp_path / "explain", conf, tmp_path / "out").card
     start, kept = models.load(ckpt)[0].state_dict(), models.load(tmp_path / "out")[0].state_dict()
     assert card.metrics["best_epoch"] == -1 and all(torch.equal(p, start[n]) for n, p in kept.items())

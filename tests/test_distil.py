@@ -455,7 +455,7 @@ def test_erase_makes_the_head_blind_to_what_the_spurious_edits_moved(tiny_biased
     assert moved.max() > 0.5 and after.max() < 1e-3 * moved.max()
     # the same edits judged true elsewhere are real evidence: nothing of them is erased
     evidence = cfs.assign(verdict="true")
-    assert len(distil.spurious_directions(model, card, cfs, tmp_path / "explain", 2, evidence)) == 0
+    assert len(distil.spurious_directions(model, card, cfs, tmp_path / "explain", 1, evidence)) == 0
     start = models.load(ckpt)[0]
     changed = [n for n, p in model.state_dict().items() if not torch.equal(p, start.state_dict()[n])]
     assert changed and all(n.startswith(dfr.last_linear(model)) for n in changed)
