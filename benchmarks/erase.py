@@ -7,6 +7,7 @@ from the biased classifier or from the round-1 fine-tune, with or without refitt
 projected, class-balanced training features). Needs the suite's runs (benchmarks/suite.py).
 
     .venv/bin/python benchmarks/erase.py [--only square stain] [--k 1 2 4]
+    .venv/bin/python benchmarks/erase.py --erase-first --tag order   # erase, then fine-tune
 
 Writes benchmarks/results/erase.json.
 """
@@ -17,6 +18,7 @@ import argparse
 import copy
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from pipeline import distil, models, quiet
+from pipeline.config import DistilConfig
 from pipeline.data import ImageDataset, load_folder
 from pipeline.dfr import features
 from pipeline.evaluate import evaluate
@@ -103,14 +106,36 @@ def probe(name: str, ks: list[int]) -> dict:
     return result
 
 
+def erase_first(name: str) -> dict:
+    """The other order: the library's erase (true-edit rule included) on the explained classifier, then the
+    library's fine-tune from the erased weights, against the default order (fine-tune, then erase)."""
+    run_dir = WORK / f"suite-{name}-mask"
+    data = load_folder(WORK / "data" / name)
+    table = distil.training_data(run_dir, [1], False)
+    both = distil.training_data(run_dir, [1], True)
+    evidence = both[both["verdict"] == "true"]
+    model, card = models.load(run_dir / "classifier")
+    v = distil.spurious_directions(model.eval(), card, table, run_dir, 1, evidence)
+    if len(v):
+        distil.erase(model, card, data, v)
+    erased_only = score(model, card, data)
+    with tempfile.TemporaryDirectory() as out:
+        distil.fine_tune(model, card, data, table, table.iloc[:0], run_dir, DistilConfig(erase=0), Path(out))
+    result = {"erased": len(v), "erase": erased_only, "erase_then_fine_tune": score(model.eval(), card, data)}
+    print(name, json.dumps(result), flush=True)
+    return result
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="*", default=["square", "shapes", "stamp", "stain", "stamp-partial"])
     p.add_argument("--k", nargs="*", type=int, default=[1, 2, 4])
     p.add_argument("--tag", default="")
+    p.add_argument("--erase-first", action="store_true", help="only the erase-then-fine-tune order")
     args = p.parse_args()
     quiet.configure(False)
-    out = {name: probe(name, args.k) for name in args.only if (WORK / f"suite-{name}-mask").is_dir()}
+    run = erase_first if args.erase_first else lambda name: probe(name, args.k)
+    out = {name: run(name) for name in args.only if (WORK / f"suite-{name}-mask").is_dir()}
     path = HERE / "results" / (f"erase-{args.tag}.json" if args.tag else "erase.json")
     path.write_text(json.dumps(out, indent=2) + "\n")
     return 0
