@@ -22,27 +22,15 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
-from sklearn.linear_model import LogisticRegression
 
 from pipeline import distil, models, quiet
 from pipeline.config import DistilConfig
-from pipeline.data import ImageDataset, load_folder
-from pipeline.dfr import features
+from pipeline.data import load_folder
 from pipeline.evaluate import evaluate
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE.parent / "runs" / "suite"
-
-
-def pair_features(model, card, table: pd.DataFrame, run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    transform = models.input_transform(card)
-    cf = distil.Counterfactuals(table, run_dir, card.classes, transform)
-    orig = distil.Counterfactuals(
-        table.assign(counterfactual=table["original"]), run_dir, card.classes, transform
-    )
-    return features(model, cf), features(model, orig)
 
 
 def directions(diff: np.ndarray, k: int) -> tuple[np.ndarray, float]:
@@ -51,26 +39,16 @@ def directions(diff: np.ndarray, k: int) -> tuple[np.ndarray, float]:
     return vt[:k], float(np.sum(s[:k] ** 2) / np.sum(s**2))
 
 
-def erased(model, v: np.ndarray, refit: tuple | None = None):
+def erased(model, v: np.ndarray, refit: bool, data=None, card=None):
+    """A copy of ``model`` with ``v`` projected out of its head: as is, or refitted by the library's erase."""
     out = copy.deepcopy(model)
+    if refit:
+        distil.erase(out, card, data, v)
+        return out
     head = out.get_submodule(models.last_linear(out))
-    p = torch.eye(v.shape[1]) - torch.from_numpy(v.T @ v).float()
     with torch.no_grad():
-        if refit is not None:
-            head.weight.copy_(torch.from_numpy(refit[0]).float() @ p)
-            head.bias.copy_(torch.from_numpy(refit[1]).float())
-        else:
-            head.weight.copy_(head.weight @ p)
+        head.weight.copy_(head.weight @ (torch.eye(v.shape[1]) - torch.from_numpy(v.T @ v).float()))
     return out
-
-
-def refit_head(x: np.ndarray, y: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    xp = x - (x @ v.T) @ v
-    head = LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced").fit(xp, y)
-    coef, bias = head.coef_, head.intercept_
-    if coef.shape[0] == 1:
-        coef, bias = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-bias / 2, bias / 2])
-    return coef, bias
 
 
 def score(model, card, data) -> dict:
@@ -90,18 +68,15 @@ def probe(name: str, ks: list[int]) -> dict:
         result[start] = {"as_is": score(model, card, data)}
         if spurious.empty:
             continue
-        f_cf, f_orig = pair_features(model, card, spurious, run_dir)
-        train = ImageDataset(data, "train", card.classes, models.input_transform(card))
-        x_train, y_train = features(model, train), np.asarray(train.targets)
-        none = np.zeros((0, x_train.shape[1]), np.float32)
-        result[start]["refit_only"] = score(
-            erased(model, none, refit_head(x_train, y_train, none)), card, data
-        )
+        change = distil.feature_change(model, card, spurious, run_dir)
+        none = np.zeros((0, change.shape[1]), np.float32)
+        result[start]["refit_only"] = score(erased(model, none, True, data, card), card, data)
         for k in ks:
-            v, held = directions(f_cf - f_orig, k)
-            result[start][f"erase_{k}"] = score(erased(model, v), card, data) | {"energy": round(held, 3)}
-            fitted = refit_head(x_train, y_train, v)
-            result[start][f"erase_{k}_refit"] = score(erased(model, v, fitted), card, data)
+            v, held = directions(change, k)
+            result[start][f"erase_{k}"] = score(erased(model, v, False), card, data) | {
+                "energy": round(held, 3)
+            }
+            result[start][f"erase_{k}_refit"] = score(erased(model, v, True, data, card), card, data)
         print(name, start, json.dumps(result[start]), flush=True)
     return result
 

@@ -92,7 +92,9 @@ def stage(
     """The distil stage of round ``taught[-1]``: its training set from the verdicts of the rounds ``taught``,
     fine-tuning of the ``start`` classifier, or, when this round brought nothing new to teach, the ``explained``
     classifier unchanged. Counterfactuals are held out only where model selection uses them (keep: best)."""
-    table = training_data(run_dir, taught, config.use_true)
+    labelled = training_data(run_dir, taught, use_true=True)
+    spurious = labelled["verdict"] == "spurious"
+    table = labelled if config.use_true else labelled[spurious].reset_index(drop=True)
     share = config.holdout if config.keep == "best" else 0.0
     fit, held = split_holdout(table, share, config.seed + taught[-1])
     pd.concat([fit.assign(use="train"), held.assign(use="select")]).to_csv(
@@ -105,8 +107,7 @@ def stage(
         models.save(classifier, replace(card, metrics={"skipped": "no new usable verdicts"}), out)
     else:
         # erase spares what the counterfactuals judged true moved: the real evidence
-        evidence = training_data(run_dir, taught, use_true=True) if config.erase else None
-        evidence = evidence[evidence["verdict"] == "true"] if evidence is not None else None
+        evidence = labelled[labelled["verdict"] == "true"] if config.erase else None
         run(start, data, fit, held, Path(run_dir), config, out, verbose, evidence)
 
 
