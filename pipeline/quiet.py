@@ -12,6 +12,7 @@ _NOISY = (
     "lightning.pytorch.utilities.rank_zero",
     "lightning.fabric.utilities.rank_zero",
     "lightning.pytorch.accelerators.cuda",
+    "lightning.pytorch.trainer.connectors.signal_connector",  # "[rank: 0] Received SIGTERM" beside cfkd's own line
     "diffusers",
     "torch",
 )
