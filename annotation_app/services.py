@@ -42,10 +42,10 @@ def safe_path(run_dir: Path, folder: Path, rel: str) -> Path | None:
 class Round:
     number: int
     folder: Path
-    manifest: pd.DataFrame  # successful counterfactuals, paths resolved; one row per counterfactual
+    manifest: pd.DataFrame  # the counterfactuals to judge (manifest.judged), paths resolved; one row each
     refused: int  # rows whose paths resolve outside the run directory
     missing: int  # rows whose image files are missing
-    not_flipped: int = 0  # counterfactuals that did not reach their target: never shown, never judged
+    not_flipped: int = 0  # counterfactuals short of their target (and of feedback.partial): never shown
 
 
 def load_round(run_dir: Path, number: int) -> Round:
@@ -60,8 +60,8 @@ def load_round(run_dir: Path, number: int) -> Round:
     if absent:
         raise AppError(f"the manifest of round {number} is corrupt: missing column(s) {', '.join(absent)}")
     total = len(manifest)
-    if "success" in manifest:
-        manifest = manifest[manifest["success"]]
+    if "success" in manifest:  # the cards a verdict is for: flips, and near-flips with feedback.partial < 1
+        manifest = manifest_files.judged(manifest, feedback_setting(run_dir, "partial", 1.0))
     not_flipped = total - len(manifest)
     if manifest.empty:
         raise AppError(f"round {number} is empty: no counterfactual flipped the classifier")
@@ -126,14 +126,19 @@ def current_labels(store, round: int, memo: dict) -> pd.DataFrame:
     return memo["labels"]
 
 
-def min_labels(run_dir: Path) -> int:
-    """The run's feedback.min_labels (1 when the run has no readable config): the verdicts a round needs before
-    ``cfkd run`` continues. Read as YAML, so the app never imports the pipeline's torch modules."""
+def feedback_setting(run_dir: Path, key: str, default: float) -> float:
+    """One number of the run's feedback settings (``default`` when the run has no readable config). Read as YAML,
+    so the app never imports the pipeline's torch modules."""
     try:
         config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
-        return max(1, int((config.get("feedback") or {}).get("min_labels", 1)))
+        return float((config.get("feedback") or {}).get(key, default))
     except (OSError, yaml.YAMLError, TypeError, ValueError, AttributeError):
-        return 1
+        return default
+
+
+def min_labels(run_dir: Path) -> int:
+    """The run's feedback.min_labels: the verdicts a round needs before ``cfkd run`` continues."""
+    return max(1, int(feedback_setting(run_dir, "min_labels", 1)))
 
 
 def header(rnd: Round, labels: pd.DataFrame, consensus: pd.DataFrame, annotator: str, needed: int) -> dict:

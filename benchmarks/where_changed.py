@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 
 from pipeline import desiderata, models
-from pipeline.counterfactual import dilate
 from pipeline.manifest import read as read_manifest
+from pipeline.regions import dilate
 
 HERE = Path(__file__).resolve().parent
 

@@ -204,6 +204,7 @@ def _teach(args) -> None:
         conf.data.resize,
         oracle,
         conf.feedback.unrealistic,
+        conf.feedback.partial,
     )
     print(
         f"{result['annotator']}: {result['labelled']} verdicts ({result.get('true', 0)} true, "
@@ -238,14 +239,15 @@ def _feedback(args) -> None:
 
 
 def _labelstudio(args) -> None:
-    from pipeline import labelstudio
+    from pipeline import config, labelstudio
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
     if args.feedback_command == "labelstudio-export":
-        n, config = labelstudio.export(run_dir, args.round, Path(args.file))
-        print(f"exported {n} tasks of round {args.round} to {args.file}; labelling config: {config}")
+        partial = config.load(run_dir / "config.yaml").feedback.partial
+        n, written = labelstudio.export(run_dir, args.round, Path(args.file), partial)
+        print(f"exported {n} tasks of round {args.round} to {args.file}; labelling config: {written}")
         return
     added, skipped = labelstudio.import_export(run_dir, Path(args.file))
     print(f"imported {added} new label events from {args.file} ({skipped} annotations without a verdict)")

@@ -123,6 +123,10 @@ class FeedbackConfig:
     # a simulated teacher rejects a counterfactual as unrealistic (never trained on, counted per round) when its
     # realism proxy (kNN distance ratio to real images of the target class, 1 = like them) exceeds this; 0 = never
     unrealistic: float = 0.0
+    # counterfactuals that fell short of the goal are judged too when they covered at least this share of the way
+    # to it (target log-odds): a change that moves the decision that far, flip or not, is class evidence or a
+    # shortcut the classifier must not follow; spurious ones are distilled with their source label (1 = flips only)
+    partial: float = 1.0
     min_labels: int = 1  # human teacher: labelled counterfactuals a round needs before distil continues
     min_votes: int = 1  # annotators that must agree for a consensus label (fewer -> unsure)
 
@@ -252,6 +256,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "feedback.noise": (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
     "feedback.band": (lambda v: v >= 1.0, "a number >= 1"),
     "feedback.unrealistic": (lambda v: v == 0 or v >= 1.0, "0 (off) or a realism ratio >= 1"),
+    "feedback.partial": (lambda v: 0 < v <= 1, "a share in (0, 1] (1 = only counterfactuals that flipped)"),
     "feedback.oracle": (lambda v: v in ("density", "intervention"), "density or intervention"),
     "feedback.min_labels": (lambda v: v >= 1, "an integer >= 1"),
     "feedback.min_votes": (lambda v: v >= 1, "an integer >= 1"),

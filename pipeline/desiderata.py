@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from torch.nn import functional as F
 
-from pipeline.counterfactual import dilate
+from pipeline.regions import dilate
 
 RIM = 0.03  # share of the image side (2 px at 64 px)
 CHANGED = 0.05  # a pixel counts as changed when its channel-summed |delta| exceeds this ([-1, 1] scale)

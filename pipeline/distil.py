@@ -41,10 +41,11 @@ from pipeline.train import ClassifierSystem, KeepBest, make_trainer, uses_gpu
 
 def training_set(table: pd.DataFrame, consensus: pd.DataFrame, use_true: bool) -> pd.DataFrame:
     """One row per usable counterfactual of one manifest: id, sample, counterfactual and original (paths),
-    verdict, label (class name)."""
+    verdict, label (class name). A spurious verdict is usable on any judged edit, flip or near-flip (the change
+    must not move the decision); a true one only on a flip (a near-flip does not show the target class)."""
     verdicts = consensus.set_index("cf_id")["label"]
-    table = table[table["success"]].assign(verdict=lambda t: t["id"].map(verdicts))
-    keep = table["verdict"].eq("spurious") | (use_true & table["verdict"].eq("true"))
+    table = table.assign(verdict=table["id"].map(verdicts))
+    keep = table["verdict"].eq("spurious") | (use_true & table["verdict"].eq("true") & table["success"])
     table = table[keep]
     label = table["source_class"].where(table["verdict"] == "spurious", table["target_class"])
     columns = ["id", "sample", "counterfactual", "original", "verdict", "label"]

@@ -250,6 +250,10 @@ def write_outputs(
             stats = desiderata.per_counterfactual(batch["x"], attempt["x_cf"], masks)
             feats = desiderata.thumbnails(attempt["x_cf"])
             p_source = source_probability(explainer, images, batch["row"], batch["x"], attempt["x_cf"])
+            progress = manifest.progress(
+                attempt["p_before"].cpu().numpy(), attempt["p_after"].cpu().numpy(), explainer.settings.goal
+            )
+            progress[attempt["success"].cpu().numpy()] = 1.0
             for i, row in enumerate(batch["row"].tolist()):
                 target, request = int(batch["target"][i]), int(batch["index"][i])
                 sample = manifest.sample_id(split, row)
@@ -279,6 +283,7 @@ def write_outputs(
                         "p_target_before": float(attempt["p_before"][i]),
                         "p_target_after": float(attempt["p_after"][i]),
                         "success": bool(attempt["success"][i]),
+                        "progress": float(progress[i]),
                         "l1": float(stats["l1"][i]),
                         "l2": float(stats["l2"][i]),
                         "changed_area": float(stats["changed_area"][i]),

@@ -27,10 +27,12 @@ def open_store(run_dir: Path) -> FeedbackStore:
     return FeedbackStore(Path(run_dir) / STORE)
 
 
-def verdicts(store: FeedbackStore, table: pd.DataFrame, round: int, min_votes: int = 1) -> pd.DataFrame:
-    """Consensus labels (true, spurious or unsure) of this round's flipped counterfactuals."""
+def verdicts(
+    store: FeedbackStore, table: pd.DataFrame, round: int, min_votes: int = 1, partial: float = 1.0
+) -> pd.DataFrame:
+    """Consensus labels (true, spurious or unsure) of this round's judged counterfactuals (``manifest.judged``)."""
     consensus = store.consensus(round, min_votes)
-    ids = set(manifest.flipped(table)["id"])
+    ids = set(manifest.judged(table, partial)["id"])
     return consensus[consensus["cf_id"].isin(ids)].reset_index(drop=True)
 
 
@@ -41,19 +43,21 @@ def stale(store: FeedbackStore, table: pd.DataFrame, round: int) -> int:
     return len(labelled - set(table["id"]))
 
 
-def summary(given: pd.DataFrame, table: pd.DataFrame, stale: int = 0) -> dict:
-    """Counts per verdict, not flipped, abstained, and feedback accuracy = true / (true + spurious): a score of
-    the explained classifier that needs no test labels."""
+def summary(given: pd.DataFrame, table: pd.DataFrame, stale: int = 0, partial: float = 1.0) -> dict:
+    """Counts per verdict, not flipped (and not judged: short of ``partial`` too), abstained, and feedback
+    accuracy = true / (true + spurious): a score of the explained classifier that needs no test labels."""
     counts = given["label"].value_counts()
     labels = {label: int(counts.get(label, 0)) for label in LABELS}
     flipped = int(table["success"].sum())
+    shown = len(manifest.judged(table, partial))
     judged = labels["true"] + labels["spurious"]
     return {
         "counterfactuals": int(len(table)),
         "flipped": flipped,
+        "partial": shown - flipped,  # judged although short of the goal
         "labels": labels,
-        "not_flipped": int(len(table) - flipped),
-        "abstained": flipped - int(len(given)),
+        "not_flipped": int(len(table) - shown),
+        "abstained": shown - int(len(given)),
         "stale": stale,
         "feedback_accuracy": labels["true"] / judged if judged else None,
         # the experts' own realism measure: the share of verdicts that reject the image as unrealistic
@@ -71,18 +75,17 @@ def expert_actions(events: pd.DataFrame) -> int:
 
 def why_empty(info: dict, teacher: str) -> str:
     """The reason a round has no verdict at all, and what to change."""
-    if info["flipped"] == 0:
+    shown = info["flipped"] + info.get("partial", 0)
+    if shown == 0:
         return (
             f"none of the {info['counterfactuals']} counterfactuals flipped the classifier (explain.search: more "
             "steps, a higher lr, or a lower goal)"
         )
     if teacher == "mask":
-        return f"the mask teacher abstained on all {info['flipped']}: their images have no feature_mask"
+        return f"the mask teacher abstained on all {shown}: their images have no feature_mask"
     if teacher == "model":
-        return (
-            f"the model teacher abstained on all {info['flipped']}: the reference gets every original wrong"
-        )
-    return f"no expert has labelled any of the {info['flipped']} counterfactuals yet"
+        return f"the model teacher abstained on all {shown}: the reference gets every original wrong"
+    return f"no expert has labelled any of the {shown} counterfactuals yet"
 
 
 def progress(run_dir: Path, round: int, config: FeedbackConfig) -> tuple[pd.DataFrame, int, int]:
@@ -90,8 +93,12 @@ def progress(run_dir: Path, round: int, config: FeedbackConfig) -> tuple[pd.Data
     flipped counterfactual when there are fewer: a round with nothing to show waits for nothing), and how many
     stale verdicts the store holds for it."""
     table, store = manifest.read_round(run_dir, round), open_store(run_dir)
-    given = verdicts(store, table, round, config.min_votes)
-    return given, min(config.min_labels, len(manifest.flipped(table))), stale(store, table, round)
+    given = verdicts(store, table, round, config.min_votes, config.partial)
+    return (
+        given,
+        min(config.min_labels, len(manifest.judged(table, config.partial))),
+        stale(store, table, round),
+    )
 
 
 def run(
@@ -120,10 +127,11 @@ def run(
             resize,
             config.oracle,
             config.unrealistic,
+            config.partial,
         )
     table, store = manifest.read_round(run_dir, round), open_store(run_dir)
-    given = verdicts(store, table, round, config.min_votes)
-    info = summary(given, table, stale(store, table, round))
+    given = verdicts(store, table, round, config.min_votes, config.partial)
+    info = summary(given, table, stale(store, table, round), config.partial)
     info["expert_actions"] = expert_actions(store.events(round))
     if require and given.empty:
         raise UserError(f"round {round}: no verdict to learn from: {why_empty(info, config.teacher)}")

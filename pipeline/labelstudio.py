@@ -44,10 +44,10 @@ def _data_url(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-def tasks(run_dir: Path, round: int) -> list[dict]:
-    """One task per counterfactual of the round that flipped the classifier (the only ones a verdict is for)."""
+def tasks(run_dir: Path, round: int, partial: float = 1.0) -> list[dict]:
+    """One task per counterfactual of the round a verdict is for (``manifest.judged``)."""
     folder = Path(run_dir) / manifest.folder(round)
-    table = manifest.flipped(manifest.read(folder))
+    table = manifest.judged(manifest.read(folder), partial)
     out = []
     for row in table.itertuples():
         paths = {k: folder / getattr(row, k) for k in ("original", "counterfactual", "difference")}
@@ -67,12 +67,12 @@ def tasks(run_dir: Path, round: int) -> list[dict]:
     return out
 
 
-def export(run_dir: Path, round: int, path: Path) -> tuple[int, Path]:
+def export(run_dir: Path, round: int, path: Path, partial: float = 1.0) -> tuple[int, Path]:
     """Write the round's tasks to ``path`` (JSON) and the labelling config beside it (.xml)."""
     path = Path(path)
     if not path.parent.is_dir():
         raise UserError(f"cannot export to {path}: folder {path.parent} does not exist")
-    found = tasks(run_dir, round)
+    found = tasks(run_dir, round, partial)
     if not found:
         raise UserError(f"round {round} of {run_dir} has no counterfactual that flipped the classifier")
     path.write_text(json.dumps(found))

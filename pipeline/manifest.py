@@ -38,6 +38,7 @@ COLUMNS = (
     "p_target_before",
     "p_target_after",
     "success",
+    "progress",  # share of the way from the original's target log-odds to the goal's (1 = reached it)
     "l1",
     "l2",
     "changed_area",
@@ -110,5 +111,22 @@ def write(records: list[dict], path: Path) -> pd.DataFrame:
 
 
 def flipped(table: pd.DataFrame) -> pd.DataFrame:
-    """The counterfactuals that reached their target: the only ones a teacher judges."""
+    """The counterfactuals that reached their target."""
     return table[table["success"]].reset_index(drop=True)
+
+
+def progress(p_before, p_after, goal: float) -> np.ndarray:
+    """Share of the way from the target log-odds before the edit to the goal's that the edit covered, in [0, 1]."""
+    logit = lambda p: np.log(np.clip(p, 1e-7, 1 - 1e-7) / (1 - np.clip(p, 1e-7, 1 - 1e-7)))  # noqa: E731
+    start, now = logit(np.asarray(p_before, float)), logit(np.asarray(p_after, float))
+    way = logit(goal) - start
+    return np.clip(np.where(way > 0, (now - start) / np.where(way > 0, way, 1), 1.0), 0.0, 1.0)
+
+
+def judged(table: pd.DataFrame, partial: float = 1.0) -> pd.DataFrame:
+    """The counterfactuals a teacher judges: those that reached their target and, with ``partial`` < 1, those that
+    fell short but covered at least that share of the way there: a change that moves the decision that far is
+    either evidence of the target class or a shortcut the classifier must not follow, flip or not."""
+    if partial >= 1 or "progress" not in table:
+        return flipped(table)
+    return table[table["success"] | (table["progress"] >= partial)].reset_index(drop=True)

@@ -185,7 +185,8 @@ def verdict_counts(f: dict) -> str:
     labels = f.get("labels", {})
     given = "/".join(str(labels.get(k, 0)) for k in LABELS)
     stale = f", {f['stale']} stale, not used" if f.get("stale") else ""
-    return f"{given} ({f.get('not_flipped', 0)} not flipped, {f.get('abstained', 0)} abstained{stale})"
+    near = f"{f['partial']} near-flips judged, " if f.get("partial") else ""
+    return f"{given} ({near}{f.get('not_flipped', 0)} not flipped, {f.get('abstained', 0)} abstained{stale})"
 
 
 def _round_rows(metrics: dict) -> pd.DataFrame:

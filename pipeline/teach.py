@@ -8,7 +8,8 @@
   density rule where only both parts together move it.
 - model oracle: the unbiased reference classifier; it flips too -> true, else spurious; it abstains where it
   gets the original image wrong itself.
-Only counterfactuals that flipped the classifier get a verdict. Each oracle reduces an edit to a score whose
+Only counterfactuals that flipped the classifier get a verdict (with ``partial``, also those that came that share
+of the way). Each oracle reduces an edit to a score whose
 boundary is 1 (the feature's change per pixel against the image's; the reference's odds of the target class
 against the strongest other class); with ``band`` > 1 it says unsure between 1 / band and band, as an expert does
 before an edit that moves square and background alike (band 1: the authors' oracles exactly). An optional noise
@@ -166,13 +167,15 @@ def run(
     resize: str = "pad",
     oracle: str = "density",
     unrealistic: float = 0.0,
+    partial: float = 1.0,
 ) -> dict:
-    """Label every successful counterfactual of the round's explain folder and write the verdicts to the store."""
+    """Label every counterfactual of the round's explain folder that flipped the classifier (or, with ``partial``
+    < 1, came that share of the way: ``manifest.judged``) and write the verdicts to the store."""
     if teacher not in TEACHERS:
         raise UserError(f"unknown teacher '{teacher}' (choose {', '.join(TEACHERS)})")
     explain_dir = run_dir / manifest.folder(round)
     everything = manifest.read(explain_dir)
-    table = manifest.flipped(everything)
+    table = manifest.judged(everything, partial)
     if teacher == "mask" and oracle == "intervention":
         verdicts = intervention_verdicts(
             table, explain_dir, data_root, explained(run_dir, round), band, resize

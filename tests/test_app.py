@@ -218,6 +218,19 @@ def test_the_round_counts_verdicts_unjudged_and_not_flipped(tmp_path, monkeypatc
     assert "cf-failed" not in " ".join(m.value for m in at.markdown)  # never shown
 
 
+def test_near_flips_are_shown_when_the_run_judges_them(tmp_path, monkeypatch):
+    run = make_run(tmp_path, n=2)
+    table = pd.read_csv(run / "explain" / "manifest.csv").assign(progress=1.0)
+    near = {**table.iloc[0].to_dict(), "id": "cf-near", "success": False, "progress": 0.7}
+    far = {**table.iloc[0].to_dict(), "id": "cf-far", "success": False, "progress": 0.3}
+    pd.concat([table, pd.DataFrame([near, far])]).to_csv(run / "explain" / "manifest.csv", index=False)
+    (run / "config.yaml").write_text("feedback:\n  partial: 0.5\n")
+    shown = services.load_round(run, 1)
+    assert set(shown.manifest["id"]) == {"cf-0", "cf-1", "cf-near"} and shown.not_flipped == 1
+    (run / "config.yaml").write_text("feedback:\n  partial: 1.0\n")
+    assert set(services.load_round(run, 1).manifest["id"]) == {"cf-0", "cf-1"}
+
+
 def make_clustered_run(root, per_kind=4):
     """A round whose changes come in three kinds (a hue shift in one corner, a brighter image, a darker other
     corner), per_kind cards each, interleaved in the manifest."""

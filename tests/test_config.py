@@ -47,7 +47,7 @@ def test_cfkd_sections_are_checked():
     with pytest.raises(UserError) as err:
         config.from_dict(
             {
-                "feedback": {"teacher": "oracle", "band": 0.5},
+                "feedback": {"teacher": "oracle", "band": 0.5, "partial": 0},
                 "distil": {
                     "mix": 1.0,
                     "precision": "fp8",
@@ -65,6 +65,7 @@ def test_cfkd_sections_are_checked():
     assert "distil.layers: got 'conv', expected all, head or none" in message
     assert "distil.keep: got 'first', expected best or last" in message
     assert "feedback.band: got 0.5, expected a number >= 1" in message
+    assert "feedback.partial: got 0, expected a share in (0, 1]" in message
     assert "distil.stretch: got 0.5, expected a number in [1, 10]" in message
     assert "distil.flip: got 'up', expected none, horizontal or both" in message
     assert "baseline.dfr: got 1, expected bool" in message

@@ -31,19 +31,30 @@ def test_training_set_follows_the_verdicts():
             {"id": "d-to-0-a1", "sample": "d", "counterfactual": "cf/d1.png", "source_class": "1",
              "target_class": "0"},
             {"id": "e-to-1-a1", "sample": "e", "counterfactual": "cf/e1.png", "success": False},
+            {"id": "f-to-1-a1", "sample": "f", "counterfactual": "cf/f1.png", "success": False},
+            {"id": "g-to-1-a1", "sample": "g", "counterfactual": "cf/g1.png", "success": False},
         ]
     )  # fmt: skip
+    # e and f fell short of the goal and were judged (feedback.partial); g got no verdict
     verdicts = pd.DataFrame(
         {
-            "cf_id": ["a-to-1-a1", "b-to-1-a1", "c-to-1-a1", "d-to-0-a1", "e-to-1-a1"],
-            "label": ["spurious", "true", "unsure", "spurious", "spurious"],
+            "cf_id": ["a-to-1-a1", "b-to-1-a1", "c-to-1-a1", "d-to-0-a1", "e-to-1-a1", "f-to-1-a1"],
+            "label": ["spurious", "true", "unsure", "spurious", "spurious", "true"],
         }
     )
     plain = distil.training_set(manifest, verdicts, use_true=False)
-    assert dict(zip(plain["id"], plain["label"])) == {"a-to-1-a1": "0", "d-to-0-a1": "1"}  # source labels
-    assert plain["original"].tolist() == ["orig/a.png", "orig/d.png"]  # distil.stretch needs them
+    # source labels; a spurious near-flip must not move the decision either
+    assert dict(zip(plain["id"], plain["label"])) == {"a-to-1-a1": "0", "d-to-0-a1": "1", "e-to-1-a1": "0"}
+    assert plain["original"].tolist() == [
+        "orig/a.png",
+        "orig/d.png",
+        "orig/e.png",
+    ]  # distil.stretch needs them
     both = distil.training_set(manifest, verdicts, use_true=True)
-    assert dict(zip(both["id"], both["label"])) == {"a-to-1-a1": "0", "b-to-1-a1": "1", "d-to-0-a1": "1"}
+    # a true near-flip does not show the target class: never trained with the target's label
+    assert dict(zip(both["id"], both["label"])) == {
+        "a-to-1-a1": "0", "b-to-1-a1": "1", "d-to-0-a1": "1", "e-to-1-a1": "0"
+    }  # fmt: skip
 
 
 def test_holdout_keeps_an_images_attempts_together():

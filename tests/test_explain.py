@@ -9,22 +9,19 @@ from PIL import Image
 from pipeline import explain, generator, models
 from pipeline import manifest as manifest_files
 from pipeline.config import ExplainConfig, GeneratorConfig
-from pipeline.counterfactual import (
-    Explainer,
-    PixelCodec,
-    Settings,
-    _blur,
+from pipeline.counterfactual import Explainer, PixelCodec, Settings, makes_progress
+from pipeline.data import ImageDataset, make_transform
+from pipeline.errors import UserError
+from pipeline.regions import (
+    blur,
     dilate,
     edge_weights,
-    makes_progress,
     pixels,
     roughness,
     segments,
     subset_masks,
     total_variation,
 )
-from pipeline.data import ImageDataset, make_transform
-from pipeline.errors import UserError
 
 # the structured identity of a counterfactual: columns, never parsed out of its id
 IDENTITY = ["id", "sample", "source_class", "target_class", "attempt"]
@@ -243,6 +240,11 @@ def test_explain_stage_writes_manifest_images_and_desiderata(tiny_biased, tiny_c
     assert (manifest["p_target_before"] < 0.5).all()  # only correctly classified images are explained
     assert (manifest["p_source_before"] > 0.5).all()  # two classes: p(source) + p(target) = 1
     np.testing.assert_allclose(manifest["p_source_after"] + manifest["p_target_after"], 1, atol=1e-5)
+    # the share of the way to the goal: 1 for a flip, below 1 for an attempt that fell short, as its p says
+    assert manifest["progress"].between(0, 1).all() and (manifest["progress"][manifest["success"]] == 1).all()
+    short = manifest[~manifest["success"]]
+    expected = manifest_files.progress(short["p_target_before"], short["p_target_after"], 0.9)
+    np.testing.assert_allclose(short["progress"], np.minimum(expected, 1), atol=1e-4)
     assert manifest["feature_share"].between(0, 1).all()  # Square has feature masks
     assert (manifest["feature_density"] >= 0).all()
     assert 0 <= summary["validity"] <= 1 and summary["surrogate_agreement"] > 0.5
@@ -320,7 +322,7 @@ def test_blur_and_dilation_are_shares_of_the_image_side():
         mask[..., side // 2, side // 2] = 1
         grown = dilate(mask, 0.05)
         assert grown.sum() == (2 * pixels(0.05, mask) + 1) ** 2
-        spread = (_blur(mask, 0.08) > 1e-6).sum()
+        spread = (blur(mask, 0.08) > 1e-6).sum()
         assert spread == pixels(0.08, mask, odd=True) ** 2
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import config, square, teach
+from pipeline import config, manifest, square, teach
 from pipeline.config import ClassifierConfig
 from pipeline.data import load_folder
 from pipeline.errors import UserError
@@ -76,6 +76,28 @@ def test_mask_oracle_matches_mask_ground_truth(tmp_path, unbiased):
         tmp_path, "mask", unbiased / "data", oracle="density"
     )  # the same verdicts again: nothing appended
     assert len(FeedbackStore(tmp_path / "feedback.sqlite").events()) == 12
+
+
+def test_progress_is_the_share_of_the_way_to_the_goal_in_log_odds():
+    # logit(0.1) = -logit(0.9): p = 0.5 lies half-way; no progress below the start; a flip is past the goal
+    got = manifest.progress([0.1, 0.1, 0.1, 0.1], [0.5, 0.05, 0.95, 0.1], 0.9)
+    np.testing.assert_allclose(got, [0.5, 0.0, 1.0, 0.0], atol=1e-6)
+
+
+def test_a_near_flip_is_judged_only_when_feedback_partial_reaches_it(tmp_path, unbiased):
+    truth = _hand_made_counterfactuals(tmp_path, unbiased / "data")
+    path = tmp_path / "explain" / "manifest.csv"
+    table = pd.read_csv(path)
+    table["progress"] = np.where(table["success"], 1.0, 0.2)  # "failed" came a fifth of the way
+    near = table[table["id"].str.endswith("background")].iloc[0].to_dict()
+    table = pd.concat([table, pd.DataFrame([{**near, "id": "near", "success": False, "progress": 0.6}])])
+    table.to_csv(path, index=False)
+    flips = teach.run(tmp_path, "mask", unbiased / "data", oracle="density")
+    assert flips["labelled"] == 12 and flips["not_flipped"] == 2
+    wider = teach.run(tmp_path, "mask", unbiased / "data", oracle="density", partial=0.5)
+    labels = FeedbackStore(tmp_path / "feedback.sqlite").labels().set_index("cf_id")["label"]
+    assert wider["labelled"] == 13 and wider["not_flipped"] == 1 and "failed" not in labels
+    assert labels["near"] == "spurious" and labels.drop("near").to_dict() == truth  # judged like any edit
 
 
 def test_the_interventional_oracle_on_a_run_matches_the_ground_truth(tmp_path, unbiased):
