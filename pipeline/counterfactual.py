@@ -283,10 +283,11 @@ class Explainer(nn.Module):
         return out
 
     @torch.no_grad()
-    def confine(self, x, x_cf, target, success, iterations: int = 8) -> dict:
+    def confine(self, x, x_cf, target, need, iterations: int = 8) -> dict:
         """Paste back as much as possible: bisect, per sample, the largest threshold t (share of the strongest
-        blurred change) such that keeping only the change above t still reaches the goal. Confines attempt 1 to
-        the region it needs, which leaves the rest free for the next attempt."""
+        blurred change) such that keeping only the change above t still reaches ``need``, the target probability
+        the kept edit must have (``needed``; NaN: not confined). Confines attempt 1 to the region it needs, which
+        leaves the rest free for the next attempt."""
         delta = x_cf - x
         change = blur(delta.abs().sum(1, keepdim=True), self.settings.blur)
         peak = change.flatten(1).amax(1).clamp_min(1e-8).view(-1, 1, 1, 1)
@@ -297,21 +298,23 @@ class Explainer(nn.Module):
         for _ in range(iterations):
             mid = (low + high) / 2
             p = self.p_class(x + (change >= mid * peak) * delta, target)
-            ok = (p >= self.settings.goal).view(-1, 1, 1, 1)
+            ok = (p >= need).view(-1, 1, 1, 1)
             low, high = torch.where(ok, mid, low), torch.where(ok, high, mid)
-        low = torch.where(success.view(-1, 1, 1, 1), low, torch.full_like(low, self.settings.paste_threshold))
+        confined = ~need.isnan().view(-1, 1, 1, 1)
+        low = torch.where(confined, low, torch.full_like(low, self.settings.paste_threshold))
         mask = (change >= low * peak).float() * (delta.abs().sum(1, keepdim=True) > 0)
         confined = x + mask * delta
         used = dilate(mask, self.settings.dilate)
         return {"x_cf": confined, "p_after": self.p_class(confined, target), "mask": mask, "used": used}
 
     @torch.no_grad()
-    def confine_regions(self, x, x_cf, target, success) -> dict:
+    def confine_regions(self, x, x_cf, target, need) -> dict:
         """Keep, per sample, the subset of the original's segments with the smallest L1 change that still reaches
-        the goal; samples without a valid subset fall back to confine(). The kept segments are blocked whole."""
-        result = self.confine(x, x_cf, target, success)
+        ``need`` (as confine()); samples without such a subset fall back to confine(). The kept segments are
+        blocked whole."""
+        result = self.confine(x, x_cf, target, need)
         delta = x_cf - x
-        valid_rows = success.nonzero().flatten()
+        valid_rows = (~need.isnan()).nonzero().flatten()
         if len(valid_rows) == 0:  # nothing to confine: no segmentation to pay for
             return result
         labels = segments(x[valid_rows], self.settings.max_regions)
@@ -319,7 +322,7 @@ class Explainer(nn.Module):
             masks = subset_masks(label_map)
             p = self.p_class(x[i] + masks * delta[i], target[i].expand(len(masks)))
             l1 = (masks * delta[i].abs()).flatten(1).sum(1)
-            valid = p >= self.settings.goal
+            valid = p >= need[i]
             if not valid.any():
                 continue
             best = torch.where(valid, l1, torch.full_like(l1, float("inf"))).argmin()
@@ -406,11 +409,21 @@ class Explainer(nn.Module):
         picked = {k: v[chosen] for k, v in result.items()}
         return [picked | {"steps": steps.sum(0)}]  # every candidate's search is paid for
 
+    def needed(self, result: dict, keep: float = 0.9) -> torch.Tensor:
+        """Per sample, the target probability a confined edit must keep: the goal for a flip; for an attempt that
+        fell short but moved the classifier, ``keep`` of its gain in target log-odds, so a near-flip is shown (and
+        judged) as the region that moved the decision; NaN (not confined) for one that did not move it."""
+        start, end = log_odds(result["p_before"]), log_odds(result["p_after"])
+        near = torch.sigmoid(start + keep * (end - start)).to(result["p_after"].dtype)
+        nan = torch.full_like(near, float("nan"))
+        need = torch.where(end > start, near, nan)
+        return torch.where(result["success"], torch.full_like(near, self.settings.goal), need)
+
     def _confined(self, x, target, result: dict) -> dict:
         """An attempt's result confined (sparsity) with its change mask and the region later attempts avoid."""
         if self.settings.sparsity:
             confine = self.confine_regions if self.settings.confine == "regions" else self.confine
-            result.update(confine(x, result["x_cf"], target, result["success"]))
+            result.update(confine(x, result["x_cf"], target, self.needed(result)))
         else:
             result["mask"] = ((result["x_cf"] - x).abs().sum(1, keepdim=True) > 0).float()
             result["used"] = dilate(result["mask"], self.settings.dilate)

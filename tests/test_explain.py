@@ -189,17 +189,36 @@ def test_region_confinement_keeps_the_edit_that_suffices():
     x, x_cf, far = _square_scene()
     explainer = Explainer(PixelCodec(), GreenMeter(), Settings(goal=0.9, confine="regions", max_regions=2))
     target = torch.tensor([1])
-    out = explainer.confine_regions(x, x_cf, target, torch.tensor([True]))
+    out = explainer.confine_regions(x, x_cf, target, torch.tensor([0.9]))
     assert torch.equal(out["x_cf"][..., 12:20, 12:20], x[..., 12:20, 12:20])  # the recolouring is undone
     assert torch.equal(out["x_cf"][..., far], x_cf[..., far])  # the background move is kept
     assert out["p_after"].item() >= 0.9
     assert out["used"][0, 0][far].all() and not out["used"][0, 0, 12:20, 12:20].any()  # square left whole
     # the threshold confinement keeps the strongest change: the recoloured square stays in
-    kept = explainer.confine(x, x_cf, target, torch.tensor([True]))["x_cf"]
+    kept = explainer.confine(x, x_cf, target, torch.tensor([0.9]))["x_cf"]
     assert not torch.equal(kept[..., 12:20, 12:20], x[..., 12:20, 12:20])
-    # a failed attempt keeps the threshold confinement's answer
-    failed = explainer.confine_regions(x, x_cf, target, torch.tensor([False]))
-    assert torch.equal(failed["x_cf"], explainer.confine(x, x_cf, target, torch.tensor([False]))["x_cf"])
+    # an attempt that did not move the classifier keeps the threshold confinement's answer
+    failed = explainer.confine_regions(x, x_cf, target, torch.tensor([float("nan")]))
+    nan = torch.tensor([float("nan")])
+    assert torch.equal(failed["x_cf"], explainer.confine(x, x_cf, target, nan)["x_cf"])
+
+
+def test_a_near_flip_is_confined_to_the_region_that_moved_the_classifier():
+    x, x_cf, far = _square_scene()
+    x_cf[..., far] = 0.0  # the background a little greener: a large gain, yet short of the goal
+    explainer = Explainer(PixelCodec(), GreenMeter(), Settings(goal=0.9, confine="regions", max_regions=2))
+    target = torch.tensor([1])
+    p_before, p_after = explainer.p_class(x, target), explainer.p_class(x_cf, target)
+    assert 1e-3 > p_before and 0.01 < p_after < 0.9
+    result = {"x_cf": x_cf, "p_before": p_before, "p_after": p_after, "success": torch.tensor([False])}
+    out = explainer._confined(x, target, dict(result))
+    assert torch.equal(out["x_cf"][..., 12:20, 12:20], x[..., 12:20, 12:20])  # the recolouring moved nothing
+    # the background kept: 90 % of the edit's gain in log-odds
+    assert torch.equal(out["x_cf"][..., far], x_cf[..., far]) and out["p_after"] >= explainer.needed(result)
+    # an attempt that moved nothing is not confined; a flip must keep the goal
+    still = result | {"p_after": p_before}
+    assert explainer.needed(still).isnan().all()
+    assert explainer.needed(result | {"success": torch.tensor([True])}).item() == pytest.approx(0.9)
 
 
 def test_pixel_baseline_and_smoothgrad_run(tiny_biased):
