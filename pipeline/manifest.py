@@ -117,10 +117,11 @@ def flipped(table: pd.DataFrame) -> pd.DataFrame:
 
 def progress(p_before, p_after, goal: float) -> np.ndarray:
     """Share of the way from the target log-odds before the edit to the goal's that the edit covered, in [0, 1]."""
-    logit = lambda p: np.log(np.clip(p, 1e-7, 1 - 1e-7) / (1 - np.clip(p, 1e-7, 1 - 1e-7)))  # noqa: E731
-    start, now = logit(np.asarray(p_before, float)), logit(np.asarray(p_after, float))
-    way = logit(goal) - start
-    return np.clip(np.where(way > 0, (now - start) / np.where(way > 0, way, 1), 1.0), 0.0, 1.0)
+    p = np.clip(np.stack([np.asarray(p_before, float), np.asarray(p_after, float)]), 1e-7, 1 - 1e-7)
+    start, now = np.log(p) - np.log1p(-p)
+    way = np.log(goal) - np.log1p(-goal) - start
+    # an original already at the goal (no way to go) counts as there
+    return np.clip(np.divide(now - start, way, out=np.ones_like(way), where=way > 0), 0.0, 1.0)
 
 
 def judged(table: pd.DataFrame, partial: float = 1.0) -> pd.DataFrame:
