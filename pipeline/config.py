@@ -159,11 +159,17 @@ class DistilConfig:
     # (less what the true edits changed) out of the head and refit it on the training images: the verdict removes
     # a feature from every image, not only from the edited ones (0 = off)
     erase: int = 1
+    # a direction lying mostly in what the true edits changed is still erased when the spurious edits move along
+    # it more, in sum, than the true ones: most verdicts on that kind of change said spurious
+    erase_vote: bool = True
     # random flips of every training image while fine-tuning: "none", "horizontal" or "both". A property of the data:
     # only where a mirrored image means the same (not laterality in chest X-rays, text, a tag in a known corner)
     flip: str = "none"
-    # fine-tune every layer, only the last linear layer on frozen features ("head"), or nothing ("none": erase alone)
-    layers: str = "all"
+    # "staged": round 1 erases alone, in the explained classifier's own features (a shortcut it reads there is
+    # removed from every image), later rounds fine-tune every layer (a shortcut it must learn to ignore), and
+    # distil.select's label-free judgement picks between them. Or always: every layer ("all"), only the last linear
+    # layer on frozen features ("head"), nothing ("none": erase alone)
+    layers: str = "staged"
     # the weights kept: the last epoch, or the one model selection picks on validation data and held-out
     # counterfactuals ("best"; the starting weights compete); validation data as confounded as the training data
     # prefers the shortcut, so best is only for a validation split you trust
@@ -262,7 +268,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "feedback.min_votes": (lambda v: v >= 1, "an integer >= 1"),
     "distil.rounds": (lambda v: v >= 1, "an integer >= 1"),
     "distil.start": (lambda v: v in ("latest", "initial"), "latest or initial"),
-    "distil.layers": (lambda v: v in ("all", "head", "none"), "all, head or none"),
+    "distil.layers": (lambda v: v in ("all", "head", "none", "staged"), "all, head, none or staged"),
     "distil.keep": (lambda v: v in ("best", "last"), "best or last"),
     "distil.mix": (lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
     "distil.holdout": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
@@ -319,9 +325,11 @@ def _cross_checks(config: RunConfig) -> list[str]:
             "feedback.teacher: model needs the reference classifier (reference.enabled: true, with "
             "reference.root or reference.weights for your own data); or use feedback.teacher: human"
         )
-    if config.distil.layers == "none" and config.distil.erase == 0:
+    if config.distil.layers in ("none", "staged") and config.distil.erase == 0:
+        what = "fine-tunes nothing" if config.distil.layers == "none" else "erases alone in round 1"
         issues.append(
-            "distil.layers: none fine-tunes nothing; it needs distil.erase >= 1 to change the classifier"
+            f"distil.layers: {config.distil.layers} {what}; it needs distil.erase >= 1 to change the classifier "
+            "(to fine-tune without erasing, set distil.layers: all with distil.erase: 0)"
         )
     return issues
 

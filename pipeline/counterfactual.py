@@ -151,8 +151,18 @@ class Explainer(nn.Module):
             if module is not None:
                 module.to(memory_format=torch.channels_last)
 
+    @property
+    def _filters(self) -> bool:
+        """Gradients pass through the UNet's denoising pass (search.filter_timestep)."""
+        return self.denoiser is not None and self.settings.filter_timestep > 0
+
+    def _judged_by_gradient_model(self) -> bool:
+        """The gradient's logits are the original classifier's on the noise-free candidate itself (no surrogate, no
+        filtering, no noisy copies): judging the candidate needs no further classifier call."""
+        return self.surrogate is None and not self.settings.smoothgrad and not self._filters
+
     def _gradient_logits(self, x_cf: torch.Tensor) -> torch.Tensor:
-        if self.denoiser is not None and self.settings.filter_timestep > 0:
+        if self._filters:
             x_cf = self._filter(x_cf)
         return (self.surrogate or self.classifier)(x_cf)
 
@@ -191,6 +201,7 @@ class Explainer(nn.Module):
         stalled = torch.zeros_like(steps)  # steps since the target log-odds last rose 0.02
         copies = copies_of(s)
         sigma = s.smoothgrad_sigma * z0.std()
+        judged_by_step = self._judged_by_gradient_model()  # the step's own logits judge its candidate
         for _ in range(0 if done.all() else s.steps):
             # 1. candidate(s): SmoothGrad evaluates noisy copies of the latent and averages their gradients
             zs = z.repeat(copies, 1, 1, 1)
@@ -232,7 +243,10 @@ class Explainer(nn.Module):
             # 4. judge the noise-free candidate on the original classifier; keep the best iterate
             with torch.no_grad():
                 current = x_cf[:n] if not s.smoothgrad else self.candidate(x, z, d0, free, assignment)
-                p = self.p_class(current, target)
+                if judged_by_step:
+                    p = torch.softmax(logits.detach(), -1).gather(1, target[:, None]).squeeze(1)
+                else:
+                    p = self.p_class(current, target)
                 better = (~done) & (p > best_p)
                 progress = (~done) & makes_progress(p, best_p)
                 stalled = torch.where(progress, torch.zeros_like(stalled), stalled + (~done).long())
@@ -453,9 +467,10 @@ class Explainer(nn.Module):
         """Network evaluations (forward or backward passes) per gradient step per sample: a hardware-free cost."""
         copies = copies_of(self.settings)
         decoder, model = 2 * copies, 2 * copies  # forward + backward each
-        unet = 2 * copies if self.denoiser is not None and self.settings.filter_timestep > 0 else 0
+        unet = 2 * copies if self._filters else 0
         encoder = 2 * copies if self.settings.prototype > 0 and self.prototypes else 0
-        check = 1 + (1 if self.settings.smoothgrad else 0)  # original classifier (+ the noise-free decode)
+        # the judgement of the candidate on the original classifier (+ its noise-free decode with SmoothGrad)
+        check = 0 if self._judged_by_gradient_model() else 1 + (1 if self.settings.smoothgrad else 0)
         return decoder + model + unet + encoder + check
 
     def evaluations_per_attempt(self) -> int:

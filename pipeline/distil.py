@@ -93,6 +93,8 @@ def stage(
     """The distil stage of round ``taught[-1]``: its training set from the verdicts of the rounds ``taught``,
     fine-tuning of the ``start`` classifier, or, when this round brought nothing new to teach, the ``explained``
     classifier unchanged. Counterfactuals are held out only where model selection uses them (keep: best)."""
+    if config.layers == "staged":  # round 1 erases alone, later rounds fine-tune every layer
+        config = replace(config, layers="none" if taught[-1] == 1 else "all")
     labelled = training_data(run_dir, taught, use_true=True)
     spurious = labelled["verdict"] == "spurious"
     table = labelled if config.use_true else labelled[spurious].reset_index(drop=True)
@@ -289,18 +291,29 @@ def orthonormal(rows: np.ndarray) -> np.ndarray:
 
 
 def spurious_directions(
-    model: nn.Module, card, table: pd.DataFrame, folder: Path, k: int, evidence: pd.DataFrame | None = None
+    model: nn.Module,
+    card,
+    table: pd.DataFrame,
+    folder: Path,
+    k: int,
+    evidence: pd.DataFrame | None = None,
+    vote: bool = False,
 ) -> np.ndarray:
     """Orthonormal directions (n, d) of what the spurious counterfactuals of ``table`` changed in the head's
     features: the k principal ones of each round's edits, so each round adds what the classifier it explained
     still used. With ``evidence`` (counterfactuals judged true) each direction loses its part in the subspace of
-    what the true edits changed, and one that lay mostly there (less than half left) is not erased at all."""
+    what the true edits changed, and one that lay mostly there (less than half left) is not erased at all, unless
+    ``vote`` and the spurious edits move along it more than the true ones (then it is erased whole)."""
     spurious = table[table["verdict"] == "spurious"]
-    top = principal(feature_change(model, card, spurious, folder), spurious, k)
+    change = feature_change(model, card, spurious, folder)
+    top = principal(change, spurious, k)
     if evidence is not None and not evidence.empty:
-        real = evidence_directions(feature_change(model, card, evidence, folder))
-        top = top - (top @ real.T) @ real
-        top = top[np.linalg.norm(top, axis=1) >= 0.5]
+        true_change = feature_change(model, card, evidence, folder)
+        real = evidence_directions(true_change)
+        spared = top - (top @ real.T) @ real
+        kept = np.linalg.norm(spared, axis=1) >= 0.5
+        outvoted = vote & (((change @ top.T) ** 2).sum(0) > ((true_change @ top.T) ** 2).sum(0))
+        top = np.concatenate([spared[kept], top[~kept & outvoted]])
     return orthonormal(top)
 
 
@@ -408,7 +421,9 @@ def run(
         metrics = fine_tune(backbone, card, data, cf_train, cf_val, cf_folder, config, out, verbose)
     backbone = backbone.cpu().eval()
     if config.erase > 0 and cf_train["verdict"].eq("spurious").any():
-        directions = spurious_directions(backbone, card, cf_train, cf_folder, config.erase, evidence)
+        directions = spurious_directions(
+            backbone, card, cf_train, cf_folder, config.erase, evidence, config.erase_vote
+        )
         if len(directions):
             erase(backbone, card, data, directions, config.seed)
         metrics.update(erased_directions=len(directions))

@@ -95,16 +95,17 @@ def judged(metrics: dict) -> list[dict]:
 
 def select(metrics: dict) -> dict:
     """The classifier whose counterfactuals the teacher judged true most often (feedback accuracy, which needs no
-    test labels). An earlier round wins a tie: as good a judgement with less fine-tuning drift. Its test figures
-    come along for the report only."""
+    test labels). A tie goes to a corrected classifier before the one the run started from (its edits were judged
+    and acted on: a round or two judged on a single edit each often ties at 0), then to the earliest round (as good
+    a judgement with less fine-tuning drift). Its test figures come along for the report only."""
     scored = judged(metrics)
     names = ["classifier", *(r["model"] for r in metrics["rounds"])]
     scores = [
-        (j["feedback_accuracy"], -i)
+        (j["feedback_accuracy"], i > 0, -i)
         for i, j in enumerate(scored[: len(names)])
         if j.get("feedback_accuracy") is not None
     ]
-    best = -max(scores)[1] if scores else len(names) - 1
+    best = -max(scores)[2] if scores else len(names) - 1
     tested = metrics["classifier"] if best == 0 else metrics["rounds"][best - 1]
     return {
         "model": names[best],

@@ -117,6 +117,17 @@ class EpochBar(TQDMProgressBar):
         return bar
 
 
+class CloseProcessGroup(L.Callback):
+    """A spawned DDP worker leaves in step with the others and closes its process group first: a gloo group still
+    open when the interpreter exits can abort the worker (SIGABRT, "terminate called without an active exception")
+    after its work is done."""
+
+    def teardown(self, trainer, pl_module, stage):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
 @dataclass
 class TrainResult:
     card: models.ModelCard
@@ -173,6 +184,8 @@ def make_trainer(
     if options.get("strategy", "auto") == "auto" and device_count(accelerator, devices) > 1:
         # spawned workers: a cfkd run is a sequence of stages, not a script Lightning's DDP could start again
         options["strategy"] = "ddp_spawn"
+    if options.get("strategy") == "ddp_spawn":
+        callbacks = [*callbacks, CloseProcessGroup()]
     settings = dict(
         max_epochs=max_epochs,
         accelerator=accelerator,

@@ -62,7 +62,7 @@ def test_cfkd_sections_are_checked():
     message = str(err.value)
     assert "feedback.teacher: got 'oracle', expected mask, model or human" in message
     assert "distil.mix: got 1.0" in message and "distil.precision: got 'fp8'" in message
-    assert "distil.layers: got 'conv', expected all, head or none" in message
+    assert "distil.layers: got 'conv', expected all, head, none or staged" in message
     assert "distil.keep: got 'first', expected best or last" in message
     assert "feedback.band: got 0.5, expected a number >= 1" in message
     assert "feedback.partial: got 0, expected a share in (0, 1]" in message
@@ -71,6 +71,13 @@ def test_cfkd_sections_are_checked():
     assert "baseline.dfr: got 1, expected bool" in message
     with pytest.raises(UserError, match="distil.layers: none fine-tunes nothing; it needs distil.erase >= 1"):
         config.from_dict({"distil": {"layers": "none", "erase": 0}})
+    with pytest.raises(
+        UserError, match="distil.layers: staged erases alone in round 1; .* set distil.layers: all"
+    ):
+        config.from_dict({"distil": {"erase": 0}})  # the default layers need the erase
+    # with nothing erased the vote has nothing to decide: no error
+    plain = config.from_dict({"distil": {"layers": "all", "erase": 0}}).distil
+    assert plain.erase_vote and plain.erase == 0
     with pytest.raises(UserError, match="distil.erase: got -1, expected an integer in"):
         config.from_dict({"distil": {"erase": -1}})
     assert config.from_dict({"distil": {"layers": "none", "erase": 2}}).distil.erase == 2

@@ -324,6 +324,21 @@ def test_distil_start_picks_the_weights_each_round_fine_tunes(tmp_path, tiny_cod
     assert set(second["round"]) == {1, 2}  # both rounds' verdicts, whichever weights they start from
 
 
+def test_staged_layers_erase_alone_in_round_one_and_fine_tune_after(tmp_path, tiny_codec):
+    """distil.layers: staged: round 1 changes only the head (erase alone), round 2 fine-tunes every layer."""
+    root = tmp_path / "run"
+    extra = {"feedback.teacher": "human", "feedback.min_labels": 2, "distil.layers": "staged"}
+    metrics = _two_human_rounds(_cfkd_config(tiny_codec, **extra), root, ("spurious", "spurious"))
+    assert metrics["status"] == "complete"
+    first = models.load(root / "classifier")[0]
+    start, head = first.state_dict(), dfr.last_linear(first)
+    for r, trained in ((1, False), (2, True)):
+        model, card = models.load(root / f"distil_r{r}")
+        changed = {n for n, p in model.state_dict().items() if not torch.equal(p, start[n])}
+        assert ("epochs" in card.metrics) == trained
+        assert changed and (all(n.startswith(head) for n in changed) != trained)
+
+
 def test_select_takes_the_classifier_with_the_best_feedback_accuracy():
     def judged(fa, acc=0.5):
         return {"feedback_accuracy": fa, "test_accuracy": acc, "worst_group_accuracy": acc / 2}
@@ -347,8 +362,13 @@ def test_select_takes_the_classifier_with_the_best_feedback_accuracy():
     metrics["closing"] = judged(0.9)
     chosen = rounds.select(metrics)
     assert chosen["model"] == "distil_r3" and chosen["test_accuracy"] == 0.7
-    metrics["rounds"][0]["feedback_accuracy"] = 0.9  # the biased classifier's edits were mostly real evidence
+    # the biased classifier's edits were mostly real evidence
+    metrics["rounds"][0]["feedback_accuracy"] = 0.95
     assert rounds.select(metrics)["model"] == "classifier"
+    # every judgement alike (one spurious edit each): the corrected classifier, not the one the run started from
+    for judgement in (*metrics["rounds"], metrics["closing"]):
+        judgement["feedback_accuracy"] = 0.0
+    assert rounds.select(metrics)["model"] == "distil_r1"
 
 
 def test_stretched_counterfactuals_scale_the_change_within_the_image_range(tmp_path):
@@ -467,6 +487,10 @@ def test_erase_makes_the_head_blind_to_what_the_spurious_edits_moved(tiny_biased
     # the same edits judged true elsewhere are real evidence: nothing of them is erased
     evidence = cfs.assign(verdict="true")
     assert len(distil.spurious_directions(model, card, cfs, tmp_path / "explain", 1, evidence)) == 0
+    # the same kind of edit judged true on a few images only: with the vote the spurious verdicts outvote them
+    few = cfs.head(4).assign(verdict="true")
+    assert len(distil.spurious_directions(model, card, cfs, tmp_path / "explain", 1, few)) == 0
+    assert len(distil.spurious_directions(model, card, cfs, tmp_path / "explain", 1, few, vote=True)) == 1
     start = models.load(ckpt)[0]
     changed = [n for n, p in model.state_dict().items() if not torch.equal(p, start.state_dict()[n])]
     assert changed and all(n.startswith(dfr.last_linear(model)) for n in changed)
@@ -498,3 +522,16 @@ def test_layers_none_changes_only_the_head_by_erasing(tiny_biased, tmp_path):
     assert changed == {f"{dfr.last_linear(model)}.weight", f"{dfr.last_linear(model)}.bias"}
     assert result.card.metrics["erased_directions"] == 2 and "epochs" not in result.card.metrics
     assert not (tmp_path / "out" / "logs").exists()  # no training ran
+
+
+def test_erase_vote_decides_a_rounds_erase_when_true_edits_share_the_direction(tiny_biased, tmp_path):
+    """distil.erase_vote reaches the round: four edits judged true keep the direction of twenty-four spurious ones
+    of the same kind only without the vote."""
+    ckpt, data = tiny_biased
+    cfs = _swap_background(data, "train", 24, tmp_path / "explain")
+    few = cfs.head(4).assign(verdict="true")
+    for vote in (False, True):
+        config = DistilConfig(layers="none", erase_vote=vote)
+        out = tmp_path / f"out-{vote}"
+        result = distil.run(ckpt, data, cfs, cfs.iloc[:0], tmp_path / "explain", config, out, evidence=few)
+        assert result.card.metrics["erased_directions"] == int(vote)

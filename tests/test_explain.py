@@ -229,6 +229,30 @@ def test_pixel_baseline_and_smoothgrad_run(tiny_biased):
     assert Explainer(PixelCodec(), model, settings).evaluations_per_step() == 2 * 3 + 2 * 3 + 2
 
 
+def test_each_step_judges_its_candidate_with_the_gradient_pass_alone(tiny_biased):
+    """Without a surrogate or noisy copies the step's own logits are the original classifier's on the candidate: one
+    classifier call per step, and the probability kept is still that of the image returned."""
+    model, x, target = _batch(tiny_biased, n=4)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+
+    def forwards(steps: int, **extra) -> tuple[int, dict, Explainer]:
+        calls.clear()
+        settings = Settings(attempts=1, goal=1.0, steps=steps, patience=0, lr=0.05, sparsity=False, **extra)
+        explainer = Explainer(PixelCodec(), model, settings)
+        out = explainer.attempt(x, target, torch.ones_like(x[:, :1]), torch.Generator().manual_seed(0))
+        return len(calls), out, explainer
+
+    (five, _, _), (ten, out, explainer) = forwards(5), forwards(10)
+    assert ten - five == 5  # one classifier call per step
+    assert explainer.evaluations_per_step() == 2 + 2  # codec and classifier, forward and backward
+    assert torch.allclose(
+        out["p_after"], explainer.p_class(out["x_cf"], target).to(out["p_after"]), atol=1e-6
+    )
+    (five, _, _), (ten, _, _) = forwards(5, smoothgrad=2), forwards(10, smoothgrad=2)
+    assert ten - five == 10  # noisy copies: the noise-free candidate needs its own call
+
+
 def _config(**search):
     return ExplainConfig(
         split="val",
