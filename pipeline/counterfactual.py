@@ -281,6 +281,8 @@ class Explainer(nn.Module):
             "success": (best_p >= s.goal) & ~no_room,
             "steps": steps,
             "no_room": no_room,
+            # encode, reference decode, the start's judgement (and the mirror's level), then every step
+            "evaluations": 3 + int(s.mirror) + steps * self.evaluations_per_step(),
         }
 
     @torch.no_grad()
@@ -313,8 +315,8 @@ class Explainer(nn.Module):
     def confine(self, x, x_cf, target, need, iterations: int = 8) -> dict:
         """Paste back as much as possible: bisect, per sample, the largest threshold t (share of the strongest
         blurred change) such that keeping only the change above t still reaches ``need``, the target probability
-        the kept edit must have (``needed``; NaN: not confined). Confines attempt 1 to the region it needs, which
-        leaves the rest free for the next attempt."""
+        the kept edit must have (``needed``; NaN: not confined, no bisection). Confines attempt 1 to the region it
+        needs, which leaves the rest free for the next attempt. ``evaluations``: classifier calls per sample."""
         delta = x_cf - x
         change = blur(delta.abs().sum(1, keepdim=True), self.settings.blur)
         peak = change.flatten(1).amax(1).clamp_min(1e-8).view(-1, 1, 1, 1)
@@ -322,43 +324,72 @@ class Explainer(nn.Module):
             peak, self.settings.paste_threshold
         )  # this threshold is known to work (or fail)
         high = torch.ones_like(peak)
-        for _ in range(iterations):
-            mid = (low + high) / 2
-            p = self.p_class(x + (change >= mid * peak) * delta, target)
-            ok = (p >= need).view(-1, 1, 1, 1)
-            low, high = torch.where(ok, mid, low), torch.where(ok, high, mid)
-        confined = ~need.isnan().view(-1, 1, 1, 1)
-        low = torch.where(confined, low, torch.full_like(low, self.settings.paste_threshold))
+        rows = (~need.isnan()).nonzero().squeeze(1)
+        for _ in range(iterations if len(rows) else 0):
+            mid = (low[rows] + high[rows]) / 2
+            p = self.p_class(x[rows] + (change[rows] >= mid * peak[rows]) * delta[rows], target[rows])
+            ok = (p >= need[rows]).view(-1, 1, 1, 1)
+            low[rows], high[rows] = torch.where(ok, mid, low[rows]), torch.where(ok, high[rows], mid)
         mask = (change >= low * peak).float() * (delta.abs().sum(1, keepdim=True) > 0)
         confined = x + mask * delta
         used = dilate(mask, self.settings.dilate)
-        return {"x_cf": confined, "p_after": self.p_class(confined, target), "mask": mask, "used": used}
+        evaluations = torch.ones(len(x), dtype=torch.long, device=x.device)  # the confined edit's judgement
+        evaluations[rows] += iterations
+        return {
+            "x_cf": confined,
+            "p_after": self.p_class(confined, target),
+            "mask": mask,
+            "used": used,
+            "evaluations": evaluations,
+        }
 
     @torch.no_grad()
     def confine_regions(self, x, x_cf, target, need) -> dict:
         """Keep, per sample, the subset of the original's segments with the smallest L1 change that still reaches
         ``need`` (as confine()); samples without such a subset fall back to confine(). The kept segments are
         blocked whole."""
-        result = self.confine(x, x_cf, target, need)
         delta = x_cf - x
+        evaluations = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        found = {}
         valid_rows = (~need.isnan()).nonzero().flatten()
-        if len(valid_rows) == 0:  # nothing to confine: no segmentation to pay for
-            return result
-        labels = segments(x[valid_rows], self.settings.max_regions)
+        labels = segments(x[valid_rows], self.settings.max_regions) if len(valid_rows) else []
         for i, label_map in zip(valid_rows.tolist(), labels):
             masks = subset_masks(label_map)
-            p = self.p_class(x[i] + masks * delta[i], target[i].expand(len(masks)))
-            l1 = (masks * delta[i].abs()).flatten(1).sum(1)
-            valid = p >= need[i]
-            if not valid.any():
-                continue
-            best = torch.where(valid, l1, torch.full_like(l1, float("inf"))).argmin()
-            region = masks[best]
+            best, p, evaluations[i] = self.smallest_valid(x[i], delta[i], target[i], need[i], masks)
+            if best is not None:
+                found[i] = (masks[best], p)
+        result = {
+            "x_cf": x_cf.clone(),
+            "p_after": torch.empty(len(x), device=x.device),
+            "mask": torch.empty_like(x[:, :1]),
+            "used": torch.empty_like(x[:, :1]),
+            "evaluations": evaluations,
+        }
+        rest = torch.tensor([i for i in range(len(x)) if i not in found], dtype=torch.long, device=x.device)
+        if len(rest):  # no segments to pay for where nothing is confined
+            fallback = self.confine(x[rest], x_cf[rest], target[rest], need[rest])
+            for key, value in fallback.items():
+                result[key][rest] = value + result[key][rest] if key == "evaluations" else value
+        for i, (region, p) in found.items():
             result["x_cf"][i] = x[i] + region * delta[i]
-            result["p_after"][i] = p[best]
+            result["p_after"][i] = p
             result["mask"][i] = region * (delta[i].abs().sum(0, keepdim=True) > 0)
             result["used"][i] = region
         return result
+
+    def smallest_valid(self, x, delta, target, need, masks, chunk: int = 8) -> tuple:
+        """Among the region masks (S, 1, H, W), the one whose share of the edit ``delta`` reaches ``need`` with the
+        smallest L1 change: (its index or None, its probability, classifier evaluations). Masks are tried from the
+        smallest change up, ``chunk`` at a time, so the search stops at the first chunk holding a valid one."""
+        l1 = (masks * delta.abs()).flatten(1).sum(1)
+        order = l1.argsort(stable=True)  # ties: the lower index first, as argmin
+        for start in range(0, len(order), chunk):
+            tried = order[start : start + chunk]
+            p = self.p_class(x + masks[tried] * delta, target.expand(len(tried)))
+            valid = (p >= need).nonzero().flatten()
+            if len(valid):
+                return tried[valid[0]], p[valid[0]], start + len(tried)
+        return None, None, len(order)
 
     def _realistic(self, delta: torch.Tensor, assignment: torch.Tensor | None) -> torch.Tensor:
         """The decoded change, projected patch by patch onto directions real images vary in (when enabled)."""
@@ -382,9 +413,10 @@ class Explainer(nn.Module):
         return torch.softmax(self.classifier(x), -1).gather(1, target[:, None]).squeeze(1)
 
     @torch.no_grad()
-    def locate(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def locate(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(B, windows, 1, H, W) masks of the windows whose occlusion (filled with the image's median colour) moves
-        the classifier's target-against-rest log-odds most, either way: where the decision lives."""
+        the classifier's target-against-rest log-odds most, either way: where the decision lives; and the
+        classifier calls per image that took."""
         s, (b, _, h, w) = self.settings, x.shape
         side = max(2, pixels(s.window, x))
         stride = max(1, side // 2)
@@ -406,7 +438,7 @@ class Explainer(nn.Module):
             for j, k in enumerate(row):
                 top, left = boxes[k]
                 masks[i, j, :, top : top + side, left : left + side] = 1
-        return masks
+        return masks, 1 + len(boxes)
 
     def first_attempt(self, x, target, free, generator) -> list[dict]:
         """Attempt 1: the search over the whole image and, with ``windows``, inside each located window; per sample
@@ -415,24 +447,29 @@ class Explainer(nn.Module):
         s, b = self.settings, x.shape[0]
         if s.windows <= 0:
             return [self._confined(x, target, self.attempt(x, target, free, generator))]
-        windows = self.locate(x, target)
+        windows, occlusions = self.locate(x, target)
         frees = torch.cat([free, *(windows[:, j] * free for j in range(windows.shape[1]))])
         n = frees.shape[0] // b
         xs, targets = x.repeat(n, 1, 1, 1), target.repeat(n)
         result = self._confined(xs, targets, self.attempt(xs, targets, frees, generator))
         l1 = (result["x_cf"] - xs).abs().flatten(1).mean(1).view(n, b)
         l1 = torch.where(result["success"].view(n, b), l1, torch.full_like(l1, float("inf")))
-        steps = result["steps"].view(n, b)
+        steps, evaluations = result["steps"].view(n, b), result["evaluations"].view(n, b)
+        # every candidate's search is paid for, and the occlusion passes that placed the windows
         if s.located_attempt:  # the whole image's own result, then the smallest valid window edit
             best = l1[1:].argmin(0) + 1
             located = {k: v[best * b + torch.arange(b, device=x.device)] for k, v in result.items()}
             whole = {k: v[:b] for k, v in result.items()}
-            return [whole, located | {"steps": steps[1:].sum(0)}]
+            return [
+                whole,
+                located | {"steps": steps[1:].sum(0), "evaluations": evaluations[1:].sum(0) + occlusions},
+            ]
+        paid = {"steps": steps.sum(0), "evaluations": evaluations.sum(0) + occlusions}
         chosen = torch.where(torch.isinf(l1.min(0).values), 0, l1.argmin(0)) * b + torch.arange(
             b, device=x.device
         )
         picked = {k: v[chosen] for k, v in result.items()}
-        return [picked | {"steps": steps.sum(0)}]  # every candidate's search is paid for
+        return [picked | paid]
 
     def needed(self, result: dict, keep: float = 0.9) -> torch.Tensor:
         """Per sample, the target probability a confined edit must keep: the goal for a flip; for an attempt that
@@ -448,7 +485,9 @@ class Explainer(nn.Module):
         """An attempt's result confined (sparsity) with its change mask and the region later attempts avoid."""
         if self.settings.sparsity:
             confine = self.confine_regions if self.settings.confine == "regions" else self.confine
-            result.update(confine(x, result["x_cf"], target, self.needed(result)))
+            confined = confine(x, result["x_cf"], target, self.needed(result))
+            result["evaluations"] = result.get("evaluations", 0) + confined.pop("evaluations")
+            result.update(confined)
         else:
             result["mask"] = ((result["x_cf"] - x).abs().sum(1, keepdim=True) > 0).float()
             result["used"] = dilate(result["mask"], self.settings.dilate)
@@ -483,18 +522,6 @@ class Explainer(nn.Module):
         # the judgement of the candidate on the original classifier (+ its noise-free decode with SmoothGrad)
         check = 0 if self._judged_by_gradient_model() else 1 + (1 if self.settings.smoothgrad else 0)
         return decoder + model + unet + encoder + check
-
-    def evaluations_per_attempt(self) -> int:
-        """Fixed cost per attempt: encode + reference decode, and the classifier calls of the confinement
-        (bisection; "regions" adds at most 2^max_regions - 1 subsets)."""
-        s = self.settings
-        regions = 2**s.max_regions - 1 if s.confine == "regions" else 0
-        fixed = 2 + (8 + 1 + regions if s.sparsity else 0)
-        if s.windows <= 0:
-            return fixed
-        # attempt 1's located windows: an occlusion pass per window position (about (2 / window)^2) and each
-        # window's own confinement; counted on every attempt, so the figure is an upper bound
-        return fixed * (1 + s.windows) + round((2 / s.window) ** 2)
 
 
 class PixelCodec(nn.Module):

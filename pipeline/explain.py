@@ -292,8 +292,7 @@ def write_outputs(
                         "realism": float(desiderata.realism(feats[i : i + 1], real[target])[0]),
                         "steps": int(attempt["steps"][i]),
                         "no_room": bool(attempt["no_room"][i]),
-                        "evaluations": int(attempt["steps"][i]) * explainer.evaluations_per_step()
-                        + explainer.evaluations_per_attempt(),
+                        "evaluations": int(attempt["evaluations"][i]),
                         "seconds": float(attempt["seconds"][i]),
                     }
                 )

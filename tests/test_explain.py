@@ -248,6 +248,46 @@ def test_a_near_flip_is_confined_to_the_region_that_moved_the_classifier():
     assert explainer.needed(result | {"success": torch.tensor([True])}).item() == pytest.approx(0.9)
 
 
+def test_confinement_counts_its_classifier_calls_and_keeps_the_smallest_valid_region(tiny_biased):
+    """The regions' unions are tried from the smallest change up and the first valid one is the exhaustive search's
+    choice; a row with nothing to confine is not bisected; every classifier call is counted for its own sample."""
+    model, x, target = _batch(tiny_biased, n=6)
+    images = []
+    model.register_forward_hook(lambda module, args, out: images.append(len(args[0])))
+    explainer = Explainer(
+        PixelCodec(), model, Settings(goal=0.8, steps=60, lr=0.05, l1=0.1, confine="regions")
+    )
+    result = explainer.attempt(x, target, torch.ones_like(x[:, :1]), torch.Generator().manual_seed(0))
+    assert result["success"].sum() >= 3
+    need = explainer.needed(result)
+    need[0] = float("nan")  # as an attempt that did not move the classifier
+    for confine in (explainer.confine, explainer.confine_regions):
+        images.clear()
+        out = confine(x, result["x_cf"], target, need)
+        assert out["evaluations"].sum() == sum(images)
+        assert out["evaluations"][0] == 1  # judged once, never bisected
+    labels = segments(x, explainer.settings.max_regions)
+    delta = result["x_cf"] - x
+    for i in need[1:].isnan().logical_not().nonzero().flatten().add(1).tolist():
+        masks = subset_masks(labels[i])
+        best, _, evaluated = explainer.smallest_valid(x[i], delta[i], target[i], need[i], masks)
+        p = explainer.p_class(x[i] + masks * delta[i], target[i].expand(len(masks)))
+        l1 = (masks * delta[i].abs()).flatten(1).sum(1)
+        valid = p >= need[i]
+        if valid.any():
+            assert best == torch.where(valid, l1, torch.inf).argmin() and evaluated <= len(masks)
+        else:
+            assert best is None and evaluated == len(masks)
+    # one union at a time: the square alone (the smaller change) fails, the background is valid, the rest untried
+    x, x_cf, far = _square_scene()
+    meter = Explainer(PixelCodec(), GreenMeter(), Settings(goal=0.9))
+    masks = subset_masks(segments(x, 2)[0])
+    best, p, evaluated = meter.smallest_valid(
+        x[0], x_cf[0] - x[0], torch.tensor(1), torch.tensor(0.9), masks, 1
+    )
+    assert len(masks) == 3 and evaluated == 2 and p >= 0.9 and masks[best, 0][far].all()
+
+
 def test_pixel_baseline_and_smoothgrad_run(tiny_biased):
     model, x, target = _batch(tiny_biased, n=4)
     settings = Settings(attempts=1, goal=0.8, steps=30, lr=0.05, smoothgrad=3)
