@@ -238,12 +238,10 @@ class Explainer(nn.Module):
             if s.tv > 0:
                 near = None if edges is None else tuple(repeat(e) for e in edges)
                 objective = objective + s.tv * roughness(delta, free_rep, near)
-            if (
-                proto is not None
-            ):  # realism: stay near real images of the target class (Van Looveren & Klaise 2021)
-                objective = objective + s.prototype * (pooled(self.codec.encode(x_cf)) - repeat(proto)).pow(
-                    2
-                ).mean(1)
+            # realism: stay near real images of the target class (Van Looveren & Klaise 2021)
+            if proto is not None:
+                pull = pooled(self.codec.encode(x_cf)) - repeat(proto)
+                objective = objective + s.prototype * pull.pow(2).mean(1)
             if nll0 is not None:  # realism: patches real images have (EPLL), relative to the original's
                 objective = objective + s.patch_prior * (self.prior(x_cf) - repeat(nll0))
             loss = objective.sum() / copies
@@ -368,8 +366,9 @@ class Explainer(nn.Module):
         rest = torch.tensor([i for i in range(len(x)) if i not in found], dtype=torch.long, device=x.device)
         if len(rest):  # no segments to pay for where nothing is confined
             fallback = self.confine(x[rest], x_cf[rest], target[rest], need[rest])
+            fallback["evaluations"] += evaluations[rest]  # the unions tried before falling back
             for key, value in fallback.items():
-                result[key][rest] = value + result[key][rest] if key == "evaluations" else value
+                result[key][rest] = value
         for i, (region, p) in found.items():
             result["x_cf"][i] = x[i] + region * delta[i]
             result["p_after"][i] = p
