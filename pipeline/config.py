@@ -162,9 +162,6 @@ class DistilConfig:
     # a direction lying mostly in what the true edits changed is still erased when the spurious edits move along
     # it more, in sum, than the true ones: most verdicts on that kind of change said spurious
     erase_vote: bool = True
-    # the head's refit after the erase also learns from the spurious counterfactuals, each with the class it keeps
-    # (a distil.mix share of the weight), not from the training images alone
-    erase_refit_cfs: bool = False
     # random flips of every training image while fine-tuning: "none", "horizontal" or "both". A property of the data:
     # only where a mirrored image means the same (not laterality in chest X-rays, text, a tag in a known corner)
     flip: str = "none"

@@ -324,45 +324,19 @@ def evidence_directions(change: np.ndarray, energy: float = 0.9) -> np.ndarray:
     return vt[: int(np.searchsorted(share, energy)) + 1]
 
 
-def erase(
-    model: nn.Module,
-    card,
-    data: FolderData,
-    directions: np.ndarray,
-    seed: int = 0,
-    taught: tuple[np.ndarray, np.ndarray] | None = None,
-    mix: float = 0.5,
-) -> None:
+def erase(model: nn.Module, card, data: FolderData, directions: np.ndarray, seed: int = 0) -> None:
     """Project ``directions`` out of the head and refit it, in place: class-balanced logistic regression on the
-    training images' projected features, folded back as W (I - V^T V) so the architecture stays as it was. With
-    ``taught`` (features and classes of the spurious counterfactuals, each labelled with the class it keeps) the
-    refit learns from them too, a ``mix`` share of the weight: a shortcut the training images still carry along
-    other directions costs the fit on exactly the images the experts judged."""
+    training images' projected features, folded back as W (I - V^T V) so the architecture stays as it was."""
     train = ImageDataset(data, "train", card.classes, models.input_transform(card))
     x, y = features(model, train), np.asarray(train.targets)
-    importance = np.ones(len(y))
-    if taught is not None and len(taught[1]):
-        (cx, cy), n = taught, len(y)
-        x, y = np.concatenate([x, cx]), np.concatenate([y, cy])
-        importance = np.concatenate([np.full(n, (1 - mix) / n), np.full(len(cy), mix / len(cy))]) * len(y)
     x = x - (x @ directions.T) @ directions
-    fit = LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced", random_state=seed)
-    fit.fit(x, y, sample_weight=importance)
+    fit = LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced", random_state=seed).fit(x, y)
     weight, bias = as_head(fit.coef_, fit.intercept_)
     projection = torch.eye(directions.shape[1]) - torch.from_numpy(directions.T @ directions).float()
     head = model.get_submodule(models.last_linear(model))
     with torch.no_grad():
         head.weight.copy_(torch.from_numpy(weight).float().to(head.weight) @ projection.to(head.weight))
         head.bias.copy_(torch.from_numpy(bias).float().to(head.bias))
-
-
-def taught_features(
-    model: nn.Module, card, table: pd.DataFrame, folder: Path
-) -> tuple[np.ndarray, np.ndarray]:
-    """Head features of the spurious counterfactuals of ``table`` and the class each keeps (its training label)."""
-    spurious = table[table["verdict"] == "spurious"]
-    cfs = Counterfactuals(spurious, folder, card.classes, models.input_transform(card))
-    return features(model, cfs), np.asarray(cfs.targets)
 
 
 @dataclass
@@ -450,9 +424,8 @@ def run(
         directions = spurious_directions(
             backbone, card, cf_train, cf_folder, config.erase, evidence, config.erase_vote
         )
-        taught = taught_features(backbone, card, cf_train, cf_folder) if config.erase_refit_cfs else None
-        if len(directions) or taught is not None:
-            erase(backbone, card, data, directions, config.seed, taught, config.mix)
+        if len(directions):
+            erase(backbone, card, data, directions, config.seed)
         metrics.update(erased_directions=len(directions))
     metrics.update(
         counterfactuals_train=len(cf_train),

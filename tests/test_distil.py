@@ -496,32 +496,6 @@ def test_erase_makes_the_head_blind_to_what_the_spurious_edits_moved(tiny_biased
     assert changed and all(n.startswith(dfr.last_linear(model)) for n in changed)
 
 
-def test_the_erase_refit_can_learn_from_the_spurious_counterfactuals(tiny_biased, tmp_path):
-    """distil.erase_refit_cfs: the head refitted on the training images and the spurious counterfactuals (each with
-    the class it keeps) gets those counterfactuals right, where a refit on the confounded training images alone
-    follows the shortcut they carry; nothing is erased in either, so the difference is the refit's."""
-    ckpt, data = tiny_biased
-    folder = tmp_path / "explain"
-    cfs = _swap_background(data, "train", 24, folder)
-    kept = torch.tensor(cfs["label"].astype(int).to_numpy())
-    nothing = np.zeros((0, dfr.features(models.load(ckpt)[0], _originals(data)).shape[1]))
-    plain, card = models.load(ckpt)
-    distil.erase(plain, card, data, nothing)
-    taught, _ = models.load(ckpt)
-    features, classes = distil.taught_features(taught, card, cfs, folder)
-    assert features.shape[0] == len(cfs) and (classes == kept.numpy()).all()
-    distil.erase(taught, card, data, nothing, taught=(features, classes))
-    right = {
-        name: (_logits(m, cfs, folder, "counterfactual").argmax(1) == kept).float().mean().item()
-        for name, m in (("plain", plain), ("taught", taught))
-    }
-    assert right["plain"] < 0.2 and right["taught"] > 0.5, right
-
-
-def _originals(data) -> ImageDataset:
-    return ImageDataset(data, "train", ["0", "1"], make_transform(32))
-
-
 def test_a_round_with_erase_removes_the_shortcut_the_same_fine_tune_leaves(tiny_biased, tmp_path):
     """A fine-tune too short to unlearn the background on its own; erase on top of it removes the shortcut."""
     ckpt, data = tiny_biased
