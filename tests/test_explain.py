@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import explain, generator, models
+from pipeline import confinement, explain, generator, models
 from pipeline import manifest as manifest_files
 from pipeline.config import ExplainConfig, GeneratorConfig
 from pipeline.counterfactual import Explainer, PixelCodec, Settings, makes_progress
@@ -216,18 +216,25 @@ def test_region_confinement_keeps_the_edit_that_suffices():
     x, x_cf, far = _square_scene()
     explainer = Explainer(PixelCodec(), GreenMeter(), Settings(goal=0.9, confine="regions", max_regions=2))
     target = torch.tensor([1])
-    out = explainer.confine_regions(x, x_cf, target, torch.tensor([0.9]))
+    out = confinement.by_regions(explainer.p_class, explainer.settings, x, x_cf, target, torch.tensor([0.9]))
     assert torch.equal(out["x_cf"][..., 12:20, 12:20], x[..., 12:20, 12:20])  # the recolouring is undone
     assert torch.equal(out["x_cf"][..., far], x_cf[..., far])  # the background move is kept
     assert out["p_after"].item() >= 0.9
     assert out["used"][0, 0][far].all() and not out["used"][0, 0, 12:20, 12:20].any()  # square left whole
     # the threshold confinement keeps the strongest change: the recoloured square stays in
-    kept = explainer.confine(x, x_cf, target, torch.tensor([0.9]))["x_cf"]
+    kept = confinement.by_threshold(
+        explainer.p_class, explainer.settings, x, x_cf, target, torch.tensor([0.9])
+    )["x_cf"]
     assert not torch.equal(kept[..., 12:20, 12:20], x[..., 12:20, 12:20])
     # an attempt that did not move the classifier keeps the threshold confinement's answer
-    failed = explainer.confine_regions(x, x_cf, target, torch.tensor([float("nan")]))
+    failed = confinement.by_regions(
+        explainer.p_class, explainer.settings, x, x_cf, target, torch.tensor([float("nan")])
+    )
     nan = torch.tensor([float("nan")])
-    assert torch.equal(failed["x_cf"], explainer.confine(x, x_cf, target, nan)["x_cf"])
+    assert torch.equal(
+        failed["x_cf"],
+        confinement.by_threshold(explainer.p_class, explainer.settings, x, x_cf, target, nan)["x_cf"],
+    )
 
 
 def test_a_near_flip_is_confined_to_the_region_that_moved_the_classifier():
@@ -261,16 +268,18 @@ def test_confinement_counts_its_classifier_calls_and_keeps_the_smallest_valid_re
     assert result["success"].sum() >= 3
     need = explainer.needed(result)
     need[0] = float("nan")  # as an attempt that did not move the classifier
-    for confine in (explainer.confine, explainer.confine_regions):
+    for confine in (confinement.by_threshold, confinement.by_regions):
         images.clear()
-        out = confine(x, result["x_cf"], target, need)
+        out = confine(explainer.p_class, explainer.settings, x, result["x_cf"], target, need)
         assert out["evaluations"].sum() == sum(images)
         assert out["evaluations"][0] == 1  # judged once, never bisected
     labels = segments(x, explainer.settings.max_regions)
     delta = result["x_cf"] - x
     for i in need[1:].isnan().logical_not().nonzero().flatten().add(1).tolist():
         masks = subset_masks(labels[i])
-        best, _, evaluated = explainer.smallest_valid(x[i], delta[i], target[i], need[i], masks)
+        best, _, evaluated = confinement.smallest_valid(
+            explainer.p_class, x[i], delta[i], target[i], need[i], masks
+        )
         p = explainer.p_class(x[i] + masks * delta[i], target[i].expand(len(masks)))
         l1 = (masks * delta[i].abs()).flatten(1).sum(1)
         valid = p >= need[i]
@@ -282,8 +291,8 @@ def test_confinement_counts_its_classifier_calls_and_keeps_the_smallest_valid_re
     x, x_cf, far = _square_scene()
     meter = Explainer(PixelCodec(), GreenMeter(), Settings(goal=0.9))
     masks = subset_masks(segments(x, 2)[0])
-    best, p, evaluated = meter.smallest_valid(
-        x[0], x_cf[0] - x[0], torch.tensor(1), torch.tensor(0.9), masks, 1
+    best, p, evaluated = confinement.smallest_valid(
+        meter.p_class, x[0], x_cf[0] - x[0], torch.tensor(1), torch.tensor(0.9), masks, 1
     )
     assert len(masks) == 3 and evaluated == 2 and p >= 0.9 and masks[best, 0][far].all()
 
