@@ -244,6 +244,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "explain.search.steps": (lambda v: v >= 1, "an integer >= 1"),
     "explain.search.patience": (lambda v: v >= 0, "an integer >= 0"),
     "explain.search.lr": (lambda v: v > 0, "a number > 0"),
+    "explain.search.cast_lr": (lambda v: v > 0, "a number > 0"),
     "explain.search.temperature": (lambda v: v > 0, "a number > 0"),
     "explain.search.l1": (lambda v: v >= 0, "a number >= 0"),
     "explain.search.tv": (lambda v: v >= 0, "a number >= 0"),

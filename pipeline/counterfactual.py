@@ -19,7 +19,6 @@ Between 5 and 6 each attempt is confined (pipeline/confinement.py) to the smalle
 from __future__ import annotations
 
 import functools
-import math
 import time
 from dataclasses import dataclass
 
@@ -27,7 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline import confinement
+from pipeline import cast, confinement
+from pipeline.progress import Progress, log_odds
 from pipeline.regions import (
     change_mask,
     dilate,
@@ -87,24 +87,15 @@ class Settings:
     # grow the used region by this share of the image side before blocking it (3 px at 64 px; "threshold" only)
     dilate: float = 0.05
     filter_timestep: int = 0  # gradient filtering through the UNet at this timestep (0 = off)
+    # one more attempt after the others: a colour transformation of the whole image (pipeline/cast.py), the edit
+    # that shows a colour-cast shortcut (a scanner's, a stain's, a white balance's), which no local edit shows
+    cast: bool = False
+    cast_lr: float = 0.01  # Adam on the transformation's 12 parameters (identity = 0 change)
 
     @property
     def needs_prior(self) -> bool:
         """The search uses a PatchPrior: as a realism term, as a projection of every edit, or both."""
         return self.patch_prior > 0 or self.project
-
-
-def log_odds(p: torch.Tensor) -> torch.Tensor:
-    p = p.double().clamp(1e-30, 1 - 1e-15)
-    return torch.log(p) - torch.log1p(-p)
-
-
-def makes_progress(p: torch.Tensor, best: torch.Tensor, nats: float = -math.log(0.98)) -> torch.Tensor:
-    """Whether the target's log-odds rose by ``nats`` over the best so far. Near p = 1 that is closing 2 % of the
-    gap 1 - p (a mirrored search on its way from 0.999 to 0.9999 still moves); near p = 0 it sees a search whose
-    margin climbs while p still reads 0.00: a smooth edit (``tv``) of a whole background needs many steps before p
-    moves, and 2 of 32 were given up at p = 0.004 and 0.11 that flip at step 85 and 99."""
-    return log_odds(p) - log_odds(best) >= nats
 
 
 def copies_of(settings: Settings) -> int:
@@ -179,7 +170,7 @@ class Explainer(nn.Module):
         self, x: torch.Tensor, target: torch.Tensor, free: torch.Tensor, generator: torch.Generator
     ) -> dict:
         """One attempt for a batch: returns the best counterfactual per sample and its statistics."""
-        s, n = self.settings, x.shape[0]
+        s = self.settings
         with torch.no_grad():
             z0 = self.codec.encode(x)
             d0 = self.codec.decode(z0)
@@ -191,20 +182,17 @@ class Explainer(nn.Module):
             edges = edge_weights(x) if s.tv > 0 and s.tv_edges else None
         z = z0.clone().requires_grad_(True)
         optimizer = torch.optim.Adam([z], lr=s.lr)
-        best, best_p = x.clone(), p_before.clone()
         no_room = (
             free.flatten(1).mean(1) < 0.01
         )  # earlier attempts used (almost) everything: nothing to search
-        done = no_room.clone()
-        steps = torch.zeros(n, dtype=torch.long, device=x.device)
-        stalled = torch.zeros_like(steps)  # steps since the target log-odds last rose 0.02
+        search = Progress(x, p_before, level, s.patience, done=no_room)
         copies = copies_of(s)
         sigma = s.smoothgrad_sigma * z0.std()
         judged_by_step = self._judged_by_gradient_model()  # the step's own logits judge its candidate
-        for _ in range(0 if done.all() else s.steps):
+        for _ in range(0 if search.done.all() else s.steps):
             # only the samples still searching are computed: a batch otherwise runs every sample for as many
             # steps as its slowest one needs (measured on the demo: 26 steps on average, 100 for the slowest)
-            on = (~done).nonzero().squeeze(1)
+            on = search.searching()
             repeat = functools.partial(searching, on=on, copies=copies)
             # 1. candidate(s): SmoothGrad evaluates noisy copies of the latent and averages their gradients
             zs = repeat(z)
@@ -253,29 +241,18 @@ class Explainer(nn.Module):
                     p = torch.softmax(logits.detach(), -1).gather(1, target[on, None]).squeeze(1)
                 else:
                     p = self.p_class(current, target[on])
-                better = p > best_p[on]
-                progress = makes_progress(p, best_p[on])
-                stalled[on] = torch.where(progress, torch.zeros_like(stalled[on]), stalled[on] + 1)
-                best[on[better]], best_p[on[better]] = current[better], p[better]
-                steps[on] += 1
-                done |= best_p >= level
-                if s.patience:  # a search that stopped improving will not flip: spare its budget
-                    done |= stalled >= s.patience
-                if done.all():
-                    break
-            frozen = z.detach().clone()
-            optimizer.step()
-            with torch.no_grad():  # finished samples stop changing (Adam's momentum would move them)
-                z[done] = frozen[done]
+            if search.record(on, current, p):
+                break
+            search.step(optimizer, z)
         return {
-            "x_cf": best,
+            "x_cf": search.best,
             "p_before": p_before,
-            "p_after": best_p,
-            "success": (best_p >= s.goal) & ~no_room,
-            "steps": steps,
+            "p_after": search.best_p,
+            "success": (search.best_p >= s.goal) & ~no_room,
+            "steps": search.steps,
             "no_room": no_room,
             # encode, reference decode, the start's judgement (and the mirror's level), then every step
-            "evaluations": 3 + int(s.mirror) + steps * self.evaluations_per_step(),
+            "evaluations": 3 + int(s.mirror) + search.steps * self.evaluations_per_step(),
         }
 
     @torch.no_grad()
@@ -426,6 +403,10 @@ class Explainer(nn.Module):
                 results.append(result | {"seconds": seconds})
                 if self.settings.diversify:
                     free = free * (1 - used)
+        if self.settings.cast:
+            started = time.perf_counter()
+            results.append(cast.search(self, x, target))
+            results[-1]["seconds"] = time.perf_counter() - started
         return results
 
     def evaluations_per_step(self) -> int:

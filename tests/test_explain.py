@@ -9,9 +9,10 @@ from PIL import Image
 from pipeline import confinement, explain, generator, models
 from pipeline import manifest as manifest_files
 from pipeline.config import ExplainConfig, GeneratorConfig
-from pipeline.counterfactual import Explainer, PixelCodec, Settings, makes_progress
+from pipeline.counterfactual import Explainer, PixelCodec, Settings
 from pipeline.data import ImageDataset, make_transform
 from pipeline.errors import UserError
+from pipeline.progress import makes_progress
 from pipeline.regions import (
     blur,
     dilate,

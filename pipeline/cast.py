@@ -1,0 +1,70 @@
+"""A counterfactual of another family: one colour transformation of the whole image (``search.cast``).
+
+A scanner, a staining protocol or a camera's white balance changes every pixel's colour the same way. A classifier
+that learnt such a cast flips under that transformation, and no local edit shows it: a recoloured segment leaves
+the rest of the image carrying the cast, and a classifier taught that this segment's colour must not flip it goes
+on reading the cast everywhere else. The search: per image a 3x3 colour matrix and an offset on [0, 1]
+intensities, from the identity, with the latent search's loss (tempered cross-entropy to the target plus L1 to the
+original) and its per-sample stop; nothing is confined, the edit is global by nature. On greyscale data the
+classifier sees the channel mean, so the transformation is a change of brightness and contrast.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from pipeline.progress import Progress
+
+
+def identity(n: int, device=None) -> torch.Tensor:
+    """(n, 3) parameters of the identity transformation: log channel gains of 0."""
+    return torch.zeros(n, 3, device=device)
+
+
+def transformed(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """x in [-1, 1] (B, 3, H, W) with each image's channel gains applied to its [0, 1] intensities (unclamped)."""
+    return 2 * ((x + 1) / 2 * params.exp()[..., None, None]) - 1
+
+
+def search(explainer, x: torch.Tensor, target: torch.Tensor) -> dict:
+    """The smallest colour transformation per image that reaches the explainer's level; the result has the
+    fields of ``Explainer.attempt`` plus its change ``mask`` (every pixel the transformation moved)."""
+    s = explainer.settings
+    with torch.no_grad():
+        p_before = explainer.p_class(x, target)
+        search = Progress(x, p_before, explainer._level(x), s.patience)
+    params = identity(len(x), x.device).requires_grad_(True)
+    optimizer = torch.optim.Adam([params], lr=s.cast_lr)
+    judged_by_step = explainer._judged_by_gradient_model()
+    for _ in range(s.steps):
+        on = search.searching()
+        raw = transformed(x[on], params[on])
+        x_cf = (
+            raw - (raw - raw.clamp(-1, 1)).detach()
+        )  # clamped for the classifier, straight-through gradient
+        logits = explainer._gradient_logits(x_cf)
+        ce = F.cross_entropy(logits / s.temperature, target[on], reduction="none")
+        loss = (ce + s.l1 * (raw - x[on]).abs().flatten(1).mean(1)).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            if judged_by_step:
+                p = torch.softmax(logits.detach(), -1).gather(1, target[on, None]).squeeze(1)
+            else:
+                p = explainer.p_class(x_cf, target[on])
+        if search.record(on, x_cf.detach(), p):
+            break
+        search.step(optimizer, params)
+    per_step = 2 + (0 if judged_by_step else 1)  # the gradient model forward + backward, and the judgement
+    return {
+        "x_cf": search.best,
+        "p_before": p_before,
+        "p_after": search.best_p,
+        "success": search.best_p >= s.goal,
+        "steps": search.steps,
+        "no_room": torch.zeros_like(search.done),
+        # the start's judgement (and the mirror's level), then every step
+        "evaluations": 1 + int(s.mirror) + search.steps * per_step,
+        "mask": ((search.best - x).abs().sum(1, keepdim=True) > 0).float(),
+    }

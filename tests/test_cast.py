@@ -1,0 +1,69 @@
+"""The colour-cast attempt (explain.search.cast): one colour transformation of the whole image."""
+
+import math
+
+import torch
+
+from pipeline import cast, explain, manifest
+from pipeline.config import GeneratorConfig
+from pipeline.counterfactual import Explainer, PixelCodec, Settings
+
+from tests.test_explain import _config
+
+
+class CastMeter(torch.nn.Module):
+    """Reads only the image's colour balance (mean red against mean blue): a scanner-cast shortcut."""
+
+    def forward(self, x):
+        warm = 8 * (x[:, 0].mean((1, 2)) - x[:, 2].mean((1, 2)))
+        return torch.stack([-warm, warm], 1)
+
+
+def _cool_tiles(n=4, side=24):
+    """Textured tiles with a cool cast (blue above red), mid-range so no channel is clipped."""
+    texture = 0.3 * torch.rand(n, 1, side, side, generator=torch.Generator().manual_seed(0))
+    return (texture + torch.tensor([-0.3, -0.1, 0.1]).view(1, 3, 1, 1)).clamp(-1, 1)
+
+
+def test_the_transformation_is_a_gain_per_channel_on_intensities():
+    x = _cool_tiles(2)
+    torch.testing.assert_close(cast.transformed(x, cast.identity(2)), x)
+    params = torch.tensor([[math.log(1.5), 0.0, math.log(0.5)]]).repeat(2, 1)
+    out = (cast.transformed(x, params) + 1) / 2
+    torch.testing.assert_close(out[:, 0], 1.5 * (x[:, 0] + 1) / 2)
+    torch.testing.assert_close(out[:, 1], (x[:, 1] + 1) / 2)
+    torch.testing.assert_close(out[:, 2], 0.5 * (x[:, 2] + 1) / 2)
+
+
+def test_a_cast_classifier_is_explained_by_a_colour_change_of_the_whole_image():
+    x, target = _cool_tiles(), torch.ones(4, dtype=torch.long)
+    settings = Settings(attempts=1, goal=0.9, steps=150, lr=0.05, l1=0.1, cast=True, cast_lr=0.02)
+    results = Explainer(PixelCodec(), CastMeter(), settings)(x, target)
+    assert len(results) == 2  # the latent attempt, then the cast
+    colour = results[1]
+    assert colour["success"].all() and (colour["p_after"] >= 0.9).all()
+    assert colour["mask"].flatten(1).mean(1).min() > 0.99  # every pixel moved: the edit is global
+    # the same gain on every pixel of a channel: the counterfactual is the original under one transformation
+    gain = (colour["x_cf"] + 1) / (x + 1)
+    spread = gain.flatten(2).std(2) / gain.flatten(2).mean(2)
+    assert spread.max() < 1e-3
+    assert (gain[:, 0].mean((1, 2)) > 1).all() and (gain[:, 2].mean((1, 2)) < 1).all()  # warmer
+    # the start's judgement, then a forward and a backward pass per step (the step's logits judge it)
+    assert torch.equal(colour["evaluations"], 1 + 2 * colour["steps"])
+    assert (colour["steps"] > 0).all() and colour["seconds"] > 0 and not colour["no_room"].any()
+
+
+def test_without_the_switch_there_is_no_cast_attempt():
+    x, target = _cool_tiles(), torch.ones(4, dtype=torch.long)
+    settings = Settings(attempts=1, goal=0.9, steps=5, lr=0.05, l1=0.1)
+    assert len(Explainer(PixelCodec(), CastMeter(), settings)(x, target)) == 1
+
+
+def test_the_explain_stage_writes_the_cast_as_the_last_attempt(tiny_biased, tiny_codec, tmp_path):
+    ckpt, data = tiny_biased
+    summary = explain.run(ckpt, data, _config(cast=True), GeneratorConfig(source=str(tiny_codec)), tmp_path)
+    table = manifest.read(tmp_path / "manifest.csv")
+    assert len(table) == 2 * 3 * 3 and set(table["attempt"]) == {1, 2, 3}  # pairs x images x (2 + cast)
+    casts = table[table["attempt"] == 3]
+    assert (casts["changed_area"] > 0.5).all()  # a whole-image change (pixels near black barely move)
+    assert set(summary["validity_by_attempt"]) == {1, 2, 3}
