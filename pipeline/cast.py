@@ -1,12 +1,13 @@
-"""A counterfactual of another family: one colour transformation of the whole image (``search.cast``).
+"""A counterfactual of another family: one colour cast of the whole image (``search.cast``).
 
 A scanner, a staining protocol or a camera's white balance changes every pixel's colour the same way. A classifier
 that learnt such a cast flips under that transformation, and no local edit shows it: a recoloured segment leaves
 the rest of the image carrying the cast, and a classifier taught that this segment's colour must not flip it goes
-on reading the cast everywhere else. The search: per image a 3x3 colour matrix and an offset on [0, 1]
-intensities, from the identity, with the latent search's loss (tempered cross-entropy to the target plus L1 to the
-original) and its per-sample stop; nothing is confined, the edit is global by nature. On greyscale data the
-classifier sees the channel mean, so the transformation is a change of brightness and contrast.
+on reading the cast everywhere else. The search: per image three channel gains on [0, 1] intensities (optimised as
+log gains from 0, the identity), with the latent search's loss (tempered cross-entropy to the target plus L1 to the
+original) and its per-sample stop; nothing is confined, the edit is global by nature. Gains keep black black and
+stay plausible; a full colour matrix with offsets drove tissue to colours no scanner makes. On greyscale data the
+classifier sees the channel mean, so the cast is a change of brightness.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def transformed(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
 
 
 def search(explainer, x: torch.Tensor, target: torch.Tensor) -> dict:
-    """The smallest colour transformation per image that reaches the explainer's level; the result has the
+    """The smallest cast per image that reaches the explainer's level; the result has the
     fields of ``Explainer.attempt`` plus its change ``mask`` (every pixel the transformation moved)."""
     s = explainer.settings
     with torch.no_grad():
@@ -40,9 +41,8 @@ def search(explainer, x: torch.Tensor, target: torch.Tensor) -> dict:
     for _ in range(s.steps):
         on = search.searching()
         raw = transformed(x[on], params[on])
-        x_cf = (
-            raw - (raw - raw.clamp(-1, 1)).detach()
-        )  # clamped for the classifier, straight-through gradient
+        # clamped for the classifier, with a straight-through gradient
+        x_cf = raw - (raw - raw.clamp(-1, 1)).detach()
         logits = explainer._gradient_logits(x_cf)
         ce = F.cross_entropy(logits / s.temperature, target[on], reduction="none")
         loss = (ce + s.l1 * (raw - x[on]).abs().flatten(1).mean(1)).sum()

@@ -14,6 +14,7 @@ For a batch of images x (in [-1, 1]) and target classes, each attempt k = 1..K:
      most, and the valid candidate with the smallest L1 wins (a flip a small tag carries is not hidden behind a
      larger edit elsewhere).
 Between 5 and 6 each attempt is confined (pipeline/confinement.py) to the smallest part of its edit that still flips.
+With ``cast`` one more attempt follows: the channel gains of the whole image that flip it (pipeline/cast.py).
 """
 
 from __future__ import annotations
@@ -87,10 +88,11 @@ class Settings:
     # grow the used region by this share of the image side before blocking it (3 px at 64 px; "threshold" only)
     dilate: float = 0.05
     filter_timestep: int = 0  # gradient filtering through the UNet at this timestep (0 = off)
-    # one more attempt after the others: a colour transformation of the whole image (pipeline/cast.py), the edit
-    # that shows a colour-cast shortcut (a scanner's, a stain's, a white balance's), which no local edit shows
+    # one more attempt after the others: channel gains of the whole image (pipeline/cast.py), the edit that shows a
+    # colour-cast shortcut (a scanner's, a stain's, a white balance's), which no local edit shows; not for data
+    # whose classes are colours (the gains move the evidence too)
     cast: bool = False
-    cast_lr: float = 0.01  # Adam on the transformation's 12 parameters (identity = 0 change)
+    cast_lr: float = 0.01  # Adam on the three log gains (0 = no change)
 
     @property
     def needs_prior(self) -> bool:
