@@ -48,11 +48,7 @@ def search(explainer, x: torch.Tensor, target: torch.Tensor) -> dict:
         loss = (ce + s.l1 * (raw - x[on]).abs().flatten(1).mean(1)).sum()
         optimizer.zero_grad()
         loss.backward()
-        with torch.no_grad():
-            if judged_by_step:
-                p = torch.softmax(logits.detach(), -1).gather(1, target[on, None]).squeeze(1)
-            else:
-                p = explainer.p_class(x_cf, target[on])
+        p = explainer.judge(logits, x_cf.detach(), target[on], judged_by_step)
         if search.record(on, x_cf.detach(), p):
             break
         search.step(optimizer, params)

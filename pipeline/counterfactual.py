@@ -239,10 +239,7 @@ class Explainer(nn.Module):
                 else:
                     assigned = None if assignment is None else assignment[on]
                     current = self.candidate(x[on], z[on], d0[on], free[on], assigned)
-                if judged_by_step:
-                    p = torch.softmax(logits.detach(), -1).gather(1, target[on, None]).squeeze(1)
-                else:
-                    p = self.p_class(current, target[on])
+                p = self.judge(logits, current, target[on], judged_by_step)
             if search.record(on, current, p):
                 break
             search.step(optimizer, z)
@@ -298,6 +295,14 @@ class Explainer(nn.Module):
             else torch.ones_like(free)
         )
         return (x + keep * free * delta).clamp(-1, 1)
+
+    @torch.no_grad()
+    def judge(self, logits, candidate, target, by_step: bool) -> torch.Tensor:
+        """A step's candidates' target probability on the original classifier: the step's own logits when they
+        are that classifier's on the candidate itself (``by_step``), else one more classifier pass."""
+        if by_step:
+            return torch.softmax(logits.detach(), -1).gather(1, target[:, None]).squeeze(1)
+        return self.p_class(candidate, target)
 
     @torch.no_grad()
     def p_class(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
