@@ -1,5 +1,5 @@
 """What generalises a verdict: the distil stage given *ideal* spurious counterfactuals on the suite's local-shortcut
-datasets, with and without transplanting each change onto other training images of its class.
+datasets.
 
 An ideal counterfactual of a training image takes the shortcut region (the generator's ``shortcut_mask``, its own
 and a donor's) from a training image of another class and changes nothing else: the shortcut swapped, the evidence
@@ -7,7 +7,7 @@ kept, labelled with the source class ("this change must not flip you"). Distilla
 defaults from the suite's biased classifier, so the only question left is whether the verdict reaches the images
 it was not given on. Needs the suite's first runs (benchmarks/suite.py leaves runs/suite/suite-NAME-mask).
 
-    .venv/bin/python benchmarks/ideal.py [--only shapes stamp] [--sizes 32 96] [--transplant 0 0.5 1]
+    .venv/bin/python benchmarks/ideal.py [--only shapes stamp] [--sizes 32 96]
 
 Writes benchmarks/results/ideal.json.
 """
@@ -18,7 +18,6 @@ import argparse
 import json
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +83,7 @@ def flip_rate(model, card: models.ModelCard, table: pd.DataFrame, folder: Path) 
     return round(float(np.mean(predicted != source)), 3)
 
 
-def measure(run: Path, sizes: list[int], transplants: list[float]) -> dict:
+def measure(run: Path, sizes: list[int]) -> dict:
     settings = config.load(run / "config.yaml")
     data = load_folder(settings.data.root)
     model, card = models.load(run / "classifier")
@@ -100,24 +99,15 @@ def measure(run: Path, sizes: list[int], transplants: list[float]) -> dict:
         for n in sizes:
             table = ideal(data, card, n, tmp / str(n))
             out["distil"][f"n{n}_biased_flip_rate"] = flip_rate(model.eval(), card, table, tmp / str(n))
-            for share in transplants:
-                fit, held = distil.split_holdout(table, settings.holdout, settings.seed)
-                target = tmp / f"m-{n}-{share}"
-                distil.run(
-                    run / "classifier",
-                    data,
-                    fit,
-                    held,
-                    tmp / str(n),
-                    replace(settings, transplant=share),
-                    target,
-                )
-                after, _ = evaluate(*models.load(target), data)
-                out["distil"][f"n{n}_transplant{share}"] = {
-                    "accuracy": round(after["accuracy"], 4),
-                    "worst_group_accuracy": round(after["worst_group_accuracy"], 4),
-                }
-                print(run.name, n, share, out["distil"][f"n{n}_transplant{share}"], flush=True)
+            fit, held = distil.split_holdout(table, settings.holdout, settings.seed)
+            target = tmp / f"m-{n}"
+            distil.run(run / "classifier", data, fit, held, tmp / str(n), settings, target)
+            after, _ = evaluate(*models.load(target), data)
+            out["distil"][f"n{n}"] = {
+                "accuracy": round(after["accuracy"], 4),
+                "worst_group_accuracy": round(after["worst_group_accuracy"], 4),
+            }
+            print(run.name, n, out["distil"][f"n{n}"], flush=True)
     masks = [
         load_mask(data.root / p, card.image_size, card.resize).mean()
         for p in data.split("train").shortcut_mask[:64]
@@ -130,7 +120,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", default=list(LOCAL), choices=LOCAL)
     parser.add_argument("--sizes", nargs="+", type=int, default=[32, 96])
-    parser.add_argument("--transplant", nargs="+", type=float, default=[0.0, 0.5, 1.0])
     parser.add_argument("--suite", default="runs/suite")
     args = parser.parse_args()
     quiet.configure(verbose=False)
@@ -143,7 +132,7 @@ def main() -> None:
                 file=sys.stderr,
             )
             sys.exit(2)
-        result["datasets"][name] = measure(run, args.sizes, args.transplant)
+        result["datasets"][name] = measure(run, args.sizes)
     path = HERE / "results" / "ideal.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))

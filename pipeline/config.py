@@ -152,9 +152,6 @@ class DistilConfig:
     # a spurious change stays spurious when made stronger: each draw scales it by U(1, stretch) (clipped to the image
     # range), so the shortcut is ignored over its whole range, not at the one point the search stopped (1 = as is)
     stretch: float = 3.0
-    # share of a spurious counterfactual's draws that carry its change (counterfactual - original) onto a random
-    # training image of the same class: the verdict learnt as a transformation, not memorised on one image
-    transplant: float = 0.0
     # after fine-tuning, project this many principal directions of each round's spurious edits' feature change
     # (less what the true edits changed) out of the head and refit it on the training images: the verdict removes
     # a feature from every image, not only from the edited ones (0 = off)
@@ -275,7 +272,6 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "distil.holdout": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     "distil.anchor": (lambda v: v >= 0, "a number >= 0"),
     "distil.stretch": (lambda v: 1.0 <= v <= 10.0, "a number in [1, 10]"),
-    "distil.transplant": (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
     "distil.erase": (lambda v: 0 <= v <= 64, "an integer in [0, 64]"),
     "distil.flip": (lambda v: v in ("none", "horizontal", "both"), "none, horizontal or both"),
     "distil.epochs": (lambda v: v >= 1, "an integer >= 1"),

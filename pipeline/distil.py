@@ -128,11 +128,8 @@ def training_transform(card: models.ModelCard, flip: str) -> v2.Compose:
 
 class Counterfactuals(Dataset):
     """Counterfactual PNGs with their training labels: yields (image, class index, i). With ``stretch`` > 1 each
-    draw is original + a * (counterfactual - original), a ~ U(1, stretch), clipped to [0, 255]. With ``hosts``
-    (training images on the explainer's pixel scale) a ``transplant`` share of the draws of spurious
-    counterfactuals carries the change onto a random training image of the same class instead: "this change must
-    not flip you" holds for every image of that class, so a local edit (a recoloured tag) is learnt as a
-    transformation rather than memorised on the one image it was found on."""
+    draw is original + a * (counterfactual - original), a ~ U(1, stretch), clipped to [0, 255]: always on the image
+    the verdict was given on, never carried onto another (an expert judged this change on this image)."""
 
     def __init__(
         self,
@@ -141,42 +138,21 @@ class Counterfactuals(Dataset):
         classes: list[str],
         transform,
         stretch: float = 1.0,
-        hosts: ImageDataset | None = None,
-        transplant: float = 0.0,
     ):
         self.paths = [folder / p for p in table["counterfactual"]]
-        moves = stretch > 1 or (hosts is not None and transplant > 0)
-        self.originals = [folder / p for p in table["original"]] if moves else []
+        self.originals = [folder / p for p in table["original"]] if stretch > 1 else []
         self.targets = [classes.index(label) for label in table["label"]]
-        self.spurious = table["verdict"].eq("spurious").tolist() if "verdict" in table else []
         self.transform, self.stretch = transform, stretch
-        self.hosts, self.transplant = (hosts, transplant) if transplant > 0 else (None, 0.0)
-        if self.hosts is not None:
-            targets = np.asarray(self.hosts.targets)
-            self.by_class = {c: np.flatnonzero(targets == c) for c in set(self.targets)}
 
     def __len__(self) -> int:
         return len(self.paths)
-
-    def _host(self, i: int, shape: tuple) -> np.ndarray | None:
-        """A random training image of counterfactual i's class, as (H, W, 3) on the 0-255 scale, or None when
-        this draw keeps the counterfactual's own image."""
-        if self.hosts is None or not self.spurious[i] or float(torch.rand(())) >= self.transplant:
-            return None
-        pool = self.by_class.get(self.targets[i], [])
-        if len(pool) == 0:
-            return None
-        x = self.hosts[int(pool[int(torch.randint(len(pool), ()))])][0]
-        host = ((x.permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.float32)
-        return host if host.shape == shape else None
 
     def __getitem__(self, i: int):
         cf = read_rgb(self.paths[i])
         if self.originals:
             original = read_rgb(self.originals[i])
-            a = float(torch.empty(()).uniform_(1.0, self.stretch)) if self.stretch > 1 else 1.0
-            host = self._host(i, original.shape)
-            cf = np.clip((original if host is None else host) + a * (cf - original), 0, 255)
+            a = float(torch.empty(()).uniform_(1.0, self.stretch))
+            cf = np.clip(original + a * (cf - original), 0, 255)
         return self.transform(Image.fromarray(cf.round().astype(np.uint8))), self.targets[i], i
 
 
@@ -361,12 +337,7 @@ def fine_tune(
     transform = models.input_transform(card)
     augmented = training_transform(card, config.flip)
     original = ImageDataset(data, "train", card.classes, augmented)
-    hosts = (
-        ImageDataset(data, "train", card.classes, models.pixel_transform(card)) if config.transplant else None
-    )
-    cfs = Counterfactuals(
-        cf_train, cf_folder, card.classes, augmented, config.stretch, hosts, config.transplant
-    )
+    cfs = Counterfactuals(cf_train, cf_folder, card.classes, augmented, config.stretch)
     sampler = mixed_sampler(original, cfs, config.mix, len(original), config.seed)
     train_loader = DataLoader(ConcatDataset([original, cfs]), batch_size=config.batch_size, sampler=sampler)
     val_loaders = [DataLoader(ImageDataset(data, "val", card.classes, transform), batch_size=256)]
