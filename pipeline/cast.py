@@ -13,7 +13,6 @@ classifier sees the channel mean, so the cast is a change of brightness.
 from __future__ import annotations
 
 import torch
-from torch.nn import functional as F
 
 from pipeline.progress import Progress
 
@@ -34,18 +33,16 @@ def search(explainer, x: torch.Tensor, target: torch.Tensor) -> dict:
     s = explainer.settings
     with torch.no_grad():
         p_before = explainer.p_class(x, target)
-        search = Progress(x, p_before, explainer._level(x), s.patience)
+        search = Progress(x, p_before, explainer.level(x), s.patience)
     params = identity(len(x), x.device).requires_grad_(True)
     optimizer = torch.optim.Adam([params], lr=s.cast_lr)
-    judged_by_step = explainer._judged_by_gradient_model()
+    judged_by_step = explainer.judged_by_gradient_model()
     for _ in range(s.steps):
         on = search.searching()
         raw = transformed(x[on], params[on])
-        # clamped for the classifier, with a straight-through gradient
-        x_cf = raw - (raw - raw.clamp(-1, 1)).detach()
-        logits = explainer._gradient_logits(x_cf)
-        ce = F.cross_entropy(logits / s.temperature, target[on], reduction="none")
-        loss = (ce + s.l1 * (raw - x[on]).abs().flatten(1).mean(1)).sum()
+        x_cf = explainer.seen(raw)
+        logits = explainer.gradient_logits(x_cf)
+        loss = explainer.flip_loss(logits, target[on], raw - x[on]).sum()
         optimizer.zero_grad()
         loss.backward()
         p = explainer.judge(logits, x_cf.detach(), target[on], judged_by_step)

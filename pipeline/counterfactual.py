@@ -150,12 +150,13 @@ class Explainer(nn.Module):
         """Gradients pass through the UNet's denoising pass (search.filter_timestep)."""
         return self.denoiser is not None and self.settings.filter_timestep > 0
 
-    def _judged_by_gradient_model(self) -> bool:
+    def judged_by_gradient_model(self) -> bool:
         """The gradient's logits are the original classifier's on the noise-free candidate itself (no surrogate, no
         filtering, no noisy copies): judging the candidate needs no further classifier call."""
         return self.surrogate is None and not self.settings.smoothgrad and not self._filters
 
-    def _gradient_logits(self, x_cf: torch.Tensor) -> torch.Tensor:
+    def gradient_logits(self, x_cf: torch.Tensor) -> torch.Tensor:
+        """Logits of the model the search follows: the surrogate or the classifier (after the UNet's pass)."""
         if self._filters:
             x_cf = self._filter(x_cf)
         return (self.surrogate or self.classifier)(x_cf)
@@ -177,7 +178,7 @@ class Explainer(nn.Module):
             z0 = self.codec.encode(x)
             d0 = self.codec.decode(z0)
             p_before = self.p_class(x, target)
-            level = self._level(x)
+            level = self.level(x)
             proto = self._prototype(z0, target)
             nll0 = self.prior(x) if s.patch_prior > 0 else None
             assignment = self.prior.assign(x) if s.project else None
@@ -190,7 +191,7 @@ class Explainer(nn.Module):
         search = Progress(x, p_before, level, s.patience, done=no_room)
         copies = copies_of(s)
         sigma = s.smoothgrad_sigma * z0.std()
-        judged_by_step = self._judged_by_gradient_model()  # the step's own logits judge its candidate
+        judged_by_step = self.judged_by_gradient_model()  # the step's own logits judge its candidate
         for _ in range(0 if search.done.all() else s.steps):
             # only the samples still searching are computed: a batch otherwise runs every sample for as many
             # steps as its slowest one needs (measured on the demo: 26 steps on average, 100 for the slowest)
@@ -208,17 +209,10 @@ class Explainer(nn.Module):
             if s.sparsity:
                 keep = change_mask(edit.detach(), s.blur, s.paste_threshold)
                 edit = keep * edit + (1 - keep) * (edit - edit.detach())
-            # the classifier sees pixels clamped to [-1, 1], yet the gradient passes the clamp (straight-through):
-            # with a hard clamp, a pixel pushed past white gets no gradient, and on a bright background most of
-            # the change ended up there, invisible and stuck (the search stalled at p = 0.2 for 100 steps)
-            x_raw = x_rep + edit
-            x_cf = x_raw - (x_raw - x_raw.clamp(-1, 1)).detach()
-            # 3. loss: tempered cross-entropy to the target + L1 proximity of the unclamped edit, so change
-            #    beyond the range costs too
-            logits = self._gradient_logits(x_cf)
-            ce = F.cross_entropy(logits / s.temperature, repeat(target), reduction="none")
-            l1 = edit.abs().flatten(1).mean(1)
-            objective = ce + s.l1 * l1
+            x_cf = self.seen(x_rep + edit)
+            # 3. loss: tempered cross-entropy to the target + L1 proximity of the unclamped edit
+            logits = self.gradient_logits(x_cf)
+            objective = self.flip_loss(logits, repeat(target), edit)
             # roughness within the free region, before paste-back: neither mask's edges are part of the edit
             if s.tv > 0:
                 near = None if edges is None else tuple(repeat(e) for e in edges)
@@ -255,7 +249,7 @@ class Explainer(nn.Module):
         }
 
     @torch.no_grad()
-    def _level(self, x: torch.Tensor) -> torch.Tensor:
+    def level(self, x: torch.Tensor) -> torch.Tensor:
         """Per sample, the target probability the search runs to: max(goal, aim), or with mirror the original's
         confidence in its own class when that is higher (capped at 1 - 1e-6, which float32 still resolves; a search
         that cannot get there keeps its best iterate once it stalls)."""
@@ -295,6 +289,20 @@ class Explainer(nn.Module):
             else torch.ones_like(free)
         )
         return (x + keep * free * delta).clamp(-1, 1)
+
+    @staticmethod
+    def seen(raw: torch.Tensor) -> torch.Tensor:
+        """What the classifier sees of an unclamped candidate: pixels clamped to [-1, 1], yet the gradient passes
+        the clamp (straight-through). With a hard clamp a pixel pushed past white gets no gradient, and on a bright
+        background most of the change ended up there, invisible and stuck (a search stalled at p = 0.2)."""
+        return raw - (raw - raw.clamp(-1, 1)).detach()
+
+    def flip_loss(self, logits: torch.Tensor, target: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+        """Per sample: tempered cross-entropy to the target plus the L1 size of the unclamped change (so change
+        beyond the pixel range costs too)."""
+        s = self.settings
+        ce = F.cross_entropy(logits / s.temperature, target, reduction="none")
+        return ce + s.l1 * change.abs().flatten(1).mean(1)
 
     @torch.no_grad()
     def judge(self, logits, candidate, target, by_step: bool) -> torch.Tensor:
@@ -423,7 +431,7 @@ class Explainer(nn.Module):
         unet = 2 * copies if self._filters else 0
         encoder = 2 * copies if self.settings.prototype > 0 and self.prototypes else 0
         # the judgement of the candidate on the original classifier (+ its noise-free decode with SmoothGrad)
-        check = 0 if self._judged_by_gradient_model() else 1 + (1 if self.settings.smoothgrad else 0)
+        check = 0 if self.judged_by_gradient_model() else 1 + (1 if self.settings.smoothgrad else 0)
         return decoder + model + unet + encoder + check
 
 

@@ -106,7 +106,7 @@ def test_mirror_runs_each_search_on_to_the_originals_own_confidence(tiny_biased,
     explainer = Explainer(codec, model, settings)
     with torch.no_grad():
         own = torch.softmax(model(x), -1).amax(1).clamp_max(1 - 1e-6)
-    assert torch.allclose(explainer._level(x), own.clamp_min(0.6))
+    assert torch.allclose(explainer.level(x), own.clamp_min(0.6))
     mirrored = explainer.attempt(x, target, free, torch.Generator().manual_seed(0))
     at_goal = Explainer(codec, model, dataclasses.replace(settings, mirror=False)).attempt(
         x, target, free, torch.Generator().manual_seed(0)
