@@ -93,19 +93,27 @@ def judged(metrics: dict) -> list[dict]:
     return [*metrics.get("rounds", []), *([metrics["closing"]] if metrics.get("closing") else [])]
 
 
+def shortcut_rate(judgement: dict) -> float:
+    """The share of a classifier's explained images whose counterfactual the teacher called spurious: how often
+    a shortcut flips it."""
+    return judgement["labels"]["spurious"] / max(judgement["counterfactuals"], 1)
+
+
 def select(metrics: dict) -> dict:
     """The classifier whose counterfactuals the teacher judged true most often (feedback accuracy, which needs no
-    test labels). A tie goes to a corrected classifier before the one the run started from (its edits were judged
-    and acted on: a round or two judged on a single edit each often ties at 0), then to the earliest round (as good
-    a judgement with less fine-tuning drift). Its test figures come along for the report only."""
+    test labels). A tie goes to the classifier a shortcut flips least often (where the teacher finds only shortcut
+    edits, every feedback accuracy is 0 and the count of spurious edits per image is what still tells the
+    classifiers apart), then to a corrected classifier before the one the run started from (its edits were judged
+    and acted on), then to the earliest round (as good a judgement with less fine-tuning drift). Its test figures
+    come along for the report only."""
     scored = judged(metrics)
     names = ["classifier", *(r["model"] for r in metrics["rounds"])]
     scores = [
-        (j["feedback_accuracy"], i > 0, -i)
+        (j["feedback_accuracy"], -shortcut_rate(j), i > 0, -i)
         for i, j in enumerate(scored[: len(names)])
         if j.get("feedback_accuracy") is not None
     ]
-    best = -max(scores)[2] if scores else len(names) - 1
+    best = -max(scores)[-1] if scores else len(names) - 1
     tested = metrics["classifier"] if best == 0 else metrics["rounds"][best - 1]
     return {
         "model": names[best],

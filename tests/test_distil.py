@@ -340,8 +340,14 @@ def test_staged_layers_erase_alone_in_round_one_and_fine_tune_after(tmp_path, ti
 
 
 def test_select_takes_the_classifier_with_the_best_feedback_accuracy():
-    def judged(fa, acc=0.5):
-        return {"feedback_accuracy": fa, "test_accuracy": acc, "worst_group_accuracy": acc / 2}
+    def judged(fa, acc=0.5, spurious=1):
+        return {
+            "feedback_accuracy": fa,
+            "labels": {"spurious": spurious},
+            "counterfactuals": 10,
+            "test_accuracy": acc,
+            "worst_group_accuracy": acc / 2,
+        }
 
     metrics = {
         "classifier": {"accuracy": 0.5, "worst_group_accuracy": 0.1},
@@ -368,6 +374,13 @@ def test_select_takes_the_classifier_with_the_best_feedback_accuracy():
     # every judgement alike (one spurious edit each): the corrected classifier, not the one the run started from
     for judgement in (*metrics["rounds"], metrics["closing"]):
         judgement["feedback_accuracy"] = 0.0
+    assert rounds.select(metrics)["model"] == "distil_r1"
+    # ... unless a shortcut flips one of them less often: 1 spurious edit of 10 explained images against 4
+    for judgement, spurious in zip((*metrics["rounds"], metrics["closing"]), (4, 4, 4, 1)):
+        judgement["labels"]["spurious"] = spurious
+    assert rounds.select(metrics)["model"] == "distil_r3"
+    # a better feedback accuracy still comes first
+    metrics["rounds"][1]["feedback_accuracy"] = 0.1
     assert rounds.select(metrics)["model"] == "distil_r1"
 
 

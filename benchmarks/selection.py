@@ -1,0 +1,77 @@
+"""How well the label-free choice of a run's result (`distil.select`) does, from finished multi-round runs.
+
+The selection sees only the teacher's judgements of each classifier's counterfactuals; the test split's worst-group
+accuracy, which it never sees, says how good its choice was. For every finished run (the closing judgement done)
+under the folder: the classifier chosen, the best one the run made, and their worst-group accuracies. The choice is
+recomputed with today's rule from the judgements the run recorded, so a change of the rule is measured on every
+run at once without rerunning any.
+
+    .venv/bin/python benchmarks/selection.py [--runs runs/suite] [--tag 3r-fast]
+
+Writes benchmarks/results/selection.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pipeline import rounds
+
+HERE = Path(__file__).resolve().parent
+
+
+def candidates(metrics: dict) -> dict[str, float]:
+    """Worst-group test accuracy of every classifier the selection chooses from."""
+    found = {"classifier": metrics["classifier"]["worst_group_accuracy"]}
+    return found | {r["model"]: r["worst_group_accuracy"] for r in metrics["rounds"]}
+
+
+def measure(run_dir: Path) -> dict | None:
+    path = run_dir / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.exists() else {}
+    if not metrics.get("closing") or not metrics.get("rounds"):
+        return None  # not a finished multi-round run with its closing judgement
+    worst = candidates(metrics)
+    chosen = rounds.select(metrics)["model"]
+    best = max(worst, key=worst.get)
+    return {
+        "chosen": chosen,
+        "chosen_worst_group": worst[chosen],
+        "best": best,
+        "best_worst_group": worst[best],
+        "worst_group": worst,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default="runs/suite", help="folder holding run directories")
+    parser.add_argument("--tag", default="", help="only runs whose name ends with this")
+    args = parser.parse_args()
+    runs = {}
+    for run_dir in sorted(Path(args.runs).iterdir()):
+        if run_dir.is_dir() and run_dir.name.endswith(args.tag):
+            found = measure(run_dir)
+            if found is not None:
+                runs[run_dir.name] = found
+    n = len(runs)
+    summary = {
+        "runs": n,
+        "best_chosen": sum(r["chosen_worst_group"] == r["best_worst_group"] for r in runs.values()),
+        "mean_chosen_worst_group": round(sum(r["chosen_worst_group"] for r in runs.values()) / max(n, 1), 4),
+        "mean_best_worst_group": round(sum(r["best_worst_group"] for r in runs.values()) / max(n, 1), 4),
+    }
+    for name, r in runs.items():
+        print(
+            f"{name:45s} chose {r['chosen']:10s} {r['chosen_worst_group']:.3f}   best {r['best']:10s} "
+            f"{r['best_worst_group']:.3f}"
+        )
+    print(json.dumps(summary))
+    out = HERE / "results" / "selection.json"
+    out.write_text(json.dumps({"summary": summary, "runs": runs}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
