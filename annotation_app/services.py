@@ -21,6 +21,7 @@ from pipeline.errors import UserError
 from pipeline.store import CLUSTER_COMMENT, LABELS, current
 
 REQUIRED = ("id", "original", "counterfactual", "difference", "source_class", "target_class", "attempt")
+PARTIAL = 0.5  # feedback.partial of a run without a readable config: the pipeline's default (tested equal)
 
 
 class AppError(Exception):
@@ -61,7 +62,7 @@ def load_round(run_dir: Path, number: int) -> Round:
         raise AppError(f"the manifest of round {number} is corrupt: missing column(s) {', '.join(absent)}")
     total = len(manifest)
     if "success" in manifest:  # the cards a verdict is for: flips, and near-flips with feedback.partial < 1
-        manifest = manifest_files.judged(manifest, feedback_setting(run_dir, "partial", 1.0))
+        manifest = manifest_files.judged(manifest, feedback_setting(run_dir, "partial", PARTIAL))
     not_flipped = total - len(manifest)
     if manifest.empty:
         raise AppError(f"round {number} is empty: no counterfactual flipped the classifier")

@@ -125,8 +125,9 @@ class FeedbackConfig:
     unrealistic: float = 0.0
     # counterfactuals that fell short of the goal are judged too when they covered at least this share of the way
     # to it (target log-odds): a change that moves the decision that far, flip or not, is class evidence or a
-    # shortcut the classifier must not follow; spurious ones are distilled with their source label (1 = flips only)
-    partial: float = 1.0
+    # shortcut the classifier must not follow (a swapped tag alone rarely flips a classifier that also reads the
+    # real evidence); spurious ones are distilled with their source label (1 = flips only)
+    partial: float = 0.5
     min_labels: int = 1  # human teacher: labelled counterfactuals a round needs before distil continues
     min_votes: int = 1  # annotators that must agree for a consensus label (fewer -> unsure)
 

@@ -7,6 +7,7 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from annotation_app import services
+from pipeline.config import FeedbackConfig
 from pipeline.store import FeedbackStore
 
 APP = str(Path(__file__).resolve().parent.parent / "annotation_app" / "app.py")
@@ -229,6 +230,10 @@ def test_near_flips_are_shown_when_the_run_judges_them(tmp_path, monkeypatch):
     assert set(shown.manifest["id"]) == {"cf-0", "cf-1", "cf-near"} and shown.not_flipped == 1
     (run / "config.yaml").write_text("feedback:\n  partial: 1.0\n")
     assert set(services.load_round(run, 1).manifest["id"]) == {"cf-0", "cf-1"}
+    # a run without a readable config: the app shows what the pipeline's default judges
+    (run / "config.yaml").unlink()
+    assert services.PARTIAL == FeedbackConfig().partial
+    assert set(services.load_round(run, 1).manifest["id"]) == {"cf-0", "cf-1", "cf-near"}
 
 
 def make_clustered_run(root, per_kind=4):
