@@ -212,6 +212,12 @@ def _devices_ok(v) -> bool:
 
 
 # Value checks beyond the type: key -> (predicate, what is allowed)
+# settings that no longer exist: the value that meant "off" (a run directory written before still loads, the same
+# method), and why it went (any other value is an error naming the key)
+RETIRED: dict[str, tuple[typing.Any, str]] = {
+    "distil.transplant": (0.0, "a verdict is only ever used for the exact image it was given on"),
+}
+
 _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "data.square.n": (lambda v: v >= 20, "an integer >= 20"),
     "data.square.poison": (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
@@ -357,7 +363,11 @@ def _build(cls: type, raw: typing.Any, prefix: str, issues: list[str], base=None
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
-        if key not in names:
+        if f"{prefix}{key}" in RETIRED:
+            off, why = RETIRED[f"{prefix}{key}"]
+            if raw[key] != off:  # the setting changed the method: say so rather than run another one
+                issues.append(f"{prefix}{key}: removed ({why}); delete it from the config")
+        elif key not in names:
             issues.append(f"{prefix}{key}: unknown key (allowed: {', '.join(sorted(names))})")
     kwargs = {}
     for f in dataclasses.fields(cls):

@@ -27,6 +27,17 @@ def test_every_problem_is_reported_once(tmp_path):
     assert "classifier.epochs: got 0" in message and "classifier.lr: got -1" in message
 
 
+def test_a_retired_setting_loads_when_off_and_is_named_when_on(tmp_path):
+    """A run directory written before distil.transplant went still loads (its value was the off value: the same
+    method); a config that turns it on gets one line naming the key and why, not a silent other method."""
+    old = config.to_dict(config.RunConfig())
+    old["distil"]["transplant"] = 0.0
+    assert config.from_dict(old) == config.RunConfig()
+    old["distil"]["transplant"] = 0.5
+    with pytest.raises(UserError, match=r"distil.transplant: removed \(a verdict is only ever used"):
+        config.from_dict(old)
+
+
 def test_bad_yaml_and_missing_file(tmp_path):
     (tmp_path / "bad.yaml").write_text("data: [unclosed")
     with pytest.raises(UserError, match="not valid YAML"):
