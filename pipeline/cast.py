@@ -36,7 +36,6 @@ def search(explainer, x: torch.Tensor, target: torch.Tensor) -> dict:
         search = Progress(x, p_before, explainer.level(x), s.patience)
     params = identity(len(x), x.device).requires_grad_(True)
     optimizer = torch.optim.Adam([params], lr=s.cast_lr)
-    judged_by_step = explainer.judged_by_gradient_model()
     for _ in range(s.steps):
         on = search.searching()
         raw = transformed(x[on], params[on])
@@ -45,11 +44,12 @@ def search(explainer, x: torch.Tensor, target: torch.Tensor) -> dict:
         loss = explainer.flip_loss(logits, target[on], raw - x[on]).sum()
         optimizer.zero_grad()
         loss.backward()
-        p = explainer.judge(logits, x_cf.detach(), target[on], judged_by_step)
+        p = explainer.judge(logits, x_cf.detach(), target[on])
         if search.record(on, x_cf.detach(), p):
             break
         search.step(optimizer, params)
-    per_step = 2 + (0 if judged_by_step else 1)  # the gradient model forward + backward, and the judgement
+    # the gradient model forward + backward, and the judgement
+    per_step = 2 + (0 if explainer.judged_by_gradient_model() else 1)
     return {
         "x_cf": search.best,
         "p_before": p_before,

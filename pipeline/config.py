@@ -214,13 +214,13 @@ def _devices_ok(v) -> bool:
     return v in ("auto", "-1") or all(part.strip().isdigit() for part in v.split(","))
 
 
-# Value checks beyond the type: key -> (predicate, what is allowed)
-# settings that no longer exist: the value that meant "off" (a run directory written before still loads, the same
+# Settings that no longer exist: the value that meant "off" (a run directory written before still loads, the same
 # method), and why it went (any other value is an error naming the key)
 RETIRED: dict[str, tuple[typing.Any, str]] = {
     "distil.transplant": (0.0, "a verdict is only ever used for the exact image it was given on"),
 }
 
+# Value checks beyond the type: key -> (predicate, what is allowed)
 _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "data.square.n": (lambda v: v >= 20, "an integer >= 20"),
     "data.square.poison": (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),

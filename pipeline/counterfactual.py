@@ -191,7 +191,6 @@ class Explainer(nn.Module):
         search = Progress(x, p_before, level, s.patience, done=no_room)
         copies = copies_of(s)
         sigma = s.smoothgrad_sigma * z0.std()
-        judged_by_step = self.judged_by_gradient_model()  # the step's own logits judge its candidate
         for _ in range(0 if search.done.all() else s.steps):
             # only the samples still searching are computed: a batch otherwise runs every sample for as many
             # steps as its slowest one needs (measured on the demo: 26 steps on average, 100 for the slowest)
@@ -233,7 +232,7 @@ class Explainer(nn.Module):
                 else:
                     assigned = None if assignment is None else assignment[on]
                     current = self.candidate(x[on], z[on], d0[on], free[on], assigned)
-                p = self.judge(logits, current, target[on], judged_by_step)
+                p = self.judge(logits, current, target[on])
             if search.record(on, current, p):
                 break
             search.step(optimizer, z)
@@ -305,10 +304,10 @@ class Explainer(nn.Module):
         return ce + s.l1 * change.abs().flatten(1).mean(1)
 
     @torch.no_grad()
-    def judge(self, logits, candidate, target, by_step: bool) -> torch.Tensor:
+    def judge(self, logits, candidate, target) -> torch.Tensor:
         """A step's candidates' target probability on the original classifier: the step's own logits when they
-        are that classifier's on the candidate itself (``by_step``), else one more classifier pass."""
-        if by_step:
+        are that classifier's on the candidate itself (``judged_by_gradient_model``), else one more classifier pass."""
+        if self.judged_by_gradient_model():
             return torch.softmax(logits.detach(), -1).gather(1, target[:, None]).squeeze(1)
         return self.p_class(candidate, target)
 
