@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pipeline import rounds
+from pipeline import models, rounds
 
 HERE = Path(__file__).resolve().parent
 
@@ -34,6 +34,8 @@ def measure(run_dir: Path) -> dict | None:
     if not metrics.get("closing") or not metrics.get("rounds"):
         return None  # not a finished multi-round run with its closing judgement
     worst = candidates(metrics)
+    for judged in [metrics["classifier"], *metrics["rounds"]]:  # runs recorded before weights digests
+        judged.setdefault("weights", models.weights_digest(run_dir / judged.get("model", "classifier")))
     chosen = rounds.select(metrics)["model"]
     best = max(worst, key=worst.get)
     return {

@@ -8,6 +8,7 @@ itself get the small-image stem (``card.stem``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -210,6 +211,16 @@ def save(model: nn.Module, card: ModelCard, out: Path) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, out / WEIGHTS, metadata={"arch": card.arch})
     (out / CARD).write_text(json.dumps(asdict(card), indent=2))
+
+
+def weights_digest(directory: str | Path) -> str:
+    """A short hash of a checkpoint's tensors (names and values): equal digests, the same classifier."""
+    state = load_file(Path(directory) / WEIGHTS)
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _is_torchscript(path: Path) -> bool:

@@ -7,6 +7,7 @@ the stages and their fingerprints; this module only decides what flows between t
 
 from __future__ import annotations
 
+from pipeline import models
 from pipeline.config import DistilConfig
 from pipeline.data import FolderData
 from pipeline.rundir import read_json, write_json
@@ -69,6 +70,7 @@ def round_metrics(r, n: int, described: dict, before: dict) -> dict:
         "realism": described.get("realism"),
         **fed,
         "training": r.card_metrics(f"distil_r{n}"),
+        "weights": models.weights_digest(r.dir.path(f"distil_r{n}")),
         "test_accuracy": tested["accuracy"],
         "worst_group_accuracy": tested["worst_group_accuracy"],
         "worst_group": tested["worst_group"],
@@ -99,26 +101,51 @@ def shortcut_rate(judgement: dict) -> float:
     return judgement["labels"]["spurious"] / max(judgement["counterfactuals"], 1)
 
 
+def pooled(judgements: list[dict]) -> dict:
+    """Several judgements of one classifier (on different images) as one: the counts added up."""
+    if len(judgements) == 1:
+        return judgements[0]
+    labels = {k: sum(j["labels"].get(k, 0) for j in judgements) for k in ("true", "spurious")}
+    judged = labels["true"] + labels["spurious"]
+    return {
+        "labels": labels,
+        "counterfactuals": sum(j["counterfactuals"] for j in judgements),
+        "feedback_accuracy": labels["true"] / judged if judged else None,
+    }
+
+
+def same_classifier(tested: list[dict], i: int, n: int) -> list[int]:
+    """Of the first ``n`` candidates, those with candidate ``i``'s weights digest (``i`` alone without one: runs
+    recorded before digests)."""
+    digest = tested[i].get("weights")
+    return [k for k in range(n) if k == i or (digest and tested[k].get("weights") == digest)]
+
+
 def select(metrics: dict) -> dict:
     """The classifier whose counterfactuals the teacher judged true most often (feedback accuracy, which needs no
-    test labels). A tie goes to the classifier a shortcut flips least often (where the teacher finds only shortcut
-    edits, every feedback accuracy is 0 and the count of spurious edits per image is what still tells the
-    classifiers apart), then to a corrected classifier before the one the run started from (its edits were judged
-    and acted on), then to the earliest round (as good a judgement with less fine-tuning drift). Its test figures
-    come along for the report only."""
+    test labels). A round that left its classifier as it was (the same weights) is the same classifier judged on
+    other images: its judgements count together, and it goes by its first name. A tie goes to the classifier a
+    shortcut flips least often (where the teacher finds only shortcut edits, every feedback accuracy is 0 and the
+    count of spurious edits per image is what still tells the classifiers apart), then to a corrected classifier
+    before the one the run started from (its edits were judged and acted on), then to the earliest round (as good
+    a judgement with less fine-tuning drift). Its test figures come along for the report only."""
     scored = judged(metrics)
+    tested = [metrics["classifier"], *metrics["rounds"]]
     names = ["classifier", *(r["model"] for r in metrics["rounds"])]
+    n = min(len(scored), len(names))
+    groups = [same_classifier(tested, i, n) for i in range(n)]
+    judgement = [pooled([scored[k] for k in group]) for group in groups]
     scores = [
         (j["feedback_accuracy"], -shortcut_rate(j), i > 0, -i)
-        for i, j in enumerate(scored[: len(names)])
-        if j.get("feedback_accuracy") is not None
+        for i, (j, group) in enumerate(zip(judgement, groups))
+        if j.get("feedback_accuracy") is not None and group[0] == i
     ]
     best = -max(scores)[-1] if scores else len(names) - 1
-    tested = metrics["classifier"] if best == 0 else metrics["rounds"][best - 1]
+    chosen = tested[best]
     return {
         "model": names[best],
         "round": best,
-        "feedback_accuracy": scored[best].get("feedback_accuracy") if best < len(scored) else None,
-        "test_accuracy": tested.get("accuracy", tested.get("test_accuracy")),
-        "worst_group_accuracy": tested["worst_group_accuracy"],
+        "feedback_accuracy": judgement[best].get("feedback_accuracy") if best < len(judgement) else None,
+        "test_accuracy": chosen.get("accuracy", chosen.get("test_accuracy")),
+        "worst_group_accuracy": chosen["worst_group_accuracy"],
     }

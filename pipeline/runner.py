@@ -142,6 +142,7 @@ class Run:
         metrics = {name: read_json(self.dir.path("evaluate") / name / "metrics.json") for name in names}
         for name in names:
             metrics[name]["training"] = models.load_card(self.dir.path(name)).metrics
+            metrics[name]["weights"] = models.weights_digest(self.dir.path(name))
         write_json(self.dir.root / "metrics.json", metrics)
         return metrics
 

@@ -384,6 +384,54 @@ def test_select_takes_the_classifier_with_the_best_feedback_accuracy():
     assert rounds.select(metrics)["model"] == "distil_r1"
 
 
+def test_select_counts_the_judgements_of_one_classifier_together():
+    """A round that left its classifier unchanged (the same weights) gives the same classifier a second judgement
+    on other images: the two count as one, under the classifier's first name (numbers of a suite run where round 1
+    erased nothing)."""
+
+    def judged(true, spurious, **more):
+        fa = true / (true + spurious)
+        return {
+            "labels": {"true": true, "spurious": spurious},
+            "counterfactuals": 192,
+            "feedback_accuracy": fa,
+            **more,
+        }
+
+    def distilled(n, wg, weights, true, spurious):
+        return judged(
+            true, spurious, model=f"distil_r{n}", test_accuracy=wg, worst_group_accuracy=wg, weights=weights
+        )
+
+    metrics = {
+        "classifier": {"accuracy": 0.91, "worst_group_accuracy": 0.49, "weights": "a"},
+        "rounds": [  # each round: the judgement of the classifier it explained, then what it distilled
+            distilled(1, 0.49, "a", 91, 34),  # round 1 returned the classifier unchanged
+            distilled(2, 0.84, "b", 92, 15),  # ... and round 2 judged it again: 0.86 on these images
+            distilled(3, 0.94, "c", 73, 28),
+        ],
+        "closing": judged(
+            74, 19
+        ),  # distil_r3: 0.796, above the two judgements of the first classifier (0.789)
+    }
+    chosen = rounds.select(metrics)
+    assert chosen["model"] == "distil_r3" and chosen["worst_group_accuracy"] == 0.94
+    for r in metrics["rounds"]:  # a run recorded before weights digests: each judgement on its own
+        r.pop("weights")
+    assert rounds.select(metrics)["model"] == "distil_r1"
+    # the same classifier's pooled judgement is best: it goes by its first name, with the pooled score
+    for r, weights in zip(metrics["rounds"], "abc"):
+        r["weights"] = weights
+    metrics["closing"] = judged(10, 90)
+    assert rounds.select(metrics) == {
+        "model": "classifier",
+        "round": 0,
+        "feedback_accuracy": 183 / 232,
+        "test_accuracy": 0.91,
+        "worst_group_accuracy": 0.49,
+    }
+
+
 def test_stretched_counterfactuals_scale_the_change_within_the_image_range(tmp_path):
     """distil.stretch: each draw is original + a * (counterfactual - original), a ~ U(1, stretch), clipped."""
     original = np.full((8, 8, 3), 100, np.uint8)

@@ -43,6 +43,24 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     assert loaded_card == card
 
 
+def test_weights_digest_tells_the_same_classifier_from_a_changed_one(tmp_path):
+    """A classifier saved again unchanged (with another card) has the digest it had; one changed weight differs."""
+    torch.manual_seed(0)
+    model = models.build("small_cnn", 2, 32).eval()
+    card = models.ModelCard(arch="small_cnn", classes=["a", "b"], image_size=[32, 32])
+    models.save(model, card, tmp_path / "first")
+    models.save(
+        models.load(tmp_path / "first")[0],
+        card.__class__(**{**card.__dict__, "metrics": {"x": 1}}),
+        tmp_path / "again",
+    )
+    assert models.weights_digest(tmp_path / "first") == models.weights_digest(tmp_path / "again")
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1e-6
+    models.save(model, card, tmp_path / "changed")
+    assert models.weights_digest(tmp_path / "changed") != models.weights_digest(tmp_path / "first")
+
+
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_import_users_weights(tmp_path, suffix):
     torch.manual_seed(1)
