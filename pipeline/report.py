@@ -214,8 +214,13 @@ def _round_rows(metrics: dict) -> pd.DataFrame:
             **({"selected (feedback accuracy)": "yes" if stage == chosen else ""} if chosen else {}),
         }
 
-    rows = [row("before (biased)", metrics["classifier"], "classifier")]
-    rows += [row(f"after round {r['round']}", r, f"distil_r{r['round']}") for r in rounds]
+    names = ["before (biased)", *(f"after round {r['round']}" for r in rounds)]
+    stages = ["classifier", *(f"distil_r{r['round']}" for r in rounds)]
+    rows, first = [], {}  # weights digest -> the first classifier that had them
+    for name, m, stage in zip(names, [metrics["classifier"], *rounds], stages):
+        digest = m.get("weights")
+        same = digest is not None and first.setdefault(digest, name) != name
+        rows.append(row(f"{name} (same weights as {first[digest]})" if same else name, m, stage))
     if metrics.get("dfr"):
         rows.append(row("DFR-style baseline (uses group labels)", metrics["dfr"], "dfr"))
     if "reference" in metrics:

@@ -308,6 +308,11 @@ def test_a_round_with_nothing_new_to_teach_keeps_the_classifier(tmp_path, tiny_c
     assert "skipped" not in first[1].metrics and "no new usable verdicts" in second[1].metrics["skipped"]
     for a, b in zip(first[0].state_dict().values(), second[0].state_dict().values()):
         assert torch.equal(a, b)
+    # the same classifier twice: one weights digest, and the report names the first
+    assert (
+        metrics["rounds"][1]["weights"] == metrics["rounds"][0]["weights"] != metrics["classifier"]["weights"]
+    )
+    assert "after round 2 (same weights as after round 1)" in (root / "report.html").read_text()
 
 
 @pytest.mark.parametrize(
