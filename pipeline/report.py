@@ -20,7 +20,7 @@ from PIL import Image  # noqa: E402
 from pipeline import change_maps, manifest  # noqa: E402
 from pipeline.data import FolderData  # noqa: E402
 from pipeline.evaluate import group_names  # noqa: E402
-from pipeline.rounds import judged  # noqa: E402
+from pipeline.rounds import judged, same_classifier  # noqa: E402
 from pipeline.rundir import read_json  # noqa: E402
 from pipeline.store import LABELS  # noqa: E402
 
@@ -214,13 +214,13 @@ def _round_rows(metrics: dict) -> pd.DataFrame:
             **({"selected (feedback accuracy)": "yes" if stage == chosen else ""} if chosen else {}),
         }
 
+    tested = [metrics["classifier"], *rounds]
     names = ["before (biased)", *(f"after round {r['round']}" for r in rounds)]
     stages = ["classifier", *(f"distil_r{r['round']}" for r in rounds)]
-    rows, first = [], {}  # weights digest -> the first classifier that had them
-    for name, m, stage in zip(names, [metrics["classifier"], *rounds], stages):
-        digest = m.get("weights")
-        same = digest is not None and first.setdefault(digest, name) != name
-        rows.append(row(f"{name} (same weights as {first[digest]})" if same else name, m, stage))
+    rows = []
+    for i, (name, m, stage) in enumerate(zip(names, tested, stages)):
+        first = same_classifier(tested, i, len(tested))[0]  # the selection's rule: one digest, one classifier
+        rows.append(row(f"{name} (same weights as {names[first]})" if first != i else name, m, stage))
     if metrics.get("dfr"):
         rows.append(row("DFR-style baseline (uses group labels)", metrics["dfr"], "dfr"))
     if "reference" in metrics:
