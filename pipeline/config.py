@@ -157,8 +157,8 @@ class DistilConfig:
     # range), so the shortcut is ignored over its whole range, not at the one point the search stopped (1 = as is)
     stretch: float = 3.0
     # after fine-tuning, project this many principal directions of each round's spurious edits' feature change
-    # (less what the true edits changed) out of the head and refit it on the training images: the verdict removes
-    # a feature from every image, not only from the edited ones (0 = off)
+    # (less what the true edits changed, except in the explained classifier's own features) out of the head and
+    # refit it on the training images: the verdict removes a feature from every image, not only the edited (0 = off)
     erase: int = 1
     # a direction lying mostly in what the true edits changed is still erased when the spurious edits move along
     # it more, in sum, than the true ones: most verdicts on that kind of change said spurious

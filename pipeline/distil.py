@@ -109,8 +109,11 @@ def stage(
         classifier, card = models.load(explained)
         models.save(classifier, replace(card, metrics={"skipped": "no new usable verdicts"}), out)
     else:
-        # erase spares what the counterfactuals judged true moved: the real evidence
-        evidence = labelled[labelled["verdict"] == "true"] if config.erase else None
+        # erase spares what the counterfactuals judged true moved (the real evidence), except in the features of
+        # the classifier the edits were searched on: there every flip moves along that classifier's decision
+        # direction, true or spurious alike, so sharing it says nothing about what is evidence
+        searched_on = config.layers == "none" and start == explained
+        evidence = labelled[labelled["verdict"] == "true"] if config.erase and not searched_on else None
         run(start, data, fit, held, Path(run_dir), config, out, verbose, evidence)
 
 

@@ -2,6 +2,7 @@
 after an interruption, the human teacher's pause), the metrics schema and the DFR baseline."""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -558,3 +559,24 @@ def test_erase_vote_decides_a_rounds_erase_when_true_edits_share_the_direction(t
         out = tmp_path / f"out-{vote}"
         result = distil.run(ckpt, data, cfs, cfs.iloc[:0], tmp_path / "explain", config, out, evidence=few)
         assert result.card.metrics["erased_directions"] == int(vote)
+
+
+def test_erase_alone_does_not_spare_true_edits_in_the_features_they_flipped(tiny_biased, tmp_path):
+    """In the features of the classifier the edits were searched on, every flip moves along its decision direction,
+    true or spurious alike: the erase-alone round (layers none, the explained weights) erases what twenty spurious
+    edits moved although four edits judged true moved it too; erasing in other weights spares it."""
+    ckpt, data = tiny_biased
+    run = tmp_path / "run"
+    cfs = _swap_background(data, "train", 24, run / "explain")
+    cfs.drop(columns=["label", "verdict"]).assign(success=True).to_csv(run / "explain" / "manifest.csv")
+    (run / "feedback_r1").mkdir()
+    verdicts = ["true"] * 4 + ["spurious"] * 20
+    pd.DataFrame({"cf_id": cfs["id"], "label": verdicts}).to_csv(run / "feedback_r1" / "verdicts.csv")
+    other = tmp_path / "other"  # the same weights, explained elsewhere: no longer the searched-on features
+    shutil.copytree(ckpt, other)
+    config = DistilConfig(layers="none", erase_vote=False)
+    for explained, erased in ((ckpt, 1), (other, 0)):
+        out = tmp_path / f"out-{erased}"
+        out.mkdir()
+        distil.stage(run, [1], ckpt, explained, data, config, out)
+        assert models.load_card(out).metrics["erased_directions"] == erased
