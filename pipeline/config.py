@@ -160,8 +160,8 @@ class DistilConfig:
     # (less what the true edits changed, except in the explained classifier's own features) out of the head and
     # refit it on the training images: the verdict removes a feature from every image, not only the edited (0 = off)
     erase: int = 1
-    # a direction lying mostly in what the true edits changed is still erased when the spurious edits move along
-    # it more, in sum, than the true ones: most verdicts on that kind of change said spurious
+    # after a fine-tune, a direction lying mostly in what the true edits changed is still erased when the spurious
+    # edits move along it more, in sum, than the true ones: most verdicts on that kind of change said spurious
     erase_vote: bool = True
     # random flips of every training image while fine-tuning: "none", "horizontal" or "both". A property of the data:
     # only where a mirrored image means the same (not laterality in chest X-rays, text, a tag in a known corner)
