@@ -25,7 +25,6 @@ import argparse
 import json
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -78,34 +77,41 @@ def decision_share(run_dir: Path) -> dict:
     return out
 
 
+def with_evidence(directions, evidence):
+    """A spurious_directions() that is handed ``evidence`` (or None) whatever the distil stage would pass."""
+
+    def patched(model, card, table, folder, k, _=None, vote=False):
+        return directions(model, card, table, folder, k, evidence, vote)
+
+    return patched
+
+
 def replay(run_dir: Path, r: int, rule: str, shrink: float) -> dict:
-    """Round r of the run distilled again under ``rule``: accuracy, worst group, directions erased."""
-    config = cfg.load(run_dir / "config.yaml").distil
+    """Round r of the run distilled again by the library's distil stage, its erase rule replaced by ``rule`` (``own``
+    is the stage as it is): accuracy, worst group, directions erased."""
+    config = cfg.load(run_dir / "config.yaml")
     explained = "classifier" if r == 1 else f"distil_r{r - 1}"
-    start = rounds.start(config, explained)
-    layers = ("none" if r == 1 else "all") if config.layers == "staged" else config.layers
-    config = replace(config, layers=layers)
-    labelled = distil.training_data(run_dir, rounds.taught(config, r), use_true=True)
-    spurious = labelled[labelled["verdict"] == "spurious"].reset_index(drop=True)
-    if spurious.empty or not spurious["round"].eq(r).any():
-        return {"skipped": "no new usable verdicts"}
-    own_features = layers == "none" and start == explained
-    spared = rule in ("spare", "contrast") or (rule == "own" and not own_features)
-    evidence = labelled[labelled["verdict"] == "true"] if spared else None
-    data = load_folder(Path(cfg.load(run_dir / "config.yaml").data.root))
+    taught = rounds.taught(config.distil, r)
+    true = distil.training_data(run_dir, taught, use_true=True).query("verdict == 'true'")
+    patched = {
+        "spare": with_evidence(distil.spurious_directions, true),
+        "never": with_evidence(distil.spurious_directions, None),
+        "contrast": with_evidence(contrast_directions(shrink), true),
+    }
+    data = load_folder(Path(config.data.root))
     library = distil.spurious_directions
-    if rule == "contrast":
-        distil.spurious_directions = contrast_directions(shrink)
+    distil.spurious_directions = patched.get(rule, library)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
-            distil.run(
-                run_dir / start, data, spurious, spurious.iloc[:0], run_dir, config, out, False, evidence
-            )
+            start = run_dir / rounds.start(config.distil, explained)
+            distil.stage(run_dir, taught, start, run_dir / explained, data, config.distil, out)
             model, card = models.load(out)
             tested, _ = evaluate(model.eval(), card, data)
     finally:
         distil.spurious_directions = library
+    if "skipped" in card.metrics:
+        return {"skipped": card.metrics["skipped"]}
     return {
         "accuracy": round(tested["accuracy"], 4),
         "worst_group_accuracy": round(tested["worst_group_accuracy"], 4),
