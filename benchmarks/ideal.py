@@ -5,11 +5,11 @@ An ideal counterfactual of a training image takes the shortcut region (the gener
 and a donor's) from a training image of another class and changes nothing else: the shortcut swapped, the evidence
 kept, labelled with the source class ("this change must not flip you"). Distillation then runs with the library's
 defaults from the suite's biased classifier, so the only question left is whether the verdict reaches the images
-it was not given on. Needs the suite's first runs (benchmarks/suite.py leaves runs/suite/suite-NAME-mask).
+it was not given on. Needs the suite's runs (benchmarks/suite.py leaves runs/suite/suite-NAME-mask[-TAG]).
 
-    .venv/bin/python benchmarks/ideal.py [--only shapes stamp] [--sizes 32 96]
+    .venv/bin/python benchmarks/ideal.py [--only shapes stamp] [--sizes 32 96] [--tag 3r-today]
 
-Writes benchmarks/results/ideal.json.
+Writes benchmarks/results/ideal.json (the datasets measured; the others' figures stay).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pipeline.data import load_folder, load_mask
 from pipeline.evaluate import evaluate
 
 HERE = Path(__file__).resolve().parent
-LOCAL = ("shapes", "stamp", "stamp-partial")  # shortcut regions of a few per cent of the image
+LOCAL = ("shapes", "stamp", "stamp-partial", "stamp-alone")  # shortcut regions of a few per cent of the image
 
 
 def pixels(path: Path, card: models.ModelCard) -> np.ndarray:
@@ -121,11 +121,15 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=list(LOCAL), choices=LOCAL)
     parser.add_argument("--sizes", nargs="+", type=int, default=[32, 96])
     parser.add_argument("--suite", default="runs/suite")
+    parser.add_argument("--tag", default="", help="the suite runs' tag (runs/suite/suite-NAME-mask-TAG)")
     args = parser.parse_args()
     quiet.configure(verbose=False)
+    path = HERE / "results" / "ideal.json"
     result = {"benchmark": "distillation from ideal spurious counterfactuals", "datasets": {}}
+    if path.exists():  # other datasets' figures stay
+        result["datasets"] = json.loads(path.read_text())["datasets"]
     for name in args.only:
-        run = Path(args.suite) / f"suite-{name}-mask"
+        run = Path(args.suite) / (f"suite-{name}-mask-{args.tag}" if args.tag else f"suite-{name}-mask")
         if not (run / "classifier" / "model.safetensors").exists():
             print(
                 f"error: {run} has no biased classifier; run benchmarks/suite.py --only {name} first",
@@ -133,7 +137,6 @@ def main() -> None:
             )
             sys.exit(2)
         result["datasets"][name] = measure(run, args.sizes)
-    path = HERE / "results" / "ideal.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 

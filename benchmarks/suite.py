@@ -60,6 +60,9 @@ CASES = {
     "stamp": Case("stamp", 1.0, 1 / 3, n=2000),
     "stain": Case("stain", 1.0, 0.5),
     "stamp-partial": Case("stamp", 0.9, 1 / 3, n=2000),  # partly confounded: evidence and shortcut both pay
+    # the texture faint: the biased classifier reads the watermark alone (unconfounded test accuracy near a third),
+    # so the smallest edit that flips it is the glyph's
+    "stamp-alone": Case("stamp", 1.0, 1 / 3, n=2000, extra={"contrast": 0.15}),
 }
 
 

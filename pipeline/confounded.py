@@ -4,7 +4,8 @@ datasets do not need one) beside ``feature_mask`` (the real class evidence) and 
 
 - **stamp**: natural textures (brick, grass, gravel from scikit-image's bundled photos; the class) in random
   colour tints, with a small semi-transparent watermark in a corner whose glyph (ring, cross, triangle) is the
-  confounder: a local shortcut on natural-looking content, three classes.
+  confounder: a local shortcut on natural-looking content, three classes. ``shortcut_mask`` is the watermark's
+  square (a change of the glyph's shape lies there), ``feature_mask`` the texture around it.
 - **stain**: histology-like tiles, pink tissue with purple nuclei whose shape (round or elongated) is the class;
   the slide's colour cast (warm or cool, as two scanners or staining protocols give) is the confounder: a global
   colour shortcut. Its ``shortcut_mask`` is the tissue around the nuclei, where the cast is the only signal.
@@ -111,6 +112,15 @@ def _glyph(kind: int, size: int, side: int, corner: int, rng: np.random.Generato
     return np.asarray(canvas) > 0
 
 
+def _box(glyph: np.ndarray) -> np.ndarray:
+    """The watermark's square: where the confounder lives. Its value is the glyph's shape, so an edit that turns a
+    ring into a cross changes pixels beside the ring's strokes, and those are the shortcut's too."""
+    rows, cols = np.nonzero(glyph)
+    box = np.zeros_like(glyph)
+    box[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] = True
+    return box
+
+
 def generate_stamp(out: str | Path, c: StampConfig = StampConfig()) -> pd.DataFrame:
     out = Path(out)
     _folders(out)
@@ -125,9 +135,10 @@ def generate_stamp(out: str | Path, c: StampConfig = StampConfig()) -> pd.DataFr
         image[glyph] = (1 - c.opacity) * image[glyph] + c.opacity  # a light, semi-transparent mark
         image += rng.normal(0, c.noise, image.shape)
         path, mask, short = f"images/{i:05d}.png", f"masks/{i:05d}.png", f"shortcut/{i:05d}.png"
+        mark_box = _box(glyph)
         _save(out, path, (np.clip(image, 0, 1) * 255).round().astype(np.uint8))
-        _save(out, mask, np.where(glyph, 0, 255).astype(np.uint8))  # the texture is the evidence
-        _save(out, short, np.where(glyph, 255, 0).astype(np.uint8))
+        _save(out, mask, np.where(mark_box, 0, 255).astype(np.uint8))  # the texture is the evidence
+        _save(out, short, np.where(mark_box, 255, 0).astype(np.uint8))
         rows.append(
             {
                 "path": path,

@@ -56,6 +56,18 @@ def test_poison_confounds_train_and_val_and_leaves_test_alone(tmp_path, name):
     assert len(classes) == {"stamp": 3, "stain": 2}[name]
 
 
+def test_the_stamp_shortcut_is_the_watermark_square_not_only_its_strokes(tmp_path):
+    """The confounder is the glyph's shape: turning a ring into a cross changes pixels beside the ring's strokes,
+    so the whole square a glyph is drawn in is the shortcut's region (and not the evidence's)."""
+    table = GENERATORS["stamp"](tmp_path, n=30, seed=2)
+    side = round(confounded.StampConfig().glyph * confounded.StampConfig().size)
+    for row in table.itertuples():
+        shortcut = _mask(tmp_path, row.shortcut_mask)
+        rows, cols = np.nonzero(shortcut)
+        assert np.ptp(rows) + 1 == np.ptp(cols) + 1 == side and shortcut.sum() == side * side
+        assert not (_mask(tmp_path, row.feature_mask) & shortcut).any()
+
+
 def test_the_stain_shortcut_is_a_colour_cast_of_the_whole_tile(tmp_path):
     table = GENERATORS["stain"](tmp_path, n=60, seed=0)
     tissue = {"warm": [], "cool": []}

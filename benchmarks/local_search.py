@@ -1,0 +1,182 @@
+"""Does the search find a local shortcut when the classifier reads nothing else? (stamp-alone of the suite)
+
+On stamp-alone the biased classifier reads the watermark's glyph and hardly the faint texture, so the smallest edit
+that flips it is a change of the glyph. Three measurements on that classifier:
+
+- the ceiling: the same texture and noise under each of the three glyphs (same corner, same place); how often its
+  prediction follows the glyph (1 = a glyph swap alone flips it every time);
+- the first-order view the search starts from: the share of the input gradient (towards another class) inside
+  the watermark's square, and its strength per pixel against the rest;
+- the search (round-1 explain, attempt 1 and 2) with the library defaults and with search variants: validity,
+  the median shortcut share of valid first attempts (change mass in the watermark square), the share within a
+  margin of the square (``near``), the share of local first attempts (changed area below 0.3), evaluations.
+
+    .venv/bin/python benchmarks/local_search.py        # needs benchmarks/suite.py --only stamp-alone run first
+
+Writes benchmarks/results/local_search.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import suite
+import torch
+from PIL import Image
+
+from pipeline import confounded, manifest, models, quiet, runner
+from pipeline.data import load_mask
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE.parent / "runs" / "suite"
+NAME = "stamp-alone"
+VARIANTS = {  # tag -> explain.search overrides (every other setting the library default)
+    "default": {},
+    "tv0": {"tv": 0.0},
+    "tv-edges": {"tv_edges": True},
+    "l1x10": {"l1": 5.0},
+    "l1x40": {"l1": 20.0},
+    "windows2": {"windows": 2},
+    "window04": {"windows": 1, "window": 0.4},
+    "window04-tv0": {"windows": 1, "window": 0.4, "tv": 0.0},
+}
+
+
+def net(run: Path):
+    model, card = models.load(run / "classifier")
+    return models.OnPixels(model, card).eval(), models.pixel_transform(card), card
+
+
+@torch.no_grad()
+def glyph_ceiling(run: Path, images: int = 90, seed: int = 5) -> float:
+    """Share of (texture, glyph) renderings whose prediction is the glyph's class."""
+    model, transform, card = net(run)
+    c = suite.CASES[NAME]
+    c = confounded.StampConfig(n=c.n, **c.extra)
+    rng, textures = np.random.default_rng(seed), confounded._textures()
+    side = max(4, round(c.glyph * c.size))
+    follows = []
+    for i in range(images):
+        label = i % len(confounded.TEXTURES)
+        base = confounded._crop(textures[confounded.TEXTURES[label]], c.size, c.contrast, rng)
+        corner, noise = int(rng.integers(4)), rng.normal(0, c.noise, base.shape)
+        batch = []
+        for mark in range(len(confounded.GLYPHS)):
+            glyph = confounded._glyph(mark, c.size, side, corner, np.random.default_rng(i))
+            image = base.copy()
+            image[glyph] = (1 - c.opacity) * image[glyph] + c.opacity
+            pixels = (np.clip(image + noise, 0, 1) * 255).round().astype(np.uint8)
+            batch.append(transform(Image.fromarray(pixels)))
+        predicted = model(torch.stack(batch)).argmax(1).tolist()
+        follows += [p == card.classes.index(confounded.TEXTURES[k]) for k, p in enumerate(predicted)]
+    return float(np.mean(follows))
+
+
+def gradient_share(run: Path, data: Path, images: int = 48) -> dict:
+    """Input-gradient mass of the log-odds towards the next class inside the watermark square."""
+    model, transform, card = net(run)
+    table = pd.read_csv(data / "metadata.csv")
+    table = table[table.split == "train"].head(images)
+    x = torch.stack([transform(Image.open(data / p).convert("RGB")) for p in table.path]).requires_grad_(True)
+    box = torch.stack(
+        [
+            torch.from_numpy(load_mask(data / m, list(x.shape[-2:]), "pad")).float()
+            for m in table.shortcut_mask
+        ]
+    )
+    logits = model(x)
+    own = logits.argmax(1)
+    other = (own + 1) % logits.shape[1]
+    (grad,) = torch.autograd.grad(
+        (logits.gather(1, other[:, None]) - logits.gather(1, own[:, None])).sum(), x
+    )
+    mass = grad.abs().sum(1)
+    inside = float((mass * box).sum() / mass.sum())
+    area = float(box.mean())
+    return {
+        "inside": round(inside, 3),
+        "area": round(area, 3),
+        "per_pixel_ratio": round(inside / area / ((1 - inside) / (1 - area)), 2),
+    }
+
+
+def near(mask: np.ndarray, margin: int) -> np.ndarray:
+    rows, cols = np.nonzero(mask)
+    out = np.zeros_like(mask)
+    out[
+        max(0, rows.min() - margin) : rows.max() + 1 + margin,
+        max(0, cols.min() - margin) : cols.max() + 1 + margin,
+    ] = 1
+    return out
+
+
+def where(run: Path, data: Path, margin: float = 0.1) -> dict:
+    """Of the valid first attempts: median share in the square and near it (``margin`` of the side), local share."""
+    table = pd.read_csv(data / "metadata.csv", dtype=str, keep_default_na=False).set_index("path")
+    folder = run / "explain"
+    valid = manifest.flipped(manifest.read(folder / manifest.NAME))
+    first = valid[valid.attempt.astype(int) == 1]
+    inside, close = [], []
+    for row in first.itertuples():
+        cf, original = (
+            np.asarray(Image.open(folder / p).convert("RGB"), float)
+            for p in (row.counterfactual, row.original)
+        )
+        change = np.abs(cf - original).sum(-1)
+        box = load_mask(data / table.loc[row.source_path, "shortcut_mask"], list(change.shape), "pad")
+        inside.append((change * box).sum() / change.sum())
+        close.append((change * near(box, round(margin * change.shape[0]))).sum() / change.sum())
+    return {
+        "shortcut_median_a1": round(float(np.median(inside)), 3),
+        "near_median_a1": round(float(np.median(close)), 3),
+        "local_a1": round(float((first.changed_area.astype(float) < 0.3).mean()), 3),
+    }
+
+
+def variant(tag: str, search: dict, base: Path) -> dict:
+    """Round 1's explain with these search overrides, on the classifiers of the suite's stamp-alone run."""
+    case, data = suite.CASES[NAME], WORK / "data" / NAME
+    overrides = {f"explain.search.{k}": v for k, v in search.items()} | {"distil.enabled": False}
+    config = suite.run_config(
+        NAME, case, data, WORK / "data" / f"{NAME}-unconfounded", "mask", True, overrides
+    )
+    run_dir = WORK / f"{config.name}-search-{tag}"
+    if not run_dir.exists():
+        run_dir.mkdir(parents=True)
+        for stage in ("data", "classifier", "reference", "evaluate", "dfr"):
+            shutil.copytree(base / stage, run_dir / stage)
+    runner.run(config, run_dir, log=lambda line: print(f"[{tag}]", line, flush=True))
+    described = json.loads((run_dir / "metrics.json").read_text())["explain"]
+    return {
+        "search": search,
+        "validity_by_attempt": described["validity_by_attempt"],
+        "evaluations_per_counterfactual": round(described["evaluations_per_counterfactual"], 1),
+        **where(run_dir, data),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default=str(WORK / f"suite-{NAME}-mask-3r-alone"), help="the suite's run")
+    parser.add_argument("--only", nargs="*", choices=list(VARIANTS), help="variants (default: all)")
+    args = parser.parse_args()
+    quiet.configure(False)
+    base, data = Path(args.base), WORK / "data" / NAME
+    out = HERE / "results" / "local_search.json"
+    results = json.loads(out.read_text()) if out.exists() else {}
+    results["glyph_swap_follows"] = glyph_ceiling(base)
+    results["gradient"] = gradient_share(base, data)
+    results.setdefault("variants", {})
+    for tag in args.only or list(VARIANTS):
+        results["variants"][tag] = variant(tag, VARIANTS[tag], base)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
