@@ -11,7 +11,8 @@ that flips it is a change of the glyph. Three measurements on that classifier:
   the median shortcut share of valid first attempts (change mass in the watermark square), the share within a
   margin of the square (``near``), the share of local first attempts (changed area below 0.3), evaluations.
 
-    .venv/bin/python benchmarks/local_search.py        # needs benchmarks/suite.py --only stamp-alone run first
+    .venv/bin/python benchmarks/suite.py --only stamp-alone --tag 3r-alone    # first: the classifiers
+    .venv/bin/python benchmarks/local_search.py [--only default window04]
 
 Writes benchmarks/results/local_search.json.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +169,12 @@ def main() -> None:
     args = parser.parse_args()
     quiet.configure(False)
     base, data = Path(args.base), WORK / "data" / NAME
+    if not (base / "classifier" / models.CARD).is_file():
+        print(
+            f"error: {base} has no biased classifier; run benchmarks/suite.py --only {NAME} --tag 3r-alone",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     out = HERE / "results" / "local_search.json"
     results = json.loads(out.read_text()) if out.exists() else {}
     results["glyph_swap_follows"] = glyph_ceiling(base)
