@@ -7,7 +7,7 @@ kept, labelled with the source class ("this change must not flip you"). Distilla
 defaults from the suite's biased classifier, so the only question left is whether the verdict reaches the images
 it was not given on. Needs the suite's runs (benchmarks/suite.py leaves runs/suite/suite-NAME-mask[-TAG]).
 
-    .venv/bin/python benchmarks/ideal.py [--only shapes stamp] [--sizes 32 96] [--tag 3r-today]
+    .venv/bin/python benchmarks/ideal.py [--only shapes stamp] [--sizes 32 96] [--tag 3r-today] [--epochs 12]
 
 Writes benchmarks/results/ideal.json (the datasets measured; the others' figures stay).
 """
@@ -15,6 +15,7 @@ Writes benchmarks/results/ideal.json (the datasets measured; the others' figures
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -83,8 +84,10 @@ def flip_rate(model, card: models.ModelCard, table: pd.DataFrame, folder: Path) 
     return round(float(np.mean(predicted != source)), 3)
 
 
-def measure(run: Path, sizes: list[int]) -> dict:
+def measure(run: Path, sizes: list[int], epochs: int | None = None) -> dict:
     settings = config.load(run / "config.yaml")
+    if epochs:  # a longer or shorter fine-tune than the run's own
+        settings = dataclasses.replace(settings, distil=dataclasses.replace(settings.distil, epochs=epochs))
     data = load_folder(settings.data.root)
     model, card = models.load(run / "classifier")
     before, _ = evaluate(model, card, data)
@@ -122,9 +125,12 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", type=int, default=[32, 96])
     parser.add_argument("--suite", default="runs/suite")
     parser.add_argument("--tag", default="", help="the suite runs' tag (runs/suite/suite-NAME-mask-TAG)")
+    parser.add_argument(
+        "--epochs", type=int, help="fine-tune epochs (default: the run's); writes ideal-eN.json"
+    )
     args = parser.parse_args()
     quiet.configure(verbose=False)
-    path = HERE / "results" / "ideal.json"
+    path = HERE / "results" / (f"ideal-e{args.epochs}.json" if args.epochs else "ideal.json")
     result = {"benchmark": "distillation from ideal spurious counterfactuals", "datasets": {}}
     if path.exists():  # other datasets' figures stay
         result["datasets"] = json.loads(path.read_text())["datasets"]
@@ -136,7 +142,7 @@ def main() -> None:
                 file=sys.stderr,
             )
             sys.exit(2)
-        result["datasets"][name] = measure(run, args.sizes)
+        result["datasets"][name] = measure(run, args.sizes, args.epochs)
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 
