@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from PIL import Image
 
 from pipeline import confounded, manifest, models, quiet, runner
 from pipeline.data import load_mask
+from pipeline.regions import dilate
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE.parent / "runs" / "suite"
@@ -107,16 +107,6 @@ def gradient_share(run: Path, data: Path, images: int = 48) -> dict:
     }
 
 
-def near(mask: np.ndarray, margin: int) -> np.ndarray:
-    rows, cols = np.nonzero(mask)
-    out = np.zeros_like(mask)
-    out[
-        max(0, rows.min() - margin) : rows.max() + 1 + margin,
-        max(0, cols.min() - margin) : cols.max() + 1 + margin,
-    ] = 1
-    return out
-
-
 def where(run: Path, data: Path, margin: float = 0.1) -> dict:
     """Of the valid first attempts: median share in the square and near it (``margin`` of the side), local share."""
     table = pd.read_csv(data / "metadata.csv", dtype=str, keep_default_na=False).set_index("path")
@@ -124,15 +114,11 @@ def where(run: Path, data: Path, margin: float = 0.1) -> dict:
     valid = manifest.flipped(manifest.read(folder / manifest.NAME))
     first = valid[valid.attempt.astype(int) == 1]
     inside, close = [], []
-    for row in first.itertuples():
-        cf, original = (
-            np.asarray(Image.open(folder / p).convert("RGB"), float)
-            for p in (row.counterfactual, row.original)
-        )
-        change = np.abs(cf - original).sum(-1)
+    for row, change in suite.changes(folder, first):
         box = load_mask(data / table.loc[row.source_path, "shortcut_mask"], list(change.shape), "pad")
+        around = dilate(torch.from_numpy(box).float()[None, None], margin)[0, 0].numpy()
         inside.append((change * box).sum() / change.sum())
-        close.append((change * near(box, round(margin * change.shape[0]))).sum() / change.sum())
+        close.append((change * around).sum() / change.sum())
     return {
         "shortcut_median_a1": round(float(np.median(inside)), 3),
         "near_median_a1": round(float(np.median(close)), 3),
@@ -148,10 +134,7 @@ def variant(tag: str, search: dict, base: Path) -> dict:
         NAME, case, data, WORK / "data" / f"{NAME}-unconfounded", "mask", True, overrides
     )
     run_dir = WORK / f"{config.name}-search-{tag}"
-    if not run_dir.exists():
-        run_dir.mkdir(parents=True)
-        for stage in ("data", "classifier", "reference", "evaluate", "dfr"):
-            shutil.copytree(base / stage, run_dir / stage)
+    suite.seed_from(base, run_dir)  # the classifiers; an explain with other settings is redone
     runner.run(config, run_dir, log=lambda line: print(f"[{tag}]", line, flush=True))
     described = json.loads((run_dir / "metrics.json").read_text())["explain"]
     return {

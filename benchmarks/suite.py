@@ -117,6 +117,16 @@ def seed_from(base: Path, run_dir: Path) -> None:
             shutil.copytree(base / name, run_dir / name)
 
 
+def changes(folder: Path, rows: pd.DataFrame):
+    """Per manifest row, the row and its counterfactual's absolute change (H, W), summed over channels, as saved."""
+    for row in rows.itertuples():
+        cf, original = (
+            np.asarray(Image.open(folder / p).convert("RGB"), float)
+            for p in (row.counterfactual, row.original)
+        )
+        yield row, np.abs(cf - original).sum(-1)
+
+
 def shares(run_dir: Path, data_root: Path, resize: str) -> dict:
     """Shortcut share and feature share of the valid counterfactuals of every round: the mean over all attempts
     and the median over first attempts (the acceptance figure: the first attempt is the smallest edit)."""
@@ -127,12 +137,7 @@ def shares(run_dir: Path, data_root: Path, resize: str) -> dict:
         values = {"shortcut": [], "feature": []}
         first = {"shortcut": [], "feature": []}
         by_attempt: dict[int, list] = {}
-        for row in valid.itertuples():
-            cf, original = (
-                np.asarray(Image.open(folder / p).convert("RGB"), float)
-                for p in (row.counterfactual, row.original)
-            )
-            change = np.abs(cf - original).sum(-1)
+        for row, change in changes(folder, valid):
             total = change.sum()
             if total <= 0:
                 continue
