@@ -46,6 +46,7 @@ VARIANTS = {  # tag -> explain.search overrides (every other setting the library
     "windows2": {"windows": 2},
     "window04": {"windows": 1, "window": 0.4},
     "window04-tv0": {"windows": 1, "window": 0.4, "tv": 0.0},
+    "donors4": {"donors": 4},
 }
 
 

@@ -265,6 +265,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "explain.search.max_regions": (lambda v: 1 <= v <= 8, "an integer in [1, 8]"),
     "explain.search.windows": (lambda v: 0 <= v <= 8, "an integer in [0, 8]"),
     "explain.search.window": (lambda v: 0 < v <= 1, "a share of the image side in (0, 1]"),
+    "explain.search.donors": (lambda v: 0 <= v <= 16, "an integer in [0, 16]"),
     "explain.search.filter_timestep": (lambda v: v >= 0, "an integer >= 0"),
     "feedback.teacher": (lambda v: v in ("mask", "model", "human"), "mask, model or human"),
     "feedback.noise": (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),

@@ -12,7 +12,10 @@ For a batch of images x (in [-1, 1]) and target classes, each attempt k = 1..K:
   6. diversification: attempt k may only change pixels (free = 1) that attempts 1..k-1 left untouched;
   7. optional located windows: attempt 1 also searches inside the windows whose occlusion moves the classifier
      most, and the valid candidate with the smallest L1 wins (a flip a small tag carries is not hidden behind a
-     larger edit elsewhere).
+     larger edit elsewhere);
+  8. optional donor windows: attempt 1 also tries pasting one window of a real image the classifier assigns to the
+     target class (a tag, stamp or patch transplanted from where the donor has it), and again the smallest valid
+     edit wins: a flip carried by a small mark's shape, which no gradient at the original points to.
 Between 5 and 6 each attempt is confined (pipeline/confinement.py) to the smallest part of its edit that still flips.
 With ``cast`` one more attempt follows: the channel gains of the whole image that flip it (pipeline/cast.py).
 """
@@ -85,6 +88,10 @@ class Settings:
     # with windows: the best located edit is its own attempt (2), beside the whole-image edit, instead of competing
     # with it on L1, so an image yields both its global and its local explanation
     located_attempt: bool = False
+    # attempt 1 also tries pasting a window (side ``window`` or twice that) from each of the ``donors`` real images
+    # of the target class nearest the original; the window is the one whose paste a first-order estimate rates best,
+    # and the valid edit with the smallest L1 (after confinement) wins (0 = off; 2 evaluations per donor)
+    donors: int = 0
     # grow the used region by this share of the image side before blocking it (3 px at 64 px; "threshold" only)
     dilate: float = 0.05
     filter_timestep: int = 0  # gradient filtering through the UNet at this timestep (0 = off)
@@ -127,9 +134,14 @@ class Explainer(nn.Module):
         denoiser=None,
         prototypes: dict[int, torch.Tensor] | None = None,
         prior: nn.Module | None = None,
+        donors: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
         super().__init__()
         self.codec, self.classifier, self.settings = codec, classifier.eval(), settings
+        # target class -> (real images the classifier assigns to it, their pooled latent codes)
+        self.donors = donors or {}
+        if settings.donors > 0 and not self.donors:
+            raise ValueError("explain.search.donors needs real images of each target class")
         self.prototypes = prototypes or {}  # target class -> pooled latent codes of real images of that class
         self.surrogate = surrogate.eval() if surrogate is not None else None
         self.denoiser = denoiser  # (unet, scheduler) or None
@@ -344,8 +356,89 @@ class Explainer(nn.Module):
                 masks[i, j, :, top : top + side, left : left + side] = 1
         return masks, 1 + len(boxes)
 
+    @torch.no_grad()
+    def nearest_donors(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """(B, donors, C, H, W): per sample the real target-class images nearest to it in pooled latent code."""
+        own = pooled(self.codec.encode(x))
+        out = torch.empty(len(x), self.settings.donors, *x.shape[1:], device=x.device, dtype=x.dtype)
+        for t in target.unique().tolist():
+            images, codes = (v.to(x) for v in self.donors[t])
+            rows = target == t
+            k = min(self.settings.donors, len(images))
+            nearest = torch.cdist(own[rows], codes).topk(k, largest=False).indices  # (b_t, k)
+            out[rows] = images[nearest.repeat(1, -(-self.settings.donors // k))[:, : self.settings.donors]]
+        return out
+
+    def swap(self, x: torch.Tensor, target: torch.Tensor) -> dict:
+        """Donor windows: per sample and donor, the window (side ``window`` or twice that, any position) whose
+        paste raises the target log-probability most to first order (input gradient x change, summed over the
+        window); each such paste judged on the classifier, and per sample the valid one with the smallest L1 (else
+        the most probable), as an attempt's result."""
+        s, (b, _, h, w) = self.settings, x.shape
+        donors = self.nearest_donors(x, target)
+        with torch.enable_grad():
+            xg = x.detach().clone().requires_grad_(True)
+            logits = self.classifier(xg)
+            log_p = torch.log_softmax(logits, -1).gather(1, target[:, None])
+            (grad,) = torch.autograd.grad(log_p.sum(), xg)
+        p_before = log_p.detach().exp().squeeze(1)
+        gain = (grad[:, None] * (donors - x[:, None])).sum(2).flatten(0, 1)[:, None]  # (B*D, 1, H, W)
+        ys = torch.arange(h, device=x.device).view(1, 1, h, 1)
+        xs = torch.arange(w, device=x.device).view(1, 1, 1, w)
+        pastes = []
+        for share in (s.window, 2 * s.window):
+            side = min(h, w, max(2, pixels(share, x)))
+            best = F.avg_pool2d(gain, side, stride=1).flatten(1).argmax(1).view(-1, 1, 1, 1)
+            top, left = best // (w - side + 1), best % (w - side + 1)
+            window = ((ys >= top) & (ys < top + side) & (xs >= left) & (xs < left + side)).to(x.dtype)
+            window = window.view(b, s.donors, 1, h, w)
+            pastes.append(window * donors + (1 - window) * x[:, None])
+        candidates = torch.cat(pastes, 1)  # (B, n, C, H, W)
+        n = candidates.shape[1]
+        p = self.p_class(candidates.flatten(0, 1), target.repeat_interleave(n)).view(b, n)
+        l1 = (candidates - x[:, None]).abs().flatten(2).mean(2)
+        chosen = torch.where(p >= s.goal, l1, 1e6 - p).argmin(1)  # the smallest valid, else the most probable
+        rows = torch.arange(b, device=x.device)
+        zeros = torch.zeros(b, dtype=torch.long, device=x.device)
+        return {
+            "x_cf": candidates[rows, chosen],
+            "p_before": p_before,
+            "p_after": p[rows, chosen],
+            "success": p[rows, chosen] >= s.goal,
+            "steps": zeros,
+            "no_room": zeros.bool(),
+            # the donors' encode, the gradient's forward and backward, one judgement per paste
+            "evaluations": zeros + 3 + n,
+        }
+
+    def smaller(self, x: torch.Tensor, found: dict, other: dict) -> dict:
+        """Per sample the valid result with the smaller L1 of the two (``found`` where neither is valid); both
+        searches are paid for."""
+
+        def cost(result):
+            l1 = (result["x_cf"] - x).abs().flatten(1).mean(1)
+            return torch.where(result["success"], l1, torch.full_like(l1, float("inf")))
+
+        take = cost(other) < cost(found)
+        merged = {}
+        for key, value in found.items():
+            if key in ("steps", "evaluations"):
+                merged[key] = value + other[key]
+            else:
+                pick = take.view(-1, *([1] * (value.dim() - 1)))
+                merged[key] = torch.where(pick, other[key], value)
+        return merged
+
     def first_attempt(self, x, target, free, generator) -> list[dict]:
-        """Attempt 1: the search over the whole image and, with ``windows``, inside each located window; per sample
+        """Attempt 1, with ``donors`` against the smallest valid donor window (``swap``)."""
+        found = self.searched_first(x, target, free, generator)
+        if self.settings.donors > 0:
+            pasted = self._confined(x, target, self.swap(x, target))
+            found[0] = self.smaller(x, found[0], pasted)
+        return found
+
+    def searched_first(self, x, target, free, generator) -> list[dict]:
+        """Attempt 1's search over the whole image and, with ``windows``, inside each located window; per sample
         the valid candidate with the smallest L1 after confinement (the whole-image search where none is valid).
         With ``located_attempt`` the whole-image edit is attempt 1 and the best window's edit attempt 2."""
         s, b = self.settings, x.shape[0]

@@ -490,6 +490,60 @@ def test_located_windows_find_the_small_edit_a_whole_image_search_misses(windows
         assert (near_tag < 0.5).all()  # Adam moves every pixel alike: the flip comes from the whole image
 
 
+class CheckerOrBrightness(torch.nn.Module):
+    """Class 1 for a bright image or a checkered 4 x 4 corner tag. The tag's term is the square of its checker
+    pattern: at a flat tag its gradient is zero, so no search from the original is drawn to it."""
+
+    def forward(self, x):
+        checker = (-1.0) ** (torch.arange(4)[:, None] + torch.arange(4)[None])
+        pattern = (x[:, :, :4, :4] * checker).mean((1, 2, 3))
+        score = 2 * x.mean((1, 2, 3)) + 40 * pattern**2 + 0.5
+        return torch.stack([-score, score], 1)
+
+
+def _checkered(n: int) -> torch.Tensor:
+    """Real class-1 images: the flat background with a checkered tag in the corner (and a little noise)."""
+    donors = torch.full((n, 3, 32, 32), -0.5) + 0.02 * torch.randn(
+        n, 3, 32, 32, generator=torch.Generator().manual_seed(0)
+    )
+    donors[:, :, :4, :4] = 0.8 * (-1.0) ** (torch.arange(4)[:, None] + torch.arange(4)[None])
+    return donors
+
+
+@pytest.mark.parametrize("donors", [0, 2])
+def test_donor_windows_find_a_tag_shape_no_gradient_points_to(donors):
+    """explain.search.donors: attempt 1 also pastes the window of a real target-class image that a first-order
+    estimate rates best; the pasted checkered tag flips the classifier at a fraction of the L1 a brightening of the
+    whole image needs, where the search alone (and occlusion) see nothing at the flat tag."""
+    x = torch.full((4, 3, 32, 32), -0.5)
+    target = torch.ones(4, dtype=torch.long)
+    settings = Settings(attempts=1, goal=0.8, steps=150, lr=0.05, l1=0.1, prototype=0.0, donors=donors)
+    model = CheckerOrBrightness()
+    real = _checkered(6)
+    bank = {1: explain.donor_bank(model, PixelCodec(), real, 1, settings.goal)} if donors else None
+    result = Explainer(PixelCodec(), model, settings, donors=bank)(x, target)[0]
+    assert result["success"].all()
+    change = (result["x_cf"] - x).abs().sum(1)
+    near_tag = change[:, :8, :8].flatten(1).sum(1) / change.flatten(1).sum(1)
+    if donors:
+        assert (near_tag > 0.95).all()  # the donor's tag, not a brighter image
+        assert (
+            result["evaluations"] > result["steps"] * 4
+        ).all()  # the pastes are paid for beside the search
+    else:
+        assert (near_tag < 0.5).all()
+
+
+def test_the_donor_bank_holds_only_images_the_classifier_assigns_to_the_class():
+    """A donor is a real image the classifier gives the target class at the goal: a paste from an image it does not
+    believe could not show what it reads as that class."""
+    real = torch.cat([_checkered(3), torch.full((2, 3, 32, 32), -0.5)])  # two flat images: class 0 to it
+    images, codes = explain.donor_bank(CheckerOrBrightness(), PixelCodec(), real, 1, 0.9)
+    assert len(images) == len(codes) == 3 and torch.equal(images, real[:3])
+    with pytest.raises(ValueError, match="donors"):
+        Explainer(PixelCodec(), CheckerOrBrightness(), Settings(donors=2))
+
+
 def test_the_located_edit_can_be_an_attempt_of_its_own():
     """explain.search.located_attempt: attempt 1 is the whole-image edit, attempt 2 the best window's, so one image
     yields its global and its local explanation."""
