@@ -21,9 +21,11 @@ from pipeline.errors import UserError
 # The recommended search: edits along the directions the task's own patches vary in (project), kept to the whole
 # image segments that flip (confine: regions), as sure as the original (mirror), smooth where the image is (tv), no
 # pull toward other images (prototype: 0), a stalled sample given up after 12 steps (patience: no evaluations
-# spent on a search that no longer moves). The search's own dataclass keeps its primitive defaults for ablations.
+# spent on a search that no longer moves), and a window pasted from one of 4 real target-class images competing with
+# the search's edit (donors: a mark's shape, which no gradient points to). The search's own dataclass keeps its
+# primitive defaults for ablations.
 RECOMMENDED_SEARCH = SearchConfig(
-    tv=10.0, prototype=0.0, project=True, confine="regions", mirror=True, patience=12
+    tv=10.0, prototype=0.0, project=True, confine="regions", mirror=True, patience=12, donors=4
 )
 
 

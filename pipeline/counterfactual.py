@@ -364,6 +364,9 @@ class Explainer(nn.Module):
         for t in target.unique().tolist():
             images, codes = (v.to(x) for v in self.donors[t])
             rows = target == t
+            if not len(images):  # no real image of this class: the 'paste' changes nothing and cannot flip
+                out[rows] = x[rows, None]
+                continue
             k = min(self.settings.donors, len(images))
             nearest = torch.cdist(own[rows], codes).topk(k, largest=False).indices  # (b_t, k)
             out[rows] = images[nearest.repeat(1, -(-self.settings.donors // k))[:, : self.settings.donors]]
