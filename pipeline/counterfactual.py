@@ -436,7 +436,7 @@ class Explainer(nn.Module):
         """Attempt 1, with ``donors`` against the smallest valid donor window (``swap``)."""
         found = self.searched_first(x, target, free, generator)
         if self.settings.donors > 0:
-            pasted = self._confined(x, target, self.swap(x, target))
+            pasted = self._confined(x, target, self.swap(x, target), near_flips=False)  # only a flip can win
             found[0] = self.smaller(x, found[0], pasted)
         return found
 
@@ -481,13 +481,17 @@ class Explainer(nn.Module):
         need = torch.where(end > start, near, nan)
         return torch.where(result["success"], torch.full_like(near, self.settings.goal), need)
 
-    def _confined(self, x, target, result: dict) -> dict:
-        """An attempt's result confined (sparsity) with its change mask and the region later attempts avoid."""
+    def _confined(self, x, target, result: dict, near_flips: bool = True) -> dict:
+        """An attempt's result confined (sparsity) with its change mask and the region later attempts avoid;
+        without ``near_flips`` only flips are confined (a candidate that is kept only if it flips)."""
         if self.settings.sparsity:
             confine = (
                 confinement.by_regions if self.settings.confine == "regions" else confinement.by_threshold
             )
-            confined = confine(self.p_class, self.settings, x, result["x_cf"], target, self.needed(result))
+            need = self.needed(result)
+            if not near_flips:
+                need = torch.where(result["success"], need, torch.full_like(need, float("nan")))
+            confined = confine(self.p_class, self.settings, x, result["x_cf"], target, need)
             result["evaluations"] = result.get("evaluations", 0) + confined.pop("evaluations")
             result.update(confined)
         else:

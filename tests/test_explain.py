@@ -534,6 +534,26 @@ def test_donor_windows_find_a_tag_shape_no_gradient_points_to(donors):
         assert (near_tag < 0.5).all()
 
 
+def test_a_paste_that_does_not_flip_is_not_confined():
+    """A pasted window is kept only if it flips, so one that merely moves the classifier is not bisected: it costs
+    the donors' encode, the gradient's two passes, its judgements and one more, no confinement."""
+    x = torch.full((3, 3, 32, 32), -0.5)
+    target = torch.ones(3, dtype=torch.long)
+    faint = _checkered(4)
+    faint[:, :, :4, :4] *= (
+        0.15  # a faint checker: the classifier moves towards class 1 but stays below the goal
+    )
+    model, settings = CheckerOrBrightness(), Settings(attempts=1, goal=0.8, prototype=0.0, donors=2)
+    bank = {1: (faint, explain.real_codes(PixelCodec(), faint))}
+    explainer = Explainer(PixelCodec(), model, settings, donors=bank)
+    pasted = explainer.swap(x, target)
+    assert not pasted["success"].any() and (pasted["p_after"] > pasted["p_before"]).all()
+    kept_only_if_flips = explainer._confined(x, target, dict(pasted), near_flips=False)
+    as_near_flip = explainer._confined(x, target, dict(pasted))
+    assert (kept_only_if_flips["evaluations"] == 3 + 2 * settings.donors + 1).all()
+    assert (as_near_flip["evaluations"] > kept_only_if_flips["evaluations"]).all()
+
+
 def test_the_donor_bank_holds_only_images_the_classifier_assigns_to_the_class():
     """A donor is a real image the classifier gives the target class at the goal: a paste from an image it does not
     believe could not show what it reads as that class."""
