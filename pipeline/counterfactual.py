@@ -90,7 +90,7 @@ class Settings:
     located_attempt: bool = False
     # attempt 1 also tries pasting a window (side ``window`` or twice that) from each of the ``donors`` real images
     # of the target class nearest the original; the window is the one whose paste a first-order estimate rates best,
-    # and the valid edit with the smallest L1 (after confinement) wins (0 = off; 2 evaluations per donor)
+    # and the valid edit with the smallest L1 (after confinement) wins (0 = off; 3 + 2 evaluations per donor)
     donors: int = 0
     # grow the used region by this share of the image side before blocking it (3 px at 64 px; "threshold" only)
     dilate: float = 0.05
