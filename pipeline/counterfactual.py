@@ -15,7 +15,8 @@ For a batch of images x (in [-1, 1]) and target classes, each attempt k = 1..K:
      larger edit elsewhere);
   8. optional donor windows: attempt 1 also tries pasting one window of a real image the classifier assigns to the
      target class (a tag, stamp or patch transplanted from where the donor has it), and again the smallest valid
-     edit wins: a flip carried by a small mark's shape, which no gradient at the original points to.
+     edit wins: a flip carried by a small mark's shape, which no gradient at the original points to
+     (pipeline/donors.py).
 Between 5 and 6 each attempt is confined (pipeline/confinement.py) to the smallest part of its edit that still flips.
 With ``cast`` one more attempt follows: the channel gains of the whole image that flip it (pipeline/cast.py).
 """
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline import cast, confinement
+from pipeline import cast, confinement, donors
 from pipeline.progress import Progress, log_odds
 from pipeline.regions import (
     change_mask,
@@ -115,6 +116,12 @@ def copies_of(settings: Settings) -> int:
 def searching(t: torch.Tensor | None, on: torch.Tensor, copies: int) -> torch.Tensor | None:
     """The rows ``on`` of a per-sample tensor, once per latent copy (None stays None)."""
     return None if t is None else t[on].repeat(copies, *([1] * (t.dim() - 1)))
+
+
+def valid_l1(x: torch.Tensor, result: dict) -> torch.Tensor:
+    """Per sample the mean absolute change of a result's edit, infinite where it did not flip: the smallest wins."""
+    l1 = (result["x_cf"] - x).abs().flatten(1).mean(1)
+    return torch.where(result["success"], l1, torch.full_like(l1, float("inf")))
 
 
 def pooled(z: torch.Tensor, side: int = 4) -> torch.Tensor:
@@ -357,72 +364,15 @@ class Explainer(nn.Module):
         return masks, 1 + len(boxes)
 
     @torch.no_grad()
-    def nearest_donors(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """(B, donors, C, H, W): per sample the real target-class images nearest to it in pooled latent code."""
-        own = pooled(self.codec.encode(x))
-        out = torch.empty(len(x), self.settings.donors, *x.shape[1:], device=x.device, dtype=x.dtype)
-        for t in target.unique().tolist():
-            images, codes = (v.to(x) for v in self.donors[t])
-            rows = target == t
-            if not len(images):  # no real image of this class: the 'paste' changes nothing and cannot flip
-                out[rows] = x[rows, None]
-                continue
-            k = min(self.settings.donors, len(images))
-            nearest = torch.cdist(own[rows], codes).topk(k, largest=False).indices  # (b_t, k)
-            out[rows] = images[nearest.repeat(1, -(-self.settings.donors // k))[:, : self.settings.donors]]
-        return out
-
-    def swap(self, x: torch.Tensor, target: torch.Tensor) -> dict:
-        """Donor windows: per sample and donor, the window (side ``window`` or twice that, any position) whose
-        paste raises the target log-probability most to first order (input gradient x change, summed over the
-        window); each such paste judged on the classifier, and per sample the valid one with the smallest L1 (else
-        the most probable), as an attempt's result."""
-        s, (b, _, h, w) = self.settings, x.shape
-        donors = self.nearest_donors(x, target)
-        with torch.enable_grad():
-            xg = x.detach().clone().requires_grad_(True)
-            logits = self.classifier(xg)
-            log_p = torch.log_softmax(logits, -1).gather(1, target[:, None])
-            (grad,) = torch.autograd.grad(log_p.sum(), xg)
-        p_before = log_p.detach().exp().squeeze(1)
-        gain = (grad[:, None] * (donors - x[:, None])).sum(2).flatten(0, 1)[:, None]  # (B*D, 1, H, W)
-        ys = torch.arange(h, device=x.device).view(1, 1, h, 1)
-        xs = torch.arange(w, device=x.device).view(1, 1, 1, w)
-        pastes = []
-        for share in (s.window, 2 * s.window):
-            side = min(h, w, max(2, pixels(share, x)))
-            best = F.avg_pool2d(gain, side, stride=1).flatten(1).argmax(1).view(-1, 1, 1, 1)
-            top, left = best // (w - side + 1), best % (w - side + 1)
-            window = ((ys >= top) & (ys < top + side) & (xs >= left) & (xs < left + side)).to(x.dtype)
-            window = window.view(b, s.donors, 1, h, w)
-            pastes.append(window * donors + (1 - window) * x[:, None])
-        candidates = torch.cat(pastes, 1)  # (B, n, C, H, W)
-        n = candidates.shape[1]
-        p = self.p_class(candidates.flatten(0, 1), target.repeat_interleave(n)).view(b, n)
-        l1 = (candidates - x[:, None]).abs().flatten(2).mean(2)
-        chosen = torch.where(p >= s.goal, l1, 1e6 - p).argmin(1)  # the smallest valid, else the most probable
-        rows = torch.arange(b, device=x.device)
-        zeros = torch.zeros(b, dtype=torch.long, device=x.device)
-        return {
-            "x_cf": candidates[rows, chosen],
-            "p_before": p_before,
-            "p_after": p[rows, chosen],
-            "success": p[rows, chosen] >= s.goal,
-            "steps": zeros,
-            "no_room": zeros.bool(),
-            # the donors' encode, the gradient's forward and backward, one judgement per paste
-            "evaluations": zeros + 3 + n,
-        }
+    def pooled_code(self, x: torch.Tensor) -> torch.Tensor:
+        """The images' pooled latent codes (as the prototypes and donors are indexed)."""
+        return pooled(self.codec.encode(x))
 
     def smaller(self, x: torch.Tensor, found: dict, other: dict) -> dict:
         """Per sample the valid result with the smaller L1 of the two (``found`` where neither is valid); both
         searches are paid for."""
 
-        def cost(result):
-            l1 = (result["x_cf"] - x).abs().flatten(1).mean(1)
-            return torch.where(result["success"], l1, torch.full_like(l1, float("inf")))
-
-        take = cost(other) < cost(found)
+        take = valid_l1(x, other) < valid_l1(x, found)
         merged = {}
         for key, value in found.items():
             if key in ("steps", "evaluations"):
@@ -433,10 +383,12 @@ class Explainer(nn.Module):
         return merged
 
     def first_attempt(self, x, target, free, generator) -> list[dict]:
-        """Attempt 1, with ``donors`` against the smallest valid donor window (``swap``)."""
+        """Attempt 1, with ``donors`` against the smallest valid donor window (pipeline/donors.py)."""
         found = self.searched_first(x, target, free, generator)
         if self.settings.donors > 0:
-            pasted = self._confined(x, target, self.swap(x, target), near_flips=False)  # only a flip can win
+            pasted = self._confined(
+                x, target, donors.search(self, x, target), near_flips=False
+            )  # only a flip wins
             found[0] = self.smaller(x, found[0], pasted)
         return found
 
@@ -452,8 +404,7 @@ class Explainer(nn.Module):
         n = frees.shape[0] // b
         xs, targets = x.repeat(n, 1, 1, 1), target.repeat(n)
         result = self._confined(xs, targets, self.attempt(xs, targets, frees, generator))
-        l1 = (result["x_cf"] - xs).abs().flatten(1).mean(1).view(n, b)
-        l1 = torch.where(result["success"].view(n, b), l1, torch.full_like(l1, float("inf")))
+        l1 = valid_l1(xs, result).view(n, b)
         steps, evaluations = result["steps"].view(n, b), result["evaluations"].view(n, b)
         # every candidate's search is paid for, and the occlusion passes that placed the windows
         if s.located_attempt:  # the whole image's own result, then the smallest valid window edit

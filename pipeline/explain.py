@@ -151,8 +151,8 @@ def build_explainer(classifier, card, data, config: ExplainConfig, gen: Generato
     prototypes = {t: real_codes(codec, reals[t]) for t in classes} if s.prototype > 0 else None
     # the patch prior is unlabelled: images of every class together
     prior = PatchPrior.fit(torch.cat(list(reals.values())), seed=config.seed) if s.needs_prior else None
-    donors = {t: donor_bank(model, codec, reals[t], t, s.goal) for t in classes} if s.donors > 0 else None
-    return Explainer(codec, model, config.search, smooth, denoiser, prototypes, prior, donors), agreement
+    bank = {t: donor_bank(model, codec, reals[t], t, s.goal) for t in classes} if s.donors > 0 else None
+    return Explainer(codec, model, config.search, smooth, denoiser, prototypes, prior, bank), agreement
 
 
 @torch.no_grad()
@@ -160,7 +160,7 @@ def donor_bank(
     model, codec, images: torch.Tensor, target: int, goal: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The real images of one class the classifier assigns to it at the goal probability (all of them if none is
-    that sure), and their pooled latent codes: where a donor window comes from."""
+    that sure), and their pooled latent codes: where a donor window (pipeline/donors.py) comes from."""
     p = torch.cat([torch.softmax(model(part), -1)[:, target] for part in images.split(128)])
     sure = images[p >= goal] if bool((p >= goal).any()) else images
     return sure, real_codes(codec, sure)

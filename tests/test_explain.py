@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from pipeline import confinement, explain, generator, models
+from pipeline import donors as donor_windows
 from pipeline import manifest as manifest_files
 from pipeline.config import ExplainConfig, GeneratorConfig
 from pipeline.counterfactual import Explainer, PixelCodec, Settings
@@ -540,13 +541,12 @@ def test_a_paste_that_does_not_flip_is_not_confined():
     x = torch.full((3, 3, 32, 32), -0.5)
     target = torch.ones(3, dtype=torch.long)
     faint = _checkered(4)
-    faint[:, :, :4, :4] *= (
-        0.15  # a faint checker: the classifier moves towards class 1 but stays below the goal
-    )
+    # a faint checker: the classifier moves towards class 1 but stays below the goal
+    faint[:, :, :4, :4] *= 0.15
     model, settings = CheckerOrBrightness(), Settings(attempts=1, goal=0.8, prototype=0.0, donors=2)
     bank = {1: (faint, explain.real_codes(PixelCodec(), faint))}
     explainer = Explainer(PixelCodec(), model, settings, donors=bank)
-    pasted = explainer.swap(x, target)
+    pasted = donor_windows.search(explainer, x, target)
     assert not pasted["success"].any() and (pasted["p_after"] > pasted["p_before"]).all()
     kept_only_if_flips = explainer._confined(x, target, dict(pasted), near_flips=False)
     as_near_flip = explainer._confined(x, target, dict(pasted))
