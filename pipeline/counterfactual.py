@@ -151,7 +151,8 @@ class Explainer(nn.Module):
             raise ValueError("explain.search.donors needs real images of each target class")
         self.prototypes = prototypes or {}  # target class -> pooled latent codes of real images of that class
         self.surrogate = surrogate.eval() if surrogate is not None else None
-        self.denoiser = denoiser  # (unet, scheduler) or None
+        # (unet, scheduler) or None; the UNet is a submodule so that moving the explainer to a GPU moves it too
+        self.unet, self.scheduler = denoiser if denoiser is not None else (None, None)
         self.prior = prior if settings.needs_prior else None  # PatchPrior fitted on real images
         if self.prior is None and settings.needs_prior:
             raise ValueError("explain.search.patch_prior / project need a PatchPrior fitted on real images")
@@ -167,7 +168,7 @@ class Explainer(nn.Module):
     @property
     def _filters(self) -> bool:
         """Gradients pass through the UNet's denoising pass (search.filter_timestep)."""
-        return self.denoiser is not None and self.settings.filter_timestep > 0
+        return self.unet is not None and self.settings.filter_timestep > 0
 
     def judged_by_gradient_model(self) -> bool:
         """The gradient's logits are the original classifier's on the noise-free candidate itself (no surrogate, no
@@ -182,11 +183,10 @@ class Explainer(nn.Module):
 
     def _filter(self, x: torch.Tensor) -> torch.Tensor:
         """One partial noise/denoise pass: x_t = sqrt(a) x + sqrt(1 - a) eps; x0 = (x_t - sqrt(1 - a) eps_hat) / sqrt(a)."""
-        unet, scheduler = self.denoiser
         t = torch.full((x.shape[0],), self.settings.filter_timestep, device=x.device, dtype=torch.long)
-        a = scheduler.alphas_cumprod.to(x.device)[t].view(-1, 1, 1, 1)
+        a = self.scheduler.alphas_cumprod.to(x.device)[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x + (1 - a).sqrt() * torch.randn_like(x)
-        return (x_t - (1 - a).sqrt() * unet(x_t, t).sample) / a.sqrt()
+        return (x_t - (1 - a).sqrt() * self.unet(x_t, t).sample) / a.sqrt()
 
     def attempt(
         self, x: torch.Tensor, target: torch.Tensor, free: torch.Tensor, generator: torch.Generator

@@ -360,7 +360,8 @@ def test_explain_stage_writes_manifest_images_and_desiderata(tiny_biased, tiny_c
     assert set(manifest["attempt"]) == {1, 2} and (manifest["source_class"] != manifest["target_class"]).all()
     assert (manifest["p_target_before"] < 0.5).all()  # only correctly classified images are explained
     assert (manifest["p_source_before"] > 0.5).all()  # two classes: p(source) + p(target) = 1
-    np.testing.assert_allclose(manifest["p_source_after"] + manifest["p_target_after"], 1, atol=1e-5)
+    # two separate passes (a GPU's convolution algorithms differ by batch: 4e-5 seen on an H200)
+    np.testing.assert_allclose(manifest["p_source_after"] + manifest["p_target_after"], 1, atol=1e-4)
     # the share of the way to the goal: 1 for a flip, below 1 for an attempt that fell short, as its p says
     assert manifest["progress"].between(0, 1).all() and (manifest["progress"][manifest["success"]] == 1).all()
     short = manifest[~manifest["success"]]
@@ -405,6 +406,11 @@ def test_gradient_filtering_through_a_local_unet(tiny_biased, tiny_codec, tmp_pa
     summary = explain.run(ckpt, data, config, gen, tmp_path / "out")
     assert summary["counterfactuals"] == 2
     assert summary["evaluations_per_counterfactual"] > 0
+    # Lightning moves the explainer to the GPU: the UNet must move with it (a dtype move shows it on the CPU)
+    classifier, card = models.load(ckpt)
+    explainer, _ = explain.build_explainer(classifier, card, data, config, gen)
+    explainer.to(torch.float64)
+    assert {p.dtype for p in explainer.unet.parameters()} == {torch.float64}
 
 
 def test_nothing_to_explain_is_a_user_error(tiny_biased, tiny_codec, tmp_path):

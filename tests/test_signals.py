@@ -148,15 +148,39 @@ def test_annotate_refuses_a_busy_port_and_takes_its_server_down_on_sigterm(tmp_p
         time.sleep(0.2)
 
 
-def _workers() -> int:
-    """Processes multiprocessing's spawn started (Lightning's DDP workers) on this machine."""
-    count = 0
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+def _workers(root: int) -> set[int]:
+    """Processes multiprocessing's spawn started (Lightning's DDP workers) below process ``root``: only this run's,
+    so DDP tests running side by side (pytest -n) do not count each other's."""
+    parents, forks = {}, set()
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            count += b"--multiprocessing-fork" in cmdline.read_bytes()
+            # the parent pid is the 2nd field after the parenthesised command name
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if b"--multiprocessing-fork" in (proc / "cmdline").read_bytes():
+                forks.add(int(proc.name))
+        except (OSError, ValueError, IndexError):
+            continue
+
+    def below_root(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == root:
+                return True
+        return False
+
+    return {pid for pid in forks if below_root(pid)}
+
+
+def _alive(pids: set[int]) -> set[int]:
+    """Those of ``pids`` still running as spawned workers (a dead one's pid may be reused by another process)."""
+    alive = set()
+    for pid in pids:
+        try:
+            if b"--multiprocessing-fork" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                alive.add(pid)
         except OSError:
             continue
-    return count
+    return alive
 
 
 def test_sigterm_under_ddp_stops_the_workers_too(tmp_path, tiny_codec):
@@ -171,11 +195,10 @@ def test_sigterm_under_ddp_stops_the_workers_too(tmp_path, tiny_codec):
         "explain.search.patience": 5000,
         "generator.source": str(tiny_codec),
     }
-    before = _workers()
     run = _start_run(tmp_path, long)
     _wait_for_line(run, "[explain] running")
     deadline = time.monotonic() + 120
-    while _workers() < before + 2:  # both DDP workers are up
+    while len(workers := _workers(run.pid)) < 2:  # both DDP workers are up
         assert time.monotonic() < deadline and run.poll() is None, "no DDP workers"
         time.sleep(0.5)
     time.sleep(5)
@@ -183,7 +206,7 @@ def test_sigterm_under_ddp_stops_the_workers_too(tmp_path, tiny_codec):
     assert code == 128 + signal.SIGTERM
     assert err.strip().splitlines() == ["interrupted in stage explain (SIGTERM); rerun to resume"]
     deadline = time.monotonic() + 10
-    while _workers() > before:
+    while _alive(workers):  # orphans would be re-parented: follow the pids seen, not the tree
         assert time.monotonic() < deadline, "DDP workers outlived the run"
         time.sleep(0.2)
     assert not list((tmp_path / "run").glob(".*.tmp-*"))
