@@ -165,6 +165,9 @@ class DistilConfig:
     # after a fine-tune, a direction lying mostly in what the true edits changed is still erased when the spurious
     # edits move along it more, in sum, than the true ones: most verdicts on that kind of change said spurious
     erase_vote: bool = True
+    # each round's spurious edits are shortened to their median length in feature space before the principal
+    # directions are taken: every verdict counts about once, and a few edits that moved every feature do not decide
+    erase_clip: bool = False
     # random flips of every training image while fine-tuning: "none", "horizontal" or "both". A property of the data:
     # only where a mirrored image means the same (not laterality in chest X-rays, text, a tag in a known corner)
     flip: str = "none"

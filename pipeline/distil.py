@@ -253,12 +253,20 @@ def feature_change(model: nn.Module, card, table: pd.DataFrame, folder: Path) ->
     return edited - features(model, Counterfactuals(originals, folder, card.classes, transform))
 
 
-def principal(change: np.ndarray, table: pd.DataFrame, k: int) -> np.ndarray:
-    """The k principal directions of each round's changes, stacked (rows without a round count as one round)."""
+def principal(change: np.ndarray, table: pd.DataFrame, k: int, clip: bool = False) -> np.ndarray:
+    """The k principal directions of each round's changes, stacked (rows without a round count as one round); with
+    ``clip``, of the changes shortened to the round's median length."""
     rounds = table["round"].to_numpy() if "round" in table else np.zeros(len(table))
+    parts = [change[rounds == r] for r in np.unique(rounds)]
     return np.concatenate(
-        [np.linalg.svd(change[rounds == r], full_matrices=False)[2][:k] for r in np.unique(rounds)]
+        [np.linalg.svd(clipped(rows) if clip else rows, full_matrices=False)[2][:k] for rows in parts]
     )
+
+
+def clipped(rows: np.ndarray) -> np.ndarray:
+    """``rows`` longer than their median length shortened to it, directions kept."""
+    length = np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows * np.minimum(1.0, np.median(length) / np.maximum(length, 1e-12))
 
 
 def orthonormal(rows: np.ndarray) -> np.ndarray:
@@ -277,15 +285,17 @@ def spurious_directions(
     k: int,
     evidence: pd.DataFrame | None = None,
     vote: bool = False,
+    clip: bool = False,
 ) -> np.ndarray:
     """Orthonormal directions (n, d) of what the spurious counterfactuals of ``table`` changed in the head's
     features: the k principal ones of each round's edits, so each round adds what the classifier it explained
     still used. With ``evidence`` (counterfactuals judged true) each direction loses its part in the subspace of
     what the true edits changed, and one that lay mostly there (less than half left) is not erased at all, unless
-    ``vote`` and the spurious edits move along it more than the true ones (then it is erased whole)."""
+    ``vote`` and the spurious edits move along it more than the true ones (then it is erased whole). ``clip``:
+    the directions of the spurious changes shortened to their median length (``principal``)."""
     spurious = table[table["verdict"] == "spurious"]
     change = feature_change(model, card, spurious, folder)
-    top = principal(change, spurious, k)
+    top = principal(change, spurious, k, clip)
     if evidence is not None and not evidence.empty:
         true_change = feature_change(model, card, evidence, folder)
         real = evidence_directions(true_change)
@@ -396,7 +406,7 @@ def run(
     backbone = backbone.cpu().eval()
     if config.erase > 0 and cf_train["verdict"].eq("spurious").any():
         directions = spurious_directions(
-            backbone, card, cf_train, cf_folder, config.erase, evidence, config.erase_vote
+            backbone, card, cf_train, cf_folder, config.erase, evidence, config.erase_vote, config.erase_clip
         )
         if len(directions):
             erase(backbone, card, data, directions, config.seed)

@@ -580,3 +580,23 @@ def test_erase_alone_does_not_spare_true_edits_in_the_features_they_flipped(tiny
         out.mkdir()
         distil.stage(run, [1], ckpt, explained, data, config, out)
         assert models.load_card(out).metrics["erased_directions"] == erased
+
+
+def test_erase_clip_lets_many_small_edits_outweigh_a_few_huge_ones():
+    """distil.erase_clip: twenty spurious edits move the features a little along one direction, three move them
+    ten times as far along another. The raw changes' principal direction is the three's; shortened to the median
+    length every verdict counts about once, and the direction is the twenty's. Rounds are clipped apart."""
+    rng = np.random.default_rng(0)
+    d = 16
+    small = np.eye(d)[0] + 0.05 * rng.standard_normal((20, d))
+    huge = 10 * (np.eye(d)[1] + 0.05 * rng.standard_normal((3, d)))
+    change, table = np.concatenate([small, huge]), pd.DataFrame({"round": [1] * 23})
+    assert abs(distil.principal(change, table, 1)[0] @ np.eye(d)[1]) > 0.99
+    assert abs(distil.principal(change, table, 1, clip=True)[0] @ np.eye(d)[0]) > 0.99
+    # a second round of huge edits alone keeps its own direction: the median is each round's
+    two = pd.DataFrame({"round": [1] * 20 + [2] * 3})
+    first, second = distil.principal(change, two, 1, clip=True)
+    assert abs(first @ np.eye(d)[0]) > 0.99 and abs(second @ np.eye(d)[1]) > 0.99
+    assert np.allclose(
+        np.linalg.norm(distil.clipped(change), axis=1).max(), np.median(np.linalg.norm(change, axis=1))
+    )
