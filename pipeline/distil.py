@@ -292,7 +292,7 @@ def spurious_directions(
     still used. With ``evidence`` (counterfactuals judged true) each direction loses its part in the subspace of
     what the true edits changed, and one that lay mostly there (less than half left) is not erased at all, unless
     ``vote`` and the spurious edits move along it more than the true ones (then it is erased whole). ``clip``:
-    the directions of the spurious changes shortened to their median length (``principal``)."""
+    the principal directions are those of the spurious changes shortened to their median length."""
     spurious = table[table["verdict"] == "spurious"]
     change = feature_change(model, card, spurious, folder)
     top = principal(change, spurious, k, clip)

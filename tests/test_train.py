@@ -33,7 +33,8 @@ def test_tiny_classifier_learns_the_shortcut_and_round_trips(tmp_path):
     probs = train.predict(model, test)
     assert probs.shape == (40, 2) and np.allclose(probs.sum(1), 1, atol=1e-5)
     x = torch.stack([test[i][0] for i in range(4)])
-    with torch.no_grad():  # predict ran on the GPU where there is one (TF32 convolutions: 3e-5 seen on an H200)
+    # predict ran on the GPU where there is one (TF32 convolutions: 3e-5 seen on an H200)
+    with torch.no_grad():
         assert np.allclose(torch.softmax(model(x), -1).numpy(), probs[:4], atol=1e-4)
 
 
