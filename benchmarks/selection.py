@@ -4,11 +4,12 @@ The selection sees only the teacher's judgements of each classifier's counterfac
 accuracy, which it never sees, says how good its choice was. For every finished run (the closing judgement done)
 under the folder: the classifier chosen, the best one the run made, and their worst-group accuracies. The choice is
 recomputed with today's rule from the judgements the run recorded, so a change of the rule is measured on every
-run at once without rerunning any.
+run at once without rerunning any; `RULES` holds other label-free rules, each replayed the same way (the
+selection never feeds back into training, so a replay is the run's exact result under that rule).
 
-    .venv/bin/python benchmarks/selection.py [--runs runs/suite] [--tag 3r-fast]
+    .venv/bin/python benchmarks/selection.py [--runs runs/suite] [--tag 3r-fast] [--out FILE]
 
-Writes benchmarks/results/selection.json.
+Writes benchmarks/results/selection.json (or --out).
 """
 
 from __future__ import annotations
@@ -20,6 +21,20 @@ from pathlib import Path
 from pipeline import models, rounds
 
 HERE = Path(__file__).resolve().parent
+
+
+def _true_rate(judgement: dict) -> float:
+    return judgement["labels"]["true"] / max(judgement["counterfactuals"], 1)
+
+
+# label-free rules the selection could use instead of today's (rounds.preference): larger is preferred
+RULES = {
+    "today": rounds.preference,
+    "fewest_spurious_first": lambda j, i: (-rounds.shortcut_rate(j), j["feedback_accuracy"], i > 0, -i),
+    "true_minus_spurious": lambda j, i: (_true_rate(j) - rounds.shortcut_rate(j), i > 0, -i),
+    "round_1": lambda j, i: (i == 1,),
+    "last_round": lambda j, i: (i,),
+}
 
 
 def candidates(metrics: dict) -> dict[str, float]:
@@ -44,6 +59,7 @@ def measure(run_dir: Path) -> dict | None:
         "best": best,
         "best_worst_group": worst[best],
         "worst_group": worst,
+        "by_rule": {name: worst[rounds.select(metrics, key)["model"]] for name, key in RULES.items()},
     }
 
 
@@ -51,10 +67,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="runs/suite", help="folder holding run directories")
     parser.add_argument("--tag", default="", help="only runs whose name ends with this")
+    parser.add_argument("--out", default=str(HERE / "results" / "selection.json"))
     args = parser.parse_args()
     runs = {}
     for run_dir in sorted(Path(args.runs).iterdir()):
-        if run_dir.is_dir() and run_dir.name.endswith(args.tag):
+        # a link names a run already listed under its own name
+        if run_dir.is_dir() and not run_dir.is_symlink() and run_dir.name.endswith(args.tag):
             found = measure(run_dir)
             if found is not None:
                 runs[run_dir.name] = found
@@ -64,6 +82,13 @@ def main() -> None:
         "best_chosen": sum(r["chosen_worst_group"] == r["best_worst_group"] for r in runs.values()),
         "mean_chosen_worst_group": round(sum(r["chosen_worst_group"] for r in runs.values()) / max(n, 1), 4),
         "mean_best_worst_group": round(sum(r["best_worst_group"] for r in runs.values()) / max(n, 1), 4),
+        "rules": {
+            name: {
+                "mean_worst_group": round(sum(r["by_rule"][name] for r in runs.values()) / max(n, 1), 4),
+                "best_chosen": sum(r["by_rule"][name] == r["best_worst_group"] for r in runs.values()),
+            }
+            for name in RULES
+        },
     }
     for name, r in runs.items():
         print(
@@ -71,7 +96,7 @@ def main() -> None:
             f"{r['best_worst_group']:.3f}"
         )
     print(json.dumps(summary))
-    out = HERE / "results" / "selection.json"
+    out = Path(args.out)
     out.write_text(json.dumps({"summary": summary, "runs": runs}, indent=1) + "\n")
 
 

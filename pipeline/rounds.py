@@ -121,14 +121,21 @@ def same_classifier(tested: list[dict], i: int, n: int) -> list[int]:
     return [k for k in range(n) if k == i or (digest and tested[k].get("weights") == digest)]
 
 
-def select(metrics: dict) -> dict:
+def preference(judgement: dict, i: int) -> tuple:
+    """How much ``select`` prefers candidate ``i`` (0: the run's first classifier) with this judgement: the larger
+    the better."""
+    return (judgement["feedback_accuracy"], -shortcut_rate(judgement), i > 0, -i)
+
+
+def select(metrics: dict, key=preference) -> dict:
     """The classifier whose counterfactuals the teacher judged true most often (feedback accuracy, which needs no
     test labels). A round that left its classifier as it was (the same weights) is the same classifier judged on
     other images: its judgements count together, and it goes by its first name. A tie goes to the classifier a
     shortcut flips least often (where the teacher finds only shortcut edits, every feedback accuracy is 0 and the
     count of spurious edits per image is what still tells the classifiers apart), then to a corrected classifier
     before the one the run started from (its edits were judged and acted on), then to the earliest round (as good
-    a judgement with less fine-tuning drift). Its test figures come along for the report only."""
+    a judgement with less fine-tuning drift). Its test figures come along for the report only. ``key`` ranks the
+    candidates (``preference``; benchmarks/selection.py replays other rules on finished runs)."""
     scored = judged(metrics)
     tested = [metrics["classifier"], *metrics["rounds"]]
     names = ["classifier", *(r["model"] for r in metrics["rounds"])]
@@ -136,11 +143,11 @@ def select(metrics: dict) -> dict:
     groups = [same_classifier(tested, i, n) for i in range(n)]
     judgement = [pooled([scored[k] for k in group]) for group in groups]
     scores = [
-        (j["feedback_accuracy"], -shortcut_rate(j), i > 0, -i)
+        (key(j, i), i)
         for i, (j, group) in enumerate(zip(judgement, groups))
         if j.get("feedback_accuracy") is not None and group[0] == i
     ]
-    best = -max(scores)[-1] if scores else len(names) - 1
+    best = max(scores)[1] if scores else len(names) - 1
     chosen = tested[best]
     return {
         "model": names[best],

@@ -388,6 +388,9 @@ def test_select_takes_the_classifier_with_the_best_feedback_accuracy():
     # a better feedback accuracy still comes first
     metrics["rounds"][1]["feedback_accuracy"] = 0.1
     assert rounds.select(metrics)["model"] == "distil_r1"
+    # another rule (benchmarks/selection.py replays them): the fewest spurious edits per image first
+    fewest = lambda j, i: (-rounds.shortcut_rate(j), j["feedback_accuracy"], -i)  # noqa: E731
+    assert rounds.select(metrics, fewest)["model"] == "distil_r3"
 
 
 def test_select_counts_the_judgements_of_one_classifier_together():
