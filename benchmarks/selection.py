@@ -51,15 +51,15 @@ def measure(run_dir: Path) -> dict | None:
     worst = candidates(metrics)
     for judged in [metrics["classifier"], *metrics["rounds"]]:  # runs recorded before weights digests
         judged.setdefault("weights", models.weights_digest(run_dir / judged.get("model", "classifier")))
-    chosen = rounds.select(metrics)["model"]
-    best = max(worst, key=worst.get)
+    picks = {name: rounds.select(metrics, key)["model"] for name, key in RULES.items()}
+    chosen, best = picks["today"], max(worst, key=worst.get)
     return {
         "chosen": chosen,
         "chosen_worst_group": worst[chosen],
         "best": best,
         "best_worst_group": worst[best],
         "worst_group": worst,
-        "by_rule": {name: worst[rounds.select(metrics, key)["model"]] for name, key in RULES.items()},
+        "by_rule": {name: worst[model] for name, model in picks.items()},
     }
 
 
