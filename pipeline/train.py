@@ -179,8 +179,9 @@ def make_trainer(
     **options,
 ) -> L.Trainer:
     """The one Lightning Trainer of every stage: quiet, no pickled checkpoints, logs in ``out/logs`` when given,
-    the epoch bar, DDP in spawned processes over several devices; ``options`` pass straight to Lightning
-    (strategy, precision, inference_mode, ...)."""
+    the epoch bar, DDP in spawned processes over several devices, deterministic kernels (same seed, same result on
+    a GPU too: CUDA's fastest kernels add in a varying order); ``options`` pass straight to Lightning (strategy,
+    precision, inference_mode, ...)."""
     if options.get("strategy", "auto") == "auto" and device_count(accelerator, devices) > 1:
         # spawned workers: a cfkd run is a sequence of stages, not a script Lightning's DDP could start again
         options["strategy"] = "ddp_spawn"
@@ -196,6 +197,7 @@ def make_trainer(
         enable_model_summary=verbose,
         log_every_n_steps=5,
         num_sanity_val_steps=0,
+        deterministic=True,
     )
     return L.Trainer(**(settings | options))
 
