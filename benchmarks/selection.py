@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from pipeline import models, rounds
@@ -27,10 +28,21 @@ def _true_rate(judgement: dict) -> float:
     return judgement["labels"]["true"] / max(judgement["counterfactuals"], 1)
 
 
+def _wilson_lower(judgement: dict, z: float = 1.0) -> float:
+    """The lower end of the Wilson interval of feedback accuracy: a rate from few verdicts counts for less."""
+    true, n = judgement["labels"]["true"], judgement["labels"]["true"] + judgement["labels"]["spurious"]
+    if n == 0:
+        return 0.0
+    p = true / n
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (p + z * z / (2 * n) - spread) / (1 + z * z / n)
+
+
 # label-free rules the selection could use instead of today's (rounds.preference): larger is preferred
 RULES = {
     "today": rounds.preference,
     "fewest_spurious_first": lambda j, i: (-rounds.shortcut_rate(j), j["feedback_accuracy"], i > 0, -i),
+    "wilson_lower_bound": lambda j, i: (_wilson_lower(j), -rounds.shortcut_rate(j), i > 0, -i),
     "true_minus_spurious": lambda j, i: (_true_rate(j) - rounds.shortcut_rate(j), i > 0, -i),
     "round_1": lambda j, i: (i == 1,),
     "last_round": lambda j, i: (i,),
