@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -48,3 +49,15 @@ def test_balanced_sampler_draws_classes_evenly(tmp_path):
     loader = train._loader(dataset, 36, True, balanced=True)
     drawn = [int(y) for _ in range(20) for _, ys, _ in loader for y in ys]
     assert 0.4 < np.mean(drawn) < 0.6
+
+
+def test_every_trainer_asks_for_deterministic_kernels(monkeypatch):
+    # a GPU adds in a varying order unless told not to: same seed, same counterfactuals and weights there too
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")
+    torch.use_deterministic_algorithms(False)  # as a process starts
+    try:
+        train.make_trainer(accelerator="cpu")
+        assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # cuBLAS's fixed-order workspace
+    finally:
+        torch.use_deterministic_algorithms(True)
