@@ -160,8 +160,9 @@ class DistilConfig:
     stretch: float = 3.0
     # after fine-tuning, project this many principal directions of each round's spurious edits' feature change
     # (less what the true edits changed, except in the explained classifier's own features) out of the head and
-    # refit it on the training images: the verdict removes a feature from every image, not only the edited (0 = off)
-    erase: int = 1
+    # refit it on the training images: the verdict removes a feature from every image, not only the edited (0 = off;
+    # auto = one fewer than the classes: a shortcut that tells K classes apart spans K - 1 directions)
+    erase: int | str = 1
     # after a fine-tune, a direction lying mostly in what the true edits changed is still erased when the spurious
     # edits move along it more, in sum, than the true ones: most verdicts on that kind of change said spurious
     erase_vote: bool = True
@@ -288,7 +289,10 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "distil.holdout": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     "distil.anchor": (lambda v: v >= 0, "a number >= 0"),
     "distil.stretch": (lambda v: 1.0 <= v <= 10.0, "a number in [1, 10]"),
-    "distil.erase": (lambda v: 0 <= v <= 64, "an integer in [0, 64]"),
+    "distil.erase": (
+        lambda v: v == "auto" or (isinstance(v, int) and 0 <= v <= 64),
+        "auto or an integer in [0, 64]",
+    ),
     "distil.flip": (lambda v: v in ("none", "horizontal", "both"), "none, horizontal or both"),
     "distil.epochs": (lambda v: v >= 1, "an integer >= 1"),
     "distil.batch_size": (lambda v: v >= 2, "an integer >= 2"),

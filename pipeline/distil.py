@@ -277,6 +277,12 @@ def orthonormal(rows: np.ndarray) -> np.ndarray:
     return basis[:, strength > 1e-6 * strength.max()].T
 
 
+def erased_per_round(config: DistilConfig, classes: int) -> int:
+    """Principal directions erased per round: ``distil.erase``, or with auto one fewer than the classes (a shortcut
+    that tells K classes apart, a tag of K colours, spans K - 1 directions of the features)."""
+    return max(classes - 1, 1) if config.erase == "auto" else config.erase
+
+
 def spurious_directions(
     model: nn.Module,
     card,
@@ -404,9 +410,10 @@ def run(
     if config.layers != "none":
         metrics = fine_tune(backbone, card, data, cf_train, cf_val, cf_folder, config, out, verbose)
     backbone = backbone.cpu().eval()
-    if config.erase > 0 and cf_train["verdict"].eq("spurious").any():
+    k = erased_per_round(config, len(card.classes))
+    if k > 0 and cf_train["verdict"].eq("spurious").any():
         directions = spurious_directions(
-            backbone, card, cf_train, cf_folder, config.erase, evidence, config.erase_vote, config.erase_clip
+            backbone, card, cf_train, cf_folder, k, evidence, config.erase_vote, config.erase_clip
         )
         if len(directions):
             erase(backbone, card, data, directions, config.seed)

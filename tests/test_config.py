@@ -89,8 +89,10 @@ def test_cfkd_sections_are_checked():
     # with nothing erased the vote has nothing to decide: no error
     plain = config.from_dict({"distil": {"layers": "all", "erase": 0}}).distil
     assert plain.erase_vote and plain.erase == 0
-    with pytest.raises(UserError, match="distil.erase: got -1, expected an integer in"):
-        config.from_dict({"distil": {"erase": -1}})
+    for bad in (-1, "all"):
+        with pytest.raises(UserError, match=f"distil.erase: got {bad!r}, expected auto or an integer in"):
+            config.from_dict({"distil": {"erase": bad}})
+    assert config.from_dict({"distil": {"erase": "auto"}}).distil.erase == "auto"
     assert config.from_dict({"distil": {"layers": "none", "erase": 2}}).distil.erase == 2
     default = config.load(None)
     assert default.distil.rounds == 3 and default.feedback.teacher == "mask" and default.baseline.dfr

@@ -537,6 +537,17 @@ def test_a_round_with_erase_removes_the_shortcut_the_same_fine_tune_leaves(tiny_
     assert worst[0] < before + 0.2 and worst[1] >= worst[0] + 0.3
 
 
+def test_erase_auto_takes_one_direction_fewer_than_the_classes(tiny_biased, tmp_path):
+    # a tag of K colours tells K classes apart along K - 1 feature directions
+    auto = DistilConfig(erase="auto", layers="none")
+    assert [distil.erased_per_round(auto, k) for k in (1, 2, 3, 10)] == [1, 1, 2, 9]
+    assert distil.erased_per_round(DistilConfig(erase=4), 2) == 4
+    ckpt, data = tiny_biased  # two classes: one direction
+    cfs = _swap_background(data, "train", 24, tmp_path / "explain")
+    result = distil.run(ckpt, data, cfs, cfs.iloc[:0], tmp_path / "explain", auto, tmp_path / "out")
+    assert result.card.metrics["erased_directions"] == 1
+
+
 def test_layers_none_changes_only_the_head_by_erasing(tiny_biased, tmp_path):
     ckpt, data = tiny_biased
     cfs = _swap_background(data, "train", 24, tmp_path / "explain")
