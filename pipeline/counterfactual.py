@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline import cast, confinement, donors
+from pipeline.generator import pooled
 from pipeline.progress import Progress, log_odds
 from pipeline.regions import (
     change_mask,
@@ -122,22 +123,6 @@ def valid_l1(x: torch.Tensor, result: dict) -> torch.Tensor:
     """Per sample the mean absolute change of a result's edit, infinite where it did not flip: the smallest wins."""
     l1 = (result["x_cf"] - x).abs().flatten(1).mean(1)
     return torch.where(result["success"], l1, torch.full_like(l1, float("inf")))
-
-
-def pooled(z: torch.Tensor, side: int = 4) -> torch.Tensor:
-    """A latent code average-pooled to side x side: colour and layout, not pixels. Adaptive average pooling
-    written as two matrix products, whose gradient CUDA computes deterministically (adaptive_avg_pool2d's not)."""
-    rows, cols = (_bins(n, side, z) for n in z.shape[-2:])
-    return torch.einsum("ih,bchw,jw->bcij", rows, z, cols).flatten(1)
-
-
-def _bins(n: int, side: int, like: torch.Tensor) -> torch.Tensor:
-    """side x n averaging weights of adaptive pooling: bin i covers [floor(i n / side), ceil((i + 1) n / side))."""
-    weights = torch.zeros(side, n, dtype=like.dtype, device=like.device)
-    for i in range(side):
-        start, end = i * n // side, -(-(i + 1) * n // side)
-        weights[i, start:end] = 1 / (end - start)
-    return weights
 
 
 class Explainer(nn.Module):

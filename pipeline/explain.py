@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from pipeline import change_maps, desiderata, generator, manifest, models, surrogate  # noqa: E402
 from pipeline.config import ExplainConfig, GeneratorConfig  # noqa: E402
-from pipeline.counterfactual import Explainer, pooled  # noqa: E402
+from pipeline.counterfactual import Explainer  # noqa: E402
 from pipeline.data import FolderData, ImageDataset, hw, load_mask  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.patchprior import PatchPrior  # noqa: E402
@@ -175,7 +175,9 @@ def class_images(images: ImageDataset, target: int, limit: int = 400) -> torch.T
 def real_codes(codec, images: torch.Tensor, batch: int = 128) -> torch.Tensor:
     """Pooled latent codes of real images."""
     with torch.no_grad():
-        return torch.cat([pooled(codec.encode(images[j : j + batch])) for j in range(0, len(images), batch)])
+        return torch.cat(
+            [generator.pooled(codec.encode(images[j : j + batch])) for j in range(0, len(images), batch)]
+        )
 
 
 def run(

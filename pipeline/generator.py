@@ -1,7 +1,8 @@
 """The generative model of the explain stage: a diffusers ``AutoencoderKL`` or ``AutoencoderTiny`` loaded with
 ``from_pretrained`` from a local folder or a hub id (offline: from the local cache only, with a clear error).
 
-``Codec`` gives the explainer one interface: ``encode(x) -> z`` and ``decode(z) -> x`` on images in [-1, 1].
+``Codec`` gives the explainer one interface: ``encode(x) -> z`` and ``decode(z) -> x`` on images in [-1, 1];
+``pooled`` summarises a code as its colour and layout.
 """
 
 from __future__ import annotations
@@ -136,3 +137,19 @@ def load_denoiser(source: str):
             "give a local folder with unet/ and scheduler/ subfolders"
         ) from None
     return unet.eval().requires_grad_(False), scheduler
+
+
+def pooled(z: torch.Tensor, side: int = 4) -> torch.Tensor:
+    """A latent code average-pooled to side x side: colour and layout, not pixels. Adaptive average pooling
+    written as two matrix products, whose gradient CUDA computes deterministically (adaptive_avg_pool2d's not)."""
+    rows, cols = (_bins(n, side, z) for n in z.shape[-2:])
+    return torch.einsum("ih,bchw,jw->bcij", rows, z, cols).flatten(1)
+
+
+def _bins(n: int, side: int, like: torch.Tensor) -> torch.Tensor:
+    """side x n averaging weights of adaptive pooling: bin i covers [floor(i n / side), ceil((i + 1) n / side))."""
+    weights = torch.zeros(side, n, dtype=like.dtype, device=like.device)
+    for i in range(side):
+        start, end = i * n // side, -(-(i + 1) * n // side)
+        weights[i, start:end] = 1 / (end - start)
+    return weights

@@ -10,7 +10,7 @@ from pipeline import confinement, explain, generator, models
 from pipeline import donors as donor_windows
 from pipeline import manifest as manifest_files
 from pipeline.config import ExplainConfig, GeneratorConfig
-from pipeline.counterfactual import Explainer, PixelCodec, Settings, pooled
+from pipeline.counterfactual import Explainer, PixelCodec, Settings
 from pipeline.data import ImageDataset, make_transform
 from pipeline.errors import UserError
 from pipeline.progress import makes_progress
@@ -595,4 +595,4 @@ def test_pooled_codes_are_adaptive_average_pooling(shape):
     # the same numbers as adaptive_avg_pool2d (whose CUDA backward is not deterministic), bins of unequal size too
     z = torch.randn(*shape, dtype=torch.float64)
     expected = torch.nn.functional.adaptive_avg_pool2d(z, 4).flatten(1)
-    torch.testing.assert_close(pooled(z), expected)
+    torch.testing.assert_close(generator.pooled(z), expected)
