@@ -35,12 +35,11 @@ def judged(run: Path, round: int, verdict: str) -> pd.DataFrame:
 
 
 @torch.no_grad()
-def flips(checkpoint: Path, folder: Path, table: pd.DataFrame) -> int:
-    """How many of the counterfactuals in ``table`` the classifier assigns to their target class."""
+def flips(model, card, folder: Path, table: pd.DataFrame) -> int:
+    """How many of the counterfactuals in ``table`` the classifier (on pixels) assigns to their target class."""
     if table.empty:
         return 0
-    model, card = models.load(checkpoint)
-    model, transform = models.OnPixels(model.eval(), card), models.pixel_transform(card)
+    transform = models.pixel_transform(card)
     images = []
     for rel in table["counterfactual"]:
         with Image.open(folder / rel) as image:
@@ -57,13 +56,17 @@ def probe(run: Path) -> list[dict]:
         *(r["worst_group_accuracy"] for r in metrics["rounds"]),
     ]
     judged_rounds = len(metrics["rounds"]) + (1 if metrics.get("closing") else 0)
+    # round 1 explained the first classifier, so no classifier is probed with it
+    tables = {(j, v): judged(run, j, v) for j in range(2, judged_rounds + 1) for v in ("spurious", "true")}
     rows = []
     for k, name in enumerate(names):
+        model, card = models.load(run / name)
+        model = models.OnPixels(model.eval(), card)
         row = {"classifier": name, "worst_group": worst[k]}
         for verdict in ("spurious", "true"):
-            tables = [(j, judged(run, j, verdict)) for j in range(k + 2, judged_rounds + 1)]
-            n = sum(len(t) for _, t in tables)
-            hits = sum(flips(run / name, run / manifest.folder(j), t) for j, t in tables)
+            later = range(k + 2, judged_rounds + 1)
+            n = sum(len(tables[j, verdict]) for j in later)
+            hits = sum(flips(model, card, run / manifest.folder(j), tables[j, verdict]) for j in later)
             row[verdict] = {"counterfactuals": n, "flip_rate": round(hits / n, 3) if n else None}
         rows.append(row)
     return rows
