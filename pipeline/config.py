@@ -169,6 +169,9 @@ class DistilConfig:
     # each round's spurious edits are shortened to their median length in feature space before the principal
     # directions are taken: every verdict counts about once, and a few edits that moved every feature do not decide
     erase_clip: bool = False
+    # erase after a fine-tune too (false: only a round that fine-tunes nothing erases; a fine-tune that starts from an
+    # erased classifier keeps its head's projection as the starting point and learns the rest from the verdicts)
+    erase_finetuned: bool = True
     # random flips of every training image while fine-tuning: "none", "horizontal" or "both". A property of the data:
     # only where a mirrored image means the same (not laterality in chest X-rays, text, a tag in a known corner)
     flip: str = "none"
@@ -181,6 +184,10 @@ class DistilConfig:
     # counterfactuals ("best"; the starting weights compete); validation data as confounded as the training data
     # prefers the shortcut, so best is only for a validation split you trust
     keep: str = "last"
+    # what the original training images are fitted to while fine-tuning: their labels, or the probabilities of the
+    # classifier the round explained (knowledge distillation: its shortcut-free reading, where an earlier round
+    # erased the shortcut, is kept on every image instead of relearnt from the confounded labels)
+    originals: str = "labels"
     epochs: int = 3
     batch_size: int = 64
     lr: float = 5e-4
@@ -285,6 +292,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "distil.start": (lambda v: v in ("latest", "initial"), "latest or initial"),
     "distil.layers": (lambda v: v in ("all", "head", "none", "staged"), "all, head, none or staged"),
     "distil.keep": (lambda v: v in ("best", "last"), "best or last"),
+    "distil.originals": (lambda v: v in ("labels", "explained"), "labels or explained"),
     "distil.mix": (lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
     "distil.holdout": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     "distil.anchor": (lambda v: v >= 0, "a number >= 0"),

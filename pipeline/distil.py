@@ -114,7 +114,8 @@ def stage(
         # direction, true or spurious alike, so sharing it says nothing about what is evidence
         searched_on = config.layers == "none" and start == explained
         evidence = labelled[labelled["verdict"] == "true"] if config.erase and not searched_on else None
-        run(start, data, fit, held, Path(run_dir), config, out, verbose, evidence)
+        teacher = explained if config.originals == "explained" else None
+        run(start, data, fit, held, Path(run_dir), config, out, verbose, evidence, teacher)
 
 
 FLIPS = {
@@ -157,6 +158,32 @@ class Counterfactuals(Dataset):
             a = float(torch.empty(()).uniform_(1.0, self.stretch))
             cf = np.clip(original + a * (cf - original), 0, 255)
         return self.transform(Image.fromarray(cf.round().astype(np.uint8))), self.targets[i], i
+
+
+class SoftTargets(Dataset):
+    """A dataset whose items carry a class distribution instead of a class index: ``probabilities`` per item, or
+    one-hot of its own targets. ``targets`` stay the class indices (the sampler balances classes by them)."""
+
+    def __init__(self, dataset, classes: int, probabilities: np.ndarray | None = None):
+        self.dataset, self.targets = dataset, dataset.targets
+        if probabilities is None:
+            probabilities = np.eye(classes, dtype=np.float32)[np.asarray(self.targets, int)]
+        self.probabilities = torch.as_tensor(probabilities, dtype=torch.float32)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        x, _, index = self.dataset[i]
+        return x, self.probabilities[i], index
+
+
+def probabilities(checkpoint: Path, data: FolderData, classes: list[str]) -> np.ndarray:
+    """The class probabilities the classifier at ``checkpoint`` gives each training image (as preprocessed for it)."""
+    model, card = models.load(checkpoint)
+    train = ImageDataset(data, "train", classes, models.input_transform(card))
+    system = ClassifierSystem(model.eval(), len(classes))
+    return torch.cat(make_trainer(devices=1).predict(system, DataLoader(train, batch_size=256))).numpy()
 
 
 class DistilSystem(ClassifierSystem):
@@ -351,12 +378,19 @@ def fine_tune(
     config: DistilConfig,
     out: Path,
     verbose: bool = False,
+    teacher: Path | None = None,
 ) -> dict:
-    """Fine-tune ``backbone`` in place on original training images mixed with the counterfactuals; its metrics."""
+    """Fine-tune ``backbone`` in place on original training images mixed with the counterfactuals; its metrics.
+    With a ``teacher`` checkpoint the originals are fitted to its probabilities instead of their labels (the
+    counterfactuals keep the labels their verdicts give)."""
     transform = models.input_transform(card)
     augmented = training_transform(card, config.flip)
     original = ImageDataset(data, "train", card.classes, augmented)
     cfs = Counterfactuals(cf_train, cf_folder, card.classes, augmented, config.stretch)
+    if teacher is not None:
+        classes = len(card.classes)
+        original = SoftTargets(original, classes, probabilities(teacher, data, card.classes))
+        cfs = SoftTargets(cfs, classes)
     sampler = mixed_sampler(original, cfs, config.mix, len(original), config.seed)
     train_loader = DataLoader(ConcatDataset([original, cfs]), batch_size=config.batch_size, sampler=sampler)
     val_loaders = [DataLoader(ImageDataset(data, "val", card.classes, transform), batch_size=256)]
@@ -384,7 +418,8 @@ def fine_tune(
     kept = keep.restore(backbone) if keep else None
     if kept:
         metrics.update(best_epoch=kept["best_epoch"], selection_score=round(kept["score"], 4))
-    return metrics | {"kept": config.keep, "epochs": config.epochs}
+    originals = teacher.name if teacher is not None else "labels"  # what the originals were fitted to
+    return metrics | {"kept": config.keep, "epochs": config.epochs, "originals": originals}
 
 
 def run(
@@ -397,10 +432,11 @@ def run(
     out: Path,
     verbose: bool = False,
     evidence: pd.DataFrame | None = None,
+    teacher: Path | None = None,
 ) -> DistilResult:
-    """Distil the verdicts into the classifier at ``checkpoint`` (fine-tune unless ``layers: none``, then erase
-    what the spurious edits moved, less what the ``evidence`` edits, judged true, moved); write the weights and card
-    to ``out``."""
+    """Distil the verdicts into the classifier at ``checkpoint`` (fine-tune unless ``layers: none``, the originals
+    fitted to the ``teacher``'s probabilities when there is one, then erase what the spurious edits moved, less what
+    the ``evidence`` edits, judged true, moved); write the weights and card to ``out``."""
     if cf_train.empty:
         raise UserError("no counterfactual has a usable verdict in this round: nothing to distil")
     L.seed_everything(config.seed, workers=True, verbose=False)
@@ -408,9 +444,11 @@ def run(
     started = time.perf_counter()
     metrics = {}
     if config.layers != "none":
-        metrics = fine_tune(backbone, card, data, cf_train, cf_val, cf_folder, config, out, verbose)
+        metrics = fine_tune(backbone, card, data, cf_train, cf_val, cf_folder, config, out, verbose, teacher)
     backbone = backbone.cpu().eval()
     k = erased_per_round(config, len(card.classes))
+    if config.layers != "none" and not config.erase_finetuned:
+        k = 0
     if k > 0 and cf_train["verdict"].eq("spurious").any():
         directions = spurious_directions(
             backbone, card, cf_train, cf_folder, k, evidence, config.erase_vote, config.erase_clip

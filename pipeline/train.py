@@ -41,8 +41,8 @@ class ClassifierSystem(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
         logits = self(x)
-        loss = nn.functional.cross_entropy(logits, y)
-        self.train_acc(logits, y)
+        loss = nn.functional.cross_entropy(logits, y)  # y: class indices, or class probabilities per row
+        self.train_acc(logits, y if y.dim() == 1 else y.argmax(1))
         self.log_dict(
             {"train_loss": loss, "train_acc": self.train_acc}, on_step=False, on_epoch=True, prog_bar=True
         )

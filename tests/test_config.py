@@ -66,6 +66,8 @@ def test_cfkd_sections_are_checked():
                     "keep": "first",
                     "stretch": 0.5,
                     "flip": "up",
+                    "originals": "teacher",
+                    "erase_finetuned": "no",
                 },
                 "baseline": {"dfr": 1},
             }
@@ -79,6 +81,8 @@ def test_cfkd_sections_are_checked():
     assert "feedback.partial: got 0, expected a share in (0, 1]" in message
     assert "distil.stretch: got 0.5, expected a number in [1, 10]" in message
     assert "distil.flip: got 'up', expected none, horizontal or both" in message
+    assert "distil.originals: got 'teacher', expected labels or explained" in message
+    assert "distil.erase_finetuned: got 'no', expected bool" in message
     assert "baseline.dfr: got 1, expected bool" in message
     with pytest.raises(UserError, match="distil.layers: none fine-tunes nothing; it needs distil.erase >= 1"):
         config.from_dict({"distil": {"layers": "none", "erase": 0}})

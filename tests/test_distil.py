@@ -330,6 +330,14 @@ def test_distil_start_picks_the_weights_each_round_fine_tunes(tmp_path, tiny_cod
     assert set(second["round"]) == {1, 2}  # both rounds' verdicts, whichever weights they start from
 
 
+def test_originals_explained_fits_a_round_to_the_classifier_it_explained(tmp_path, tiny_codec):
+    root = tmp_path / "run"
+    extra = {"feedback.teacher": "human", "feedback.min_labels": 2, "distil.originals": "explained"}
+    metrics = _two_human_rounds(_cfkd_config(tiny_codec, **extra), root, ("spurious", "spurious"))
+    assert metrics["status"] == "complete"
+    assert models.load_card(root / "distil_r2").metrics["originals"] == "distil_r1"
+
+
 def test_staged_layers_erase_alone_in_round_one_and_fine_tune_after(tmp_path, tiny_codec):
     """distil.layers: staged: round 1 changes only the head (erase alone), round 2 fine-tunes every layer."""
     root = tmp_path / "run"
@@ -614,3 +622,56 @@ def test_erase_clip_lets_many_small_edits_outweigh_a_few_huge_ones():
     assert np.allclose(
         np.linalg.norm(distil.clipped(change), axis=1).max(), np.median(np.linalg.norm(change, axis=1))
     )
+
+
+def test_erase_finetuned_off_erases_only_in_a_round_that_fine_tunes_nothing(tiny_biased, tmp_path):
+    ckpt, data = tiny_biased
+    cfs = _swap_background(data, "train", 24, tmp_path / "explain").assign(round=1)
+    for layers, erased in (("all", None), ("none", 1)):
+        config = DistilConfig(layers=layers, erase_finetuned=False, epochs=1)
+        out = tmp_path / f"out-{layers}"
+        card = distil.run(ckpt, data, cfs, cfs.iloc[:0], tmp_path / "explain", config, out).card
+        assert card.metrics.get("erased_directions") == erased
+        assert ("epochs" in card.metrics) == (layers == "all")
+
+
+def _inverted(ckpt, out):
+    """The classifier with its two output rows swapped: it says the other class for every image."""
+    model, card = models.load(ckpt)
+    head = model.get_submodule(dfr.last_linear(model))
+    with torch.no_grad():
+        head.weight.copy_(head.weight.flip(0))
+        head.bias.copy_(head.bias.flip(0))
+    models.save(model, card, out)
+    return out
+
+
+def test_soft_targets_carry_a_classifiers_probabilities_and_one_hot_labels(tiny_biased):
+    ckpt, data = tiny_biased
+    model, card = models.load(ckpt)
+    train = ImageDataset(data, "train", card.classes, models.input_transform(card))
+    p = distil.probabilities(ckpt, data, card.classes)
+    x, _, _ = train[3]
+    assert p.shape == (len(train), 2) and np.allclose(p.sum(1), 1, atol=1e-5)
+    assert torch.allclose(torch.from_numpy(p[3]), torch.softmax(model.eval()(x[None]), -1)[0], atol=1e-5)
+    soft, hard = distil.SoftTargets(train, 2, p), distil.SoftTargets(train, 2)
+    assert torch.equal(soft[3][1], torch.from_numpy(p[3])) and soft.targets == train.targets
+    assert hard[3][1].tolist() == [float(train.targets[3] == c) for c in range(2)]
+
+
+def test_originals_follow_the_explained_classifier_not_their_labels(tiny_biased, tmp_path):
+    """distil.originals: explained: the original training images are fitted to the explained classifier's
+    probabilities. With a classifier that says the other class for every image, the fine-tuned one disagrees with
+    most training labels; fitted to the labels, it agrees with them."""
+    ckpt, data = tiny_biased
+    cfs = _swap_background(data, "train", 8, tmp_path / "explain")
+    config = DistilConfig(layers="all", erase=0, mix=0.1, epochs=4, lr=3e-3)
+    agreement = {}
+    for name, teacher in (("labels", None), ("explained", _inverted(ckpt, tmp_path / "inverted"))):
+        out = tmp_path / name
+        distil.run(ckpt, data, cfs, cfs.iloc[:0], tmp_path / "explain", config, out, teacher=teacher)
+        model, card = models.load(out)
+        train = ImageDataset(data, "train", card.classes, models.input_transform(card))
+        predicted = torch.stack([model.eval()(train[i][0][None])[0] for i in range(len(train))]).argmax(1)
+        agreement[name] = float((predicted == torch.tensor(train.targets)).float().mean())
+    assert agreement["labels"] > 0.9 and agreement["explained"] < 0.5

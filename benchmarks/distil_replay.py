@@ -1,0 +1,92 @@
+"""Replay one round's distil stage of finished suite runs under other distil settings: a paired comparison.
+
+The round is distilled again from the run's own counterfactuals and verdicts, once with the run's own settings and
+once per variant, so only the distil settings differ (no search noise: the counterfactuals and the classifier they
+were searched on are the run's). Later rounds cannot be replayed this way (their counterfactuals were searched on
+the run's own classifiers), so a variant that wins here still needs a suite run.
+
+    .venv/bin/python benchmarks/distil_replay.py --tag donors --round 2 \
+        --variant start=latest,originals=explained,erase_finetuned=false --out refine-replay
+
+Writes benchmarks/results/OUT.json after every replay (a rerun adds what it lacks): per run, accuracy and worst
+group of the round as run (``as_is``) and under each variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from pipeline import config as cfg
+from pipeline import distil, models, quiet, rounds
+from pipeline.data import load_folder
+from pipeline.evaluate import evaluate
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE.parent / "runs" / "suite"
+
+
+def settings(variant: str) -> dict:
+    """start=latest,erase_finetuned=false -> {"start": "latest", "erase_finetuned": False} (YAML scalars)."""
+    pairs = [part.partition("=") for part in variant.split(",") if part]
+    if any(not sep for _, sep, _ in pairs):
+        raise SystemExit(f"--variant {variant}: expected KEY=VALUE[,KEY=VALUE...] of distil settings")
+    return {key: yaml.safe_load(value) for key, _, value in pairs}
+
+
+def replay(run_dir: Path, r: int, changes: dict) -> dict:
+    """Round r of the run distilled again with its distil settings changed by ``changes``."""
+    config = cfg.load(run_dir / "config.yaml")
+    distil_config = cfg.from_dict(
+        cfg.to_dict(config) | {"distil": cfg.to_dict(config.distil) | changes}
+    ).distil
+    explained = "classifier" if r == 1 else f"distil_r{r - 1}"
+    data = load_folder(Path(config.data.root))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        start = run_dir / rounds.start(distil_config, explained)
+        taught = rounds.taught(distil_config, r)
+        distil.stage(run_dir, taught, start, run_dir / explained, data, distil_config, out)
+        model, card = models.load(out)
+        tested, _ = evaluate(model.eval(), card, data)
+    return {
+        "accuracy": round(tested["accuracy"], 4),
+        "worst_group_accuracy": round(tested["worst_group_accuracy"], 4),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tag", required=True, help="the suite runs' tag (runs/suite/suite-NAME-TEACHER-TAG)")
+    p.add_argument("--round", type=int, default=2)
+    p.add_argument("--variant", action="append", default=[], help="distil settings, KEY=VALUE,...")
+    p.add_argument("--only", nargs="*", help="datasets (default: every run with that tag)")
+    p.add_argument("--out", required=True, help="results file name, without .json")
+    args = p.parse_args()
+    variants = {"as_is": {}} | {v: settings(v) for v in args.variant}
+    quiet.configure(False)
+    out = HERE / "results" / f"{args.out}.json"
+    results = json.loads(out.read_text()) if out.exists() else {"tag": args.tag, "round": args.round}
+    results.setdefault("runs", {})
+    for run_dir in sorted(WORK.glob(f"suite-*-{args.tag}")):
+        name = run_dir.name.removeprefix("suite-").removesuffix(f"-{args.tag}")
+        if args.only and name.rsplit("-", 1)[0] not in args.only:
+            continue
+        if not (run_dir / f"distil_r{args.round}").is_dir():
+            continue
+        row = results["runs"].setdefault(name, {})
+        for label, changes in variants.items():
+            if label not in row:
+                row[label] = replay(run_dir, args.round, changes)
+                out.write_text(json.dumps(results, indent=2) + "\n")
+        print(name, json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
