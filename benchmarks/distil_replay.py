@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from suite import tagged_runs
 
 from pipeline import config as cfg
 from pipeline import distil, models, quiet, rounds
@@ -28,7 +29,6 @@ from pipeline.data import load_folder
 from pipeline.evaluate import evaluate
 
 HERE = Path(__file__).resolve().parent
-WORK = HERE.parent / "runs" / "suite"
 
 
 def settings(variant: str) -> dict:
@@ -73,10 +73,7 @@ def main() -> int:
     out = HERE / "results" / f"{args.out}.json"
     results = json.loads(out.read_text()) if out.exists() else {"tag": args.tag, "round": args.round}
     results.setdefault("runs", {})
-    for run_dir in sorted(WORK.glob(f"suite-*-{args.tag}")):
-        name = run_dir.name.removeprefix("suite-").removesuffix(f"-{args.tag}")
-        if args.only and name.rsplit("-", 1)[0] not in args.only:
-            continue
+    for name, run_dir in tagged_runs(args.tag, args.only):
         if not (run_dir / f"distil_r{args.round}").is_dir():
             continue
         row = results["runs"].setdefault(name, {})

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.linalg
+from suite import tagged_runs
 
 from pipeline import config as cfg
 from pipeline import distil, models, quiet, rounds
@@ -36,7 +37,6 @@ from pipeline.data import load_folder
 from pipeline.evaluate import evaluate
 
 HERE = Path(__file__).resolve().parent
-WORK = HERE.parent / "runs" / "suite"
 RULES = ("spare", "own", "never", "contrast")
 
 
@@ -132,10 +132,7 @@ def main() -> int:
     # written after every round and merged on a rerun: an interrupted replay keeps what it measured
     results = json.loads(out.read_text()) if out.exists() else {"tag": args.tag, "shrink": args.shrink}
     results.setdefault("runs", {})
-    for run_dir in sorted(WORK.glob(f"suite-*-{args.tag}")):
-        name = run_dir.name.removeprefix("suite-").removesuffix(f"-{args.tag}")
-        if args.only and name.rsplit("-", 1)[0] not in args.only:
-            continue
+    for name, run_dir in tagged_runs(args.tag, args.only):
         if name not in results.setdefault("decision_share", {}):
             results["decision_share"][name] = decision_share(run_dir)
             out.write_text(json.dumps(results, indent=2) + "\n")

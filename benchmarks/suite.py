@@ -66,6 +66,14 @@ CASES = {
 }
 
 
+def tagged_runs(tag: str, only: list[str] | None = None):
+    """(dataset-teacher, run dir) of every finished or partial suite run with this tag (of the ``only`` datasets)."""
+    for run_dir in sorted((ROOT / "runs" / "suite").glob(f"suite-*-{tag}")):
+        name = run_dir.name.removeprefix("suite-").removesuffix(f"-{tag}")
+        if not only or name.rsplit("-", 1)[0] in only:
+            yield name, run_dir
+
+
 def generate(case: Case, out: Path, poison: float, seed: int) -> None:
     if not out.exists():
         config_class, write, _ = GENERATORS[case.kind]

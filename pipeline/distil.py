@@ -3,7 +3,8 @@
 Training set as the method's authors build it: every counterfactual the teacher called *spurious* keeps its
 source label ("that change must not flip you"); *true* ones take the target label when ``use_true`` is on;
 *unsure* ones are ignored. The classifier is fine-tuned from its current weights on class-balanced batches that
-mix original training images and counterfactuals (``mix``; ``stretch`` and ``flip`` vary each draw), optionally
+mix original training images (fitted to their labels, or with ``originals: explained`` to the probabilities of the
+classifier the round explained) and counterfactuals (``mix``; ``stretch`` and ``flip`` vary each draw), optionally
 anchored to its starting weights or with only its last linear layer learning on frozen features (``layers: head``,
 DFR-style), with model selection on the validation split plus counterfactuals of held-out source images.
 
@@ -114,8 +115,8 @@ def stage(
         # direction, true or spurious alike, so sharing it says nothing about what is evidence
         searched_on = config.layers == "none" and start == explained
         evidence = labelled[labelled["verdict"] == "true"] if config.erase and not searched_on else None
-        teacher = explained if config.originals == "explained" else None
-        run(start, data, fit, held, Path(run_dir), config, out, verbose, evidence, teacher)
+        soft_from = explained if config.originals == "explained" else None
+        run(start, data, fit, held, Path(run_dir), config, out, verbose, evidence, soft_from)
 
 
 FLIPS = {
@@ -378,18 +379,18 @@ def fine_tune(
     config: DistilConfig,
     out: Path,
     verbose: bool = False,
-    teacher: Path | None = None,
+    soft_from: Path | None = None,
 ) -> dict:
     """Fine-tune ``backbone`` in place on original training images mixed with the counterfactuals; its metrics.
-    With a ``teacher`` checkpoint the originals are fitted to its probabilities instead of their labels (the
+    With ``soft_from`` (a checkpoint) the originals are fitted to its probabilities instead of their labels (the
     counterfactuals keep the labels their verdicts give)."""
     transform = models.input_transform(card)
     augmented = training_transform(card, config.flip)
     original = ImageDataset(data, "train", card.classes, augmented)
     cfs = Counterfactuals(cf_train, cf_folder, card.classes, augmented, config.stretch)
-    if teacher is not None:
+    if soft_from is not None:
         classes = len(card.classes)
-        original = SoftTargets(original, classes, probabilities(teacher, data, card.classes))
+        original = SoftTargets(original, classes, probabilities(soft_from, data, card.classes))
         cfs = SoftTargets(cfs, classes)
     sampler = mixed_sampler(original, cfs, config.mix, len(original), config.seed)
     train_loader = DataLoader(ConcatDataset([original, cfs]), batch_size=config.batch_size, sampler=sampler)
@@ -418,7 +419,7 @@ def fine_tune(
     kept = keep.restore(backbone) if keep else None
     if kept:
         metrics.update(best_epoch=kept["best_epoch"], selection_score=round(kept["score"], 4))
-    originals = teacher.name if teacher is not None else "labels"  # what the originals were fitted to
+    originals = soft_from.name if soft_from is not None else "labels"  # what the originals were fitted to
     return metrics | {"kept": config.keep, "epochs": config.epochs, "originals": originals}
 
 
@@ -432,10 +433,10 @@ def run(
     out: Path,
     verbose: bool = False,
     evidence: pd.DataFrame | None = None,
-    teacher: Path | None = None,
+    soft_from: Path | None = None,
 ) -> DistilResult:
     """Distil the verdicts into the classifier at ``checkpoint`` (fine-tune unless ``layers: none``, the originals
-    fitted to the ``teacher``'s probabilities when there is one, then erase what the spurious edits moved, less what
+    fitted to the probabilities of the classifier at ``soft_from`` when given, then erase what the spurious edits moved, less what
     the ``evidence`` edits, judged true, moved); write the weights and card to ``out``."""
     if cf_train.empty:
         raise UserError("no counterfactual has a usable verdict in this round: nothing to distil")
@@ -444,7 +445,9 @@ def run(
     started = time.perf_counter()
     metrics = {}
     if config.layers != "none":
-        metrics = fine_tune(backbone, card, data, cf_train, cf_val, cf_folder, config, out, verbose, teacher)
+        metrics = fine_tune(
+            backbone, card, data, cf_train, cf_val, cf_folder, config, out, verbose, soft_from
+        )
     backbone = backbone.cpu().eval()
     k = erased_per_round(config, len(card.classes))
     if config.layers != "none" and not config.erase_finetuned:

@@ -667,9 +667,9 @@ def test_originals_follow_the_explained_classifier_not_their_labels(tiny_biased,
     cfs = _swap_background(data, "train", 8, tmp_path / "explain")
     config = DistilConfig(layers="all", erase=0, mix=0.1, epochs=4, lr=3e-3)
     agreement = {}
-    for name, teacher in (("labels", None), ("explained", _inverted(ckpt, tmp_path / "inverted"))):
+    for name, soft_from in (("labels", None), ("explained", _inverted(ckpt, tmp_path / "inverted"))):
         out = tmp_path / name
-        distil.run(ckpt, data, cfs, cfs.iloc[:0], tmp_path / "explain", config, out, teacher=teacher)
+        distil.run(ckpt, data, cfs, cfs.iloc[:0], tmp_path / "explain", config, out, soft_from=soft_from)
         model, card = models.load(out)
         train = ImageDataset(data, "train", card.classes, models.input_transform(card))
         predicted = torch.stack([model.eval()(train[i][0][None])[0] for i in range(len(train))]).argmax(1)
