@@ -356,6 +356,15 @@ def _cross_checks(config: RunConfig) -> list[str]:
             f"distil.layers: {config.distil.layers} {what}; it needs distil.erase >= 1 to change the classifier "
             "(to fine-tune without erasing, set distil.layers: all with distil.erase: 0)"
         )
+    if (
+        config.distil.layers in ("all", "head")
+        and config.distil.erase != 0
+        and not config.distil.erase_finetuned
+    ):
+        issues.append(
+            f"distil.erase_finetuned: false with distil.layers: {config.distil.layers} never erases; set "
+            "distil.erase: 0 to fine-tune alone, or distil.layers: staged to erase in round 1 only"
+        )
     return issues
 
 

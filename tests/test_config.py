@@ -90,6 +90,11 @@ def test_cfkd_sections_are_checked():
         UserError, match="distil.layers: staged erases alone in round 1; .* set distil.layers: all"
     ):
         config.from_dict({"distil": {"erase": 0}})  # the default layers need the erase
+    with pytest.raises(UserError, match="distil.erase_finetuned: false with distil.layers: all never erases"):
+        config.from_dict({"distil": {"layers": "all", "erase_finetuned": False}})
+    assert not config.from_dict(
+        {"distil": {"erase_finetuned": False}}
+    ).distil.erase_finetuned  # staged erases
     # with nothing erased the vote has nothing to decide: no error
     plain = config.from_dict({"distil": {"layers": "all", "erase": 0}}).distil
     assert plain.erase_vote and plain.erase == 0
