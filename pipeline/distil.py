@@ -37,7 +37,7 @@ from pipeline.config import DistilConfig
 from pipeline.data import FolderData, ImageDataset, read_rgb
 from pipeline.dfr import as_head, features
 from pipeline.errors import UserError
-from pipeline.train import ClassifierSystem, KeepBest, make_trainer, uses_gpu
+from pipeline.train import ClassifierSystem, KeepBest, make_trainer, predict, uses_gpu
 
 
 def training_set(table: pd.DataFrame, consensus: pd.DataFrame, use_true: bool) -> pd.DataFrame:
@@ -182,9 +182,7 @@ class SoftTargets(Dataset):
 def probabilities(checkpoint: Path, data: FolderData, classes: list[str]) -> np.ndarray:
     """The class probabilities the classifier at ``checkpoint`` gives each training image (as preprocessed for it)."""
     model, card = models.load(checkpoint)
-    train = ImageDataset(data, "train", classes, models.input_transform(card))
-    system = ClassifierSystem(model.eval(), len(classes))
-    return torch.cat(make_trainer(devices=1).predict(system, DataLoader(train, batch_size=256))).numpy()
+    return predict(model.eval(), ImageDataset(data, "train", classes, models.input_transform(card)))
 
 
 class DistilSystem(ClassifierSystem):
@@ -307,7 +305,10 @@ def orthonormal(rows: np.ndarray) -> np.ndarray:
 
 def erased_per_round(config: DistilConfig, classes: int) -> int:
     """Principal directions erased per round: ``distil.erase``, or with auto one fewer than the classes (a shortcut
-    that tells K classes apart, a tag of K colours, spans K - 1 directions of the features)."""
+    that tells K classes apart, a tag of K colours, spans K - 1 directions of the features); none after a fine-tune
+    when ``erase_finetuned`` is off."""
+    if config.layers != "none" and not config.erase_finetuned:
+        return 0
     return max(classes - 1, 1) if config.erase == "auto" else config.erase
 
 
@@ -436,8 +437,8 @@ def run(
     soft_from: Path | None = None,
 ) -> DistilResult:
     """Distil the verdicts into the classifier at ``checkpoint`` (fine-tune unless ``layers: none``, the originals
-    fitted to the probabilities of the classifier at ``soft_from`` when given, then erase what the spurious edits moved, less what
-    the ``evidence`` edits, judged true, moved); write the weights and card to ``out``."""
+    fitted to the probabilities of the classifier at ``soft_from`` when given, then erase what the spurious edits
+    moved, less what the ``evidence`` edits, judged true, moved); write the weights and card to ``out``."""
     if cf_train.empty:
         raise UserError("no counterfactual has a usable verdict in this round: nothing to distil")
     L.seed_everything(config.seed, workers=True, verbose=False)
@@ -450,8 +451,6 @@ def run(
         )
     backbone = backbone.cpu().eval()
     k = erased_per_round(config, len(card.classes))
-    if config.layers != "none" and not config.erase_finetuned:
-        k = 0
     if k > 0 and cf_train["verdict"].eq("spurious").any():
         directions = spurious_directions(
             backbone, card, cf_train, cf_folder, k, evidence, config.erase_vote, config.erase_clip
