@@ -1,13 +1,14 @@
-"""What generalises a verdict: the distil stage given *ideal* spurious counterfactuals on the suite's local-shortcut
-datasets.
+"""What generalises a verdict: the distil stage given *ideal* spurious counterfactuals on the suite's datasets.
 
-An ideal counterfactual of a training image takes the shortcut region (the generator's ``shortcut_mask``, its own
-and a donor's) from a training image of another class and changes nothing else: the shortcut swapped, the evidence
-kept, labelled with the source class ("this change must not flip you"). Distillation then runs with the library's
-defaults from the suite's biased classifier, so the only question left is whether the verdict reaches the images
-it was not given on. Needs the suite's runs (benchmarks/suite.py leaves runs/suite/suite-NAME-mask[-TAG]).
+An ideal counterfactual of a training image swaps the shortcut and changes nothing else, labelled with the source
+class ("this change must not flip you"). On the local-shortcut datasets it takes the shortcut region (the
+generator's ``shortcut_mask``, its own and a donor's) from a training image of another class; on stain, whose
+shortcut is a global colour cast, it divides the image by its scanner's nominal channel gains and multiplies it by
+the other scanner's. Distillation then runs with the library's defaults from the suite's biased classifier, so the
+only question left is whether the verdict reaches the images it was not given on. Needs the suite's runs
+(benchmarks/suite.py leaves runs/suite/suite-NAME-mask[-TAG]).
 
-    .venv/bin/python benchmarks/ideal.py [--only shapes stamp] [--sizes 32 96] [--tag 3r-today] [--epochs 12]
+    .venv/bin/python benchmarks/ideal.py [--only shapes stamp stain] [--sizes 32 96] [--tag 3r-today] [--epochs 12]
 
 Writes benchmarks/results/ideal.json (the datasets measured; the others' figures stay).
 """
@@ -27,11 +28,13 @@ import torch
 from PIL import Image
 
 from pipeline import config, distil, models, quiet
+from pipeline.confounded import CASTS, StainConfig
 from pipeline.data import load_folder, load_mask
 from pipeline.evaluate import evaluate
 
 HERE = Path(__file__).resolve().parent
 LOCAL = ("shapes", "stamp", "stamp-partial", "stamp-alone")  # shortcut regions of a few per cent of the image
+GLOBAL = ("stain",)  # a colour cast over the whole image
 
 
 def pixels(path: Path, card: models.ModelCard) -> np.ndarray:
@@ -41,7 +44,30 @@ def pixels(path: Path, card: models.ModelCard) -> np.ndarray:
     return ((x.permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.float32)
 
 
-def ideal(data, card: models.ModelCard, n: int, folder: Path, seed: int = 0) -> pd.DataFrame:
+def region_swap(data, card: models.ModelCard, row, donor) -> tuple[np.ndarray, np.ndarray]:
+    """The original and its shortcut region (its own and the donor's) taken from the donor."""
+    region = load_mask(data.root / row.shortcut_mask, card.image_size, card.resize)
+    region |= load_mask(data.root / donor.shortcut_mask, card.image_size, card.resize)
+    x, cf = pixels(data.root / row.path, card), pixels(data.root / row.path, card)
+    cf[region] = pixels(data.root / donor.path, card)[region]
+    return x, cf
+
+
+def cast_swap(data, card: models.ModelCard, row, donor) -> tuple[np.ndarray, np.ndarray]:
+    """The original and the same tile under the other scanner's cast (the generator's nominal gains; each image's
+    own gain varied by up to 20 % around them, so a little of the old cast may stay)."""
+    gains = {
+        name: 1 + sign * StainConfig.cast * np.array([1.0, 0.0, -1.0], np.float32)
+        for name, sign in zip(CASTS, (1, -1), strict=True)
+    }
+    other = next(name for name in CASTS if name != row.group)
+    x = pixels(data.root / row.path, card)
+    return x, x / gains[row.group] * gains[other]
+
+
+def ideal(
+    data, card: models.ModelCard, n: int, folder: Path, edit=region_swap, seed: int = 0
+) -> pd.DataFrame:
     """n ideal spurious counterfactuals of training images, an equal share per class."""
     rng = np.random.default_rng(seed)
     train = data.split("train")
@@ -54,10 +80,7 @@ def ideal(data, card: models.ModelCard, n: int, folder: Path, seed: int = 0) -> 
     for row in picks.itertuples():
         others = train[train.label.astype(str) != str(row.label)]
         donor = others.iloc[int(rng.integers(len(others)))]
-        region = load_mask(data.root / row.shortcut_mask, card.image_size, card.resize)
-        region |= load_mask(data.root / donor.shortcut_mask, card.image_size, card.resize)
-        x, cf = pixels(data.root / row.path, card), pixels(data.root / row.path, card)
-        cf[region] = pixels(data.root / donor.path, card)[region]
+        x, cf = edit(data, card, row, donor)
         cf_id = f"train-{row.Index:05d}-ideal"
         for name, image in ((f"{cf_id}.png", cf), (f"{cf_id}-original.png", x)):
             Image.fromarray(np.clip(image, 0, 255).round().astype(np.uint8)).save(folder / name)
@@ -84,7 +107,7 @@ def flip_rate(model, card: models.ModelCard, table: pd.DataFrame, folder: Path) 
     return round(float(np.mean(predicted != source)), 3)
 
 
-def measure(run: Path, sizes: list[int], epochs: int | None = None) -> dict:
+def measure(run: Path, sizes: list[int], epochs: int | None = None, edit=region_swap) -> dict:
     settings = config.load(run / "config.yaml")
     if epochs:  # a longer or shorter fine-tune than the run's own
         settings = dataclasses.replace(settings, distil=dataclasses.replace(settings.distil, epochs=epochs))
@@ -100,7 +123,7 @@ def measure(run: Path, sizes: list[int], epochs: int | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for n in sizes:
-            table = ideal(data, card, n, tmp / str(n))
+            table = ideal(data, card, n, tmp / str(n), edit)
             out["distil"][f"n{n}_biased_flip_rate"] = flip_rate(model.eval(), card, table, tmp / str(n))
             fit, held = distil.split_holdout(table, settings.holdout, settings.seed)
             target = tmp / f"m-{n}"
@@ -121,7 +144,7 @@ def measure(run: Path, sizes: list[int], epochs: int | None = None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", default=list(LOCAL), choices=LOCAL)
+    parser.add_argument("--only", nargs="+", default=[*LOCAL, *GLOBAL], choices=[*LOCAL, *GLOBAL])
     parser.add_argument("--sizes", nargs="+", type=int, default=[32, 96])
     parser.add_argument("--suite", default="runs/suite")
     parser.add_argument("--tag", default="", help="the suite runs' tag (runs/suite/suite-NAME-mask-TAG)")
@@ -142,7 +165,8 @@ def main() -> None:
                 file=sys.stderr,
             )
             sys.exit(2)
-        result["datasets"][name] = measure(run, args.sizes, args.epochs)
+        edit = cast_swap if name in GLOBAL else region_swap
+        result["datasets"][name] = measure(run, args.sizes, args.epochs, edit)
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 
