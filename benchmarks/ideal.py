@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from distil_replay import settings as distil_changes
 from PIL import Image
 
 from pipeline import config, distil, models, quiet
@@ -107,10 +108,10 @@ def flip_rate(model, card: models.ModelCard, table: pd.DataFrame, folder: Path) 
     return round(float(np.mean(predicted != source)), 3)
 
 
-def measure(run: Path, sizes: list[int], epochs: int | None = None, edit=region_swap) -> dict:
+def measure(run: Path, sizes: list[int], changes: dict, edit=region_swap) -> dict:
     settings = config.load(run / "config.yaml")
-    if epochs:  # a longer or shorter fine-tune than the run's own
-        settings = dataclasses.replace(settings, distil=dataclasses.replace(settings.distil, epochs=epochs))
+    if changes:  # distil settings other than the run's own (a longer fine-tune, no stretch, ...)
+        settings = dataclasses.replace(settings, distil=dataclasses.replace(settings.distil, **changes))
     data = load_folder(settings.data.root)
     model, card = models.load(run / "classifier")
     before, _ = evaluate(model, card, data)
@@ -151,9 +152,15 @@ def main() -> None:
     parser.add_argument(
         "--epochs", type=int, help="fine-tune epochs (default: the run's); writes ideal-eN.json"
     )
+    parser.add_argument(
+        "--distil", default="", help="other distil settings, KEY=VALUE,...; with --out NAME writes NAME.json"
+    )
+    parser.add_argument("--out", help="results file name, without .json")
     args = parser.parse_args()
     quiet.configure(verbose=False)
-    path = HERE / "results" / (f"ideal-e{args.epochs}.json" if args.epochs else "ideal.json")
+    changes = distil_changes(args.distil) | ({"epochs": args.epochs} if args.epochs else {})
+    stem = args.out or (f"ideal-e{args.epochs}" if args.epochs else "ideal")
+    path = HERE / "results" / f"{stem}.json"
     result = {"benchmark": "distillation from ideal spurious counterfactuals", "datasets": {}}
     if path.exists():  # other datasets' figures stay
         result["datasets"] = json.loads(path.read_text())["datasets"]
@@ -166,7 +173,7 @@ def main() -> None:
             )
             sys.exit(2)
         edit = cast_swap if name in GLOBAL else region_swap
-        result["datasets"][name] = measure(run, args.sizes, args.epochs, edit)
+        result["datasets"][name] = measure(run, args.sizes, changes, edit)
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 

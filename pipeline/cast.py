@@ -8,6 +8,11 @@ log gains from 0, the identity), with the latent search's loss (tempered cross-e
 original) and its per-sample stop; nothing is confined, the edit is global by nature. Gains keep black black and
 stay plausible; a full colour matrix with offsets drove tissue to colours no scanner makes. On greyscale data the
 classifier sees the channel mean, so the cast is a change of brightness.
+
+Given real images (``colour_basis``), the gains move in the metric of those images' own colour variation: the search
+steps in whitened coordinates, so a direction along which no real image's overall colour varies (green on tissue
+whose scanners differ in red against blue) barely moves. A cast that no source produces is a colour the classifier
+never meets again, and an edit a fine-tune learns on those images alone.
 """
 
 from __future__ import annotations
@@ -22,6 +27,16 @@ def identity(n: int, device=None) -> torch.Tensor:
     return torch.zeros(n, 3, device=device)
 
 
+def colour_basis(images: torch.Tensor, eps: float = 1 / 255) -> torch.Tensor:
+    """(3, 3) square root of the covariance of real images' mean log colour (images in [-1, 1], (N, 3, H, W)),
+    scaled so its largest direction has unit length: log gains = z @ basis moves along the images' own colour
+    variation, a step of z along the main one moving the log gains as much."""
+    colours = ((images + 1) / 2).clamp_min(eps).log().mean((2, 3)).double()
+    values, vectors = torch.linalg.eigh(torch.cov(colours.T).reshape(3, 3))
+    root = vectors @ torch.diag(values.clamp_min(0).sqrt()) @ vectors.T
+    return (root / values.max().clamp_min(1e-12).sqrt()).float()
+
+
 def transformed(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """x in [-1, 1] (B, 3, H, W) with each image's channel gains applied to its [0, 1] intensities (unclamped)."""
     return 2 * ((x + 1) / 2 * params.exp()[..., None, None]) - 1
@@ -34,11 +49,13 @@ def search(explainer, x: torch.Tensor, target: torch.Tensor) -> dict:
     with torch.no_grad():
         p_before = explainer.p_class(x, target)
         search = Progress(x, p_before, explainer.level(x), s.patience)
-    params = identity(len(x), x.device).requires_grad_(True)
+    basis = explainer.colours if explainer.colours is not None else torch.eye(3)
+    basis = basis.to(x.device)
+    params = identity(len(x), x.device).requires_grad_(True)  # whitened: the log gains are params @ basis
     optimizer = torch.optim.Adam([params], lr=s.cast_lr)
     for _ in range(s.steps):
         on = search.searching()
-        raw = transformed(x[on], params[on])
+        raw = transformed(x[on], params[on] @ basis)
         x_cf = explainer.seen(raw)
         logits = explainer.gradient_logits(x_cf)
         loss = explainer.flip_loss(logits, target[on], raw - x[on]).sum()

@@ -138,11 +138,15 @@ class Explainer(nn.Module):
         prototypes: dict[int, torch.Tensor] | None = None,
         prior: nn.Module | None = None,
         donors: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        colours: torch.Tensor | None = None,
     ):
         super().__init__()
         self.codec, self.classifier, self.settings = codec, classifier.eval(), settings
         # target class -> (real images the classifier assigns to it, their pooled latent codes)
         self.donors = donors or {}
+        # (3, 3) basis of the real images' colour variation the cast attempt moves in (pipeline/cast.py); None: the
+        # three channels alike
+        self.colours = colours
         if settings.donors > 0 and not self.donors:
             raise ValueError("explain.search.donors needs real images of each target class")
         self.prototypes = prototypes or {}  # target class -> pooled latent codes of real images of that class

@@ -134,7 +134,10 @@ def training_transform(card: models.ModelCard, flip: str) -> v2.Compose:
 class Counterfactuals(Dataset):
     """Counterfactual PNGs with their training labels: yields (image, class index, i). With ``stretch`` > 1 each
     draw is original + a * (counterfactual - original), a ~ U(1, stretch), clipped to [0, 255]: always on the image
-    the verdict was given on, never carried onto another (an expert judged this change on this image)."""
+    the verdict was given on, never carried onto another (an expert judged this change on this image). With
+    ``limits`` ((2, 3): the lowest and highest per-channel mean of real images, 0-255) a is drawn only up to where
+    the image's overall colour would leave them: a change made stronger than any real image shows is one a
+    classifier can learn apart from every real image."""
 
     def __init__(
         self,
@@ -143,11 +146,12 @@ class Counterfactuals(Dataset):
         classes: list[str],
         transform,
         stretch: float = 1.0,
+        limits: np.ndarray | None = None,
     ):
         self.paths = [folder / p for p in table["counterfactual"]]
         self.originals = [folder / p for p in table["original"]] if stretch > 1 else []
         self.targets = [classes.index(label) for label in table["label"]]
-        self.transform, self.stretch = transform, stretch
+        self.transform, self.stretch, self.limits = transform, stretch, limits
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -156,9 +160,28 @@ class Counterfactuals(Dataset):
         cf = read_rgb(self.paths[i])
         if self.originals:
             original = read_rgb(self.originals[i])
-            a = float(torch.empty(()).uniform_(1.0, self.stretch))
+            a = float(torch.empty(()).uniform_(1.0, self.most(original, cf)))
             cf = np.clip(original + a * (cf - original), 0, 255)
         return self.transform(Image.fromarray(cf.round().astype(np.uint8))), self.targets[i], i
+
+    def most(self, original: np.ndarray, cf: np.ndarray) -> float:
+        """The largest stretch for this edit: ``stretch``, or less where the channel means would leave ``limits``."""
+        if self.limits is None:
+            return self.stretch
+        start, change = original.mean((0, 1)), (cf - original).mean((0, 1))
+        bound = np.where(change > 0, self.limits[1], self.limits[0])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            reach = np.where(np.abs(change) > 1e-6, (bound - start) / change, np.inf)
+        return float(np.clip(reach.min(), 1.0, self.stretch))
+
+
+def colour_limits(data: FolderData, card: models.ModelCard, n: int = 1000, seed: int = 0) -> np.ndarray:
+    """(2, 3): the 1st and 99th percentile of real training images' per-channel means, 0-255, at the classifier's
+    geometry (as counterfactuals are saved), from up to ``n`` of them."""
+    images = ImageDataset(data, "train", card.classes, models.pixel_transform(card))
+    rows = np.random.default_rng(seed).permutation(len(images))[:n]
+    means = np.stack([((images[int(i)][0] + 1) * 127.5).mean((1, 2)).numpy() for i in rows])
+    return np.percentile(means, [1, 99], axis=0)
 
 
 class SoftTargets(Dataset):
@@ -388,7 +411,8 @@ def fine_tune(
     transform = models.input_transform(card)
     augmented = training_transform(card, config.flip)
     original = ImageDataset(data, "train", card.classes, augmented)
-    cfs = Counterfactuals(cf_train, cf_folder, card.classes, augmented, config.stretch)
+    limits = colour_limits(data, card) if config.stretch_within and config.stretch > 1 else None
+    cfs = Counterfactuals(cf_train, cf_folder, card.classes, augmented, config.stretch, limits)
     if soft_from is not None:
         classes = len(card.classes)
         original = SoftTargets(original, classes, probabilities(soft_from, data, card.classes))

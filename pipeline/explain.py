@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from pipeline import change_maps, desiderata, generator, manifest, models, surrogate  # noqa: E402
+from pipeline import cast, change_maps, desiderata, generator, manifest, models, surrogate  # noqa: E402
 from pipeline.config import ExplainConfig, GeneratorConfig  # noqa: E402
 from pipeline.counterfactual import Explainer  # noqa: E402
 from pipeline.data import FolderData, ImageDataset, hw, load_mask  # noqa: E402
@@ -146,13 +146,15 @@ def build_explainer(classifier, card, data, config: ExplainConfig, gen: Generato
         smooth, agreement = surrogate.distil(model, train, config.surrogate_epochs, config.accelerator)
     denoiser = generator.load_denoiser(gen.unet) if gen.unet else None
     s, classes = config.search, range(len(card.classes))
-    needs_reals = s.prototype > 0 or s.needs_prior or s.donors > 0
+    needs_reals = s.prototype > 0 or s.needs_prior or s.donors > 0 or s.cast
     reals = {t: class_images(train, t) for t in classes} if needs_reals else {}
     prototypes = {t: real_codes(codec, reals[t]) for t in classes} if s.prototype > 0 else None
     # the patch prior is unlabelled: images of every class together
     prior = PatchPrior.fit(torch.cat(list(reals.values())), seed=config.seed) if s.needs_prior else None
     bank = {t: donor_bank(model, codec, reals[t], t, s.goal) for t in classes} if s.donors > 0 else None
-    return Explainer(codec, model, config.search, smooth, denoiser, prototypes, prior, bank), agreement
+    colours = cast.colour_basis(torch.cat(list(reals.values()))) if s.cast else None
+    explainer = Explainer(codec, model, config.search, smooth, denoiser, prototypes, prior, bank, colours)
+    return explainer, agreement
 
 
 @torch.no_grad()

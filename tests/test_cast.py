@@ -73,3 +73,40 @@ def test_the_explain_stage_writes_the_cast_as_the_last_attempt(tiny_biased, tiny
         lit = original.max(2) > 60
         assert (edit != original).any(2)[lit].mean() > 0.9
     assert set(summary["validity_by_attempt"]) == {1, 2, 3}
+
+
+class GreenAndCastMeter(torch.nn.Module):
+    """Reads the colour balance and, as strongly, how little green there is: a classifier the cheapest gain flips
+    partly through a colour no real image has."""
+
+    def forward(self, x):
+        warm = 8 * (x[:, 0].mean((1, 2)) - x[:, 2].mean((1, 2)) - x[:, 1].mean((1, 2)))
+        return torch.stack([-warm, warm], 1)
+
+
+def _casts(n=16):
+    """Real tiles whose overall colour varies only along red against blue (two scanners' casts)."""
+    log_gain = torch.linspace(-0.2, 0.2, n).view(n, 1, 1, 1) * torch.tensor([1.0, 0.0, -1.0]).view(1, 3, 1, 1)
+    return cast.transformed(_cool_tiles(n), log_gain[:, :, 0, 0])
+
+
+def test_the_colour_basis_follows_the_real_images_colour_variation():
+    basis = cast.colour_basis(_casts())
+    axis = torch.tensor([1.0, 0.0, -1.0]) / math.sqrt(2)
+    torch.testing.assert_close(basis @ axis, axis, atol=0.05, rtol=0)  # the main direction keeps unit length
+    assert (basis @ torch.tensor([0.0, 1.0, 0.0])).norm() < 0.05  # no real image's green varies
+
+
+def test_the_cast_moves_along_the_real_images_colour_variation_only():
+    x, target = _cool_tiles(), torch.ones(4, dtype=torch.long)
+    settings = Settings(attempts=1, goal=0.9, steps=150, lr=0.05, l1=0.1, cast=True, cast_lr=0.02)
+
+    def log_gains(colours):
+        result = Explainer(PixelCodec(), GreenAndCastMeter(), settings, colours=colours)(x, target)[1]
+        assert result["success"].all()
+        return ((result["x_cf"] + 1) / (x + 1)).log().mean((2, 3))
+
+    free, real = log_gains(None), log_gains(cast.colour_basis(_casts()))
+    assert (free[:, 1].abs() > 0.3 * free[:, 0].abs()).all()  # unconstrained, green falls with blue
+    assert (real[:, 1].abs() < 0.1 * real[:, 0].abs()).all()  # along the casts alone: green stays
+    assert (real[:, 0] > 0).all() and (real[:, 2] < 0).all()  # warmer

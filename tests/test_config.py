@@ -68,6 +68,7 @@ def test_cfkd_sections_are_checked():
                     "flip": "up",
                     "originals": "teacher",
                     "erase_finetuned": "no",
+                    "stretch_within": "yes",
                 },
                 "baseline": {"dfr": 1},
             }
@@ -83,6 +84,7 @@ def test_cfkd_sections_are_checked():
     assert "distil.flip: got 'up', expected none, horizontal or both" in message
     assert "distil.originals: got 'teacher', expected labels or explained" in message
     assert "distil.erase_finetuned: got 'no', expected bool" in message
+    assert "distil.stretch_within: got 'yes', expected bool" in message
     assert "baseline.dfr: got 1, expected bool" in message
     with pytest.raises(UserError, match="distil.layers: none fine-tunes nothing; it needs distil.erase >= 1"):
         config.from_dict({"distil": {"layers": "none", "erase": 0}})

@@ -471,6 +471,46 @@ def test_stretched_counterfactuals_scale_the_change_within_the_image_range(tmp_p
     assert len(values.unique()) > 10
 
 
+def test_stretch_within_stops_where_the_overall_colour_leaves_the_real_images(tmp_path):
+    """distil.stretch_within: a whole-image cast is stretched only as far as real images' channel means go; a local
+    edit, which barely moves them, keeps the whole stretch."""
+    original = np.full((8, 8, 3), 100, np.uint8)
+    cast, local = original.copy(), original.copy()
+    cast[..., 2] = 120  # every pixel's blue +20: the mean blue 100 -> 120
+    local[:1, :1] = 180  # one pixel of 64: channel means +1.25
+    for name, image in (("o", original), ("cast", cast), ("local", local)):
+        Image.fromarray(image).save(tmp_path / f"{name}.png")
+    table = pd.DataFrame(
+        {"counterfactual": ["cast.png", "local.png"], "original": ["o.png"] * 2, "label": ["0"] * 2}
+    )
+    limits = np.array(
+        [[90.0, 90.0, 90.0], [130.0, 130.0, 130.0]]
+    )  # real images' mean blue reaches 130 at most
+    capped = distil.Counterfactuals(
+        table, tmp_path, ["0", "1"], make_transform(8), stretch=3.0, limits=limits
+    )
+    read = lambda name: np.asarray(Image.open(tmp_path / name), float)  # noqa: E731
+    assert capped.most(read("o.png"), read("cast.png")) == pytest.approx(1.5)  # +20 may grow to +30, not +60
+    assert capped.most(read("o.png"), read("local.png")) == 3.0
+    torch.manual_seed(0)
+    blues = torch.stack([capped[0][0][2].mean() * 127.5 + 127.5 for _ in range(64)])
+    assert blues.min() >= 119.5 and blues.max() <= 130.5 and blues.max() > 127
+    free = distil.Counterfactuals(table, tmp_path, ["0", "1"], make_transform(8), stretch=3.0)
+    assert max(free[0][0][2].mean() * 127.5 + 127.5 for _ in range(64)) > 140  # uncapped it goes past them
+
+
+def test_colour_limits_span_the_real_training_images(tiny_biased):
+    ckpt, data = tiny_biased
+    _, card = models.load(ckpt)
+    limits = distil.colour_limits(data, card)
+    images = ImageDataset(data, "train", card.classes, models.pixel_transform(card))
+    means = np.stack([((images[i][0] + 1) * 127.5).mean((1, 2)).numpy() for i in range(len(images))])
+    assert limits.shape == (2, 3) and (limits[0] <= limits[1]).all()
+    assert (limits[0] >= means.min(0) - 1e-3).all() and (limits[1] <= means.max(0) + 1e-3).all()
+    inside = ((means >= limits[0]) & (means <= limits[1])).all(1).mean()
+    assert inside >= 0.9
+
+
 @pytest.mark.parametrize(
     "flip, seen",
     [
