@@ -483,9 +483,8 @@ def test_stretch_within_stops_where_the_overall_colour_leaves_the_real_images(tm
     table = pd.DataFrame(
         {"counterfactual": ["cast.png", "local.png"], "original": ["o.png"] * 2, "label": ["0"] * 2}
     )
-    limits = np.array(
-        [[90.0, 90.0, 90.0], [130.0, 130.0, 130.0]]
-    )  # real images' mean blue reaches 130 at most
+    # real images' channel means lie within 90..130
+    limits = np.array([[90.0, 90.0, 90.0], [130.0, 130.0, 130.0]])
     capped = distil.Counterfactuals(
         table, tmp_path, ["0", "1"], make_transform(8), stretch=3.0, limits=limits
     )
