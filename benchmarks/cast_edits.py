@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from distil_replay import changed_distil
 from distil_replay import settings as distil_changes
 from PIL import Image
 from suite import ROOT
@@ -52,9 +53,7 @@ def distilled(run: Path, only_attempt: int | None, changes: dict) -> dict:
     """Accuracy and worst group after distilling round 1's spurious edits (of one attempt, or all) from the run's
     biased classifier under the run's distil settings changed by ``changes``."""
     run_config = config.load(run / "config.yaml")
-    d = config.from_dict(
-        config.to_dict(run_config) | {"distil": config.to_dict(run_config.distil) | changes}
-    ).distil
+    d = changed_distil(run_config, changes)
     table = distil.training_data(run, [1], d.use_true)
     table = table[table["verdict"] == "spurious"]
     if only_attempt:

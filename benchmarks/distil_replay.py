@@ -39,12 +39,15 @@ def settings(variant: str) -> dict:
     return {key: yaml.safe_load(value) for key, _, value in pairs}
 
 
+def changed_distil(config: cfg.RunConfig, changes: dict) -> cfg.DistilConfig:
+    """The run's distil settings with ``changes`` applied, checked as a config file's are."""
+    return cfg.from_dict(cfg.to_dict(config) | {"distil": cfg.to_dict(config.distil) | changes}).distil
+
+
 def replay(run_dir: Path, r: int, changes: dict) -> dict:
     """Round r of the run distilled again with its distil settings changed by ``changes``."""
     config = cfg.load(run_dir / "config.yaml")
-    distil_config = cfg.from_dict(
-        cfg.to_dict(config) | {"distil": cfg.to_dict(config.distil) | changes}
-    ).distil
+    distil_config = changed_distil(config, changes)
     explained = "classifier" if r == 1 else f"distil_r{r - 1}"
     data = load_folder(Path(config.data.root))
     with tempfile.TemporaryDirectory() as tmp:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from distil_replay import changed_distil
 from distil_replay import settings as distil_changes
 from PIL import Image
 
@@ -111,7 +112,7 @@ def flip_rate(model, card: models.ModelCard, table: pd.DataFrame, folder: Path) 
 def measure(run: Path, sizes: list[int], changes: dict, edit=region_swap) -> dict:
     settings = config.load(run / "config.yaml")
     if changes:  # distil settings other than the run's own (a longer fine-tune, no stretch, ...)
-        settings = dataclasses.replace(settings, distil=dataclasses.replace(settings.distil, **changes))
+        settings = dataclasses.replace(settings, distil=changed_distil(settings, changes))
     data = load_folder(settings.data.root)
     model, card = models.load(run / "classifier")
     before, _ = evaluate(model, card, data)

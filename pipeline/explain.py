@@ -149,10 +149,11 @@ def build_explainer(classifier, card, data, config: ExplainConfig, gen: Generato
     needs_reals = s.prototype > 0 or s.needs_prior or s.donors > 0 or s.cast
     reals = {t: class_images(train, t) for t in classes} if needs_reals else {}
     prototypes = {t: real_codes(codec, reals[t]) for t in classes} if s.prototype > 0 else None
-    # the patch prior is unlabelled: images of every class together
-    prior = PatchPrior.fit(torch.cat(list(reals.values())), seed=config.seed) if s.needs_prior else None
+    # the patch prior and the colour basis are unlabelled: images of every class together
+    every = torch.cat(list(reals.values())) if s.needs_prior or s.cast else None
+    prior = PatchPrior.fit(every, seed=config.seed) if s.needs_prior else None
     bank = {t: donor_bank(model, codec, reals[t], t, s.goal) for t in classes} if s.donors > 0 else None
-    colours = cast.colour_basis(torch.cat(list(reals.values()))) if s.cast else None
+    colours = cast.colour_basis(every) if s.cast else None
     explainer = Explainer(codec, model, config.search, smooth, denoiser, prototypes, prior, bank, colours)
     return explainer, agreement
 
