@@ -8,6 +8,9 @@ the run's own classifiers), so a variant that wins here still needs a suite run.
     .venv/bin/python benchmarks/distil_replay.py --tag donors --round 2 \
         --variant start=latest,originals=explained,erase_finetuned=false --out refine-replay
 
+With ``--first-attempts`` one more variant, ``first_attempts``, keeps the run's settings but teaches only the
+verdicts given on first attempts: a diagnosis of what the diversified attempts' verdicts do, not a setting.
+
 Writes benchmarks/results/OUT.json after every replay (a rerun adds what it lacks): per run, accuracy and worst
 group of the round as run (``as_is``) and under each variant.
 """
@@ -15,6 +18,7 @@ group of the round as run (``as_is``) and under each variant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -44,6 +48,21 @@ def changed_distil(config: cfg.RunConfig, changes: dict) -> cfg.DistilConfig:
     return cfg.from_dict(cfg.to_dict(config) | {"distil": cfg.to_dict(config.distil) | changes}).distil
 
 
+@contextlib.contextmanager
+def first_attempts_only():
+    """While open, the distil stage sees only the verdicts given on first-attempt counterfactuals."""
+    every = distil.training_set
+
+    def first(table, consensus, use_true):
+        return every(table[table["attempt"].astype(int) == 1], consensus, use_true)
+
+    distil.training_set = first
+    try:
+        yield
+    finally:
+        distil.training_set = every
+
+
 def replay(run_dir: Path, r: int, changes: dict) -> dict:
     """Round r of the run distilled again with its distil settings changed by ``changes``."""
     config = cfg.load(run_dir / "config.yaml")
@@ -70,8 +89,13 @@ def main() -> int:
     p.add_argument("--variant", action="append", default=[], help="distil settings, KEY=VALUE,...")
     p.add_argument("--only", nargs="*", help="datasets (default: every run with that tag)")
     p.add_argument("--out", required=True, help="results file name, without .json")
+    p.add_argument(
+        "--first-attempts", action="store_true", help="also replay teaching first attempts' verdicts only"
+    )
     args = p.parse_args()
     variants = {"as_is": {}} | {v: settings(v) for v in args.variant}
+    if args.first_attempts:
+        variants["first_attempts"] = {}
     quiet.configure(False)
     out = HERE / "results" / f"{args.out}.json"
     results = json.loads(out.read_text()) if out.exists() else {"tag": args.tag, "round": args.round}
@@ -82,7 +106,9 @@ def main() -> int:
         row = results["runs"].setdefault(name, {})
         for label, changes in variants.items():
             if label not in row:
-                row[label] = replay(run_dir, args.round, changes)
+                only_first = first_attempts_only() if label == "first_attempts" else contextlib.nullcontext()
+                with only_first:
+                    row[label] = replay(run_dir, args.round, changes)
                 out.write_text(json.dumps(results, indent=2) + "\n")
         print(name, json.dumps(row), flush=True)
     return 0

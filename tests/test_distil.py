@@ -3,6 +3,7 @@ after an interruption, the human teacher's pause), the metrics schema and the DF
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -714,3 +715,28 @@ def test_originals_follow_the_explained_classifier_not_their_labels(tiny_biased,
         predicted = torch.stack([model.eval()(train[i][0][None])[0] for i in range(len(train))]).argmax(1)
         agreement[name] = float((predicted == torch.tensor(train.targets)).float().mean())
     assert agreement["labels"] > 0.9 and agreement["explained"] < 0.5
+
+
+def test_the_replay_diagnosis_teaches_first_attempts_only_and_restores_the_stage(monkeypatch):
+    """benchmarks/distil_replay.py --first-attempts: the distil stage sees the verdicts of attempt 1 alone."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import distil_replay
+
+    manifest = pd.DataFrame(
+        {
+            "id": ["a-to-1-a1", "a-to-1-a2", "b-to-1-a1", "b-to-1-a3"],
+            "sample": ["a", "a", "b", "b"],
+            "attempt": [1, 2, 1, 3],
+            "counterfactual": ["a1.png", "a2.png", "b1.png", "b3.png"],
+            "original": ["a.png", "a.png", "b.png", "b.png"],
+            "source_class": ["0"] * 4,
+            "target_class": ["1"] * 4,
+            "success": [True] * 4,
+        }
+    )
+    verdicts = pd.DataFrame({"cf_id": manifest["id"], "label": ["spurious"] * 4})
+    every = distil.training_set
+    with distil_replay.first_attempts_only():
+        assert distil.training_set(manifest, verdicts, False)["id"].tolist() == ["a-to-1-a1", "b-to-1-a1"]
+    assert distil.training_set is every
+    assert len(distil.training_set(manifest, verdicts, False)) == 4
