@@ -9,7 +9,8 @@ the run's own classifiers), so a variant that wins here still needs a suite run.
         --variant start=latest,originals=explained,erase_finetuned=false --out refine-replay
 
 With ``--first-attempts`` one more variant, ``first_attempts``, keeps the run's settings but teaches only the
-verdicts given on first attempts: a diagnosis of what the diversified attempts' verdicts do, not a setting.
+verdicts given on first attempts: a diagnosis of what the diversified attempts' verdicts do, not a setting. The
+run's verdicts per attempt and round are written beside it.
 
 Writes benchmarks/results/OUT.json after every replay (a rerun adds what it lacks): per run, accuracy and worst
 group of the round as run (``as_is``) and under each variant.
@@ -24,11 +25,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pandas as pd
 import yaml
 from suite import tagged_runs
 
 from pipeline import config as cfg
-from pipeline import distil, models, quiet, rounds
+from pipeline import distil, manifest, models, quiet, rounds
 from pipeline.data import load_folder
 from pipeline.evaluate import evaluate
 
@@ -61,6 +63,17 @@ def first_attempts_only():
         yield
     finally:
         distil.training_set = every
+
+
+def verdicts_by_attempt(run_dir: Path, r: int) -> dict:
+    """{attempt: {verdict: count}} of the counterfactuals of round r that got a verdict."""
+    table = manifest.read_round(run_dir, r)
+    verdicts = pd.read_csv(run_dir / f"feedback_r{r}" / "verdicts.csv", dtype=str, keep_default_na=False)
+    table = table.merge(
+        verdicts.rename(columns={"cf_id": "id", "label": "verdict"})[["id", "verdict"]], on="id"
+    )
+    counts = table.groupby(["attempt", "verdict"]).size()
+    return {str(a): {v: int(n) for (_, v), n in group.items()} for a, group in counts.groupby(level=0)}
 
 
 def replay(run_dir: Path, r: int, changes: dict) -> dict:
@@ -110,6 +123,11 @@ def main() -> int:
                 with only_first:
                     row[label] = replay(run_dir, args.round, changes)
                 out.write_text(json.dumps(results, indent=2) + "\n")
+        if args.first_attempts and "verdicts_by_attempt" not in row:
+            row["verdicts_by_attempt"] = {
+                r: verdicts_by_attempt(run_dir, r) for r in range(1, args.round + 1)
+            }
+            out.write_text(json.dumps(results, indent=2) + "\n")
         print(name, json.dumps(row), flush=True)
     return 0
 
