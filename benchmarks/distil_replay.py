@@ -25,12 +25,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pandas as pd
 import yaml
 from suite import tagged_runs
 
 from pipeline import config as cfg
-from pipeline import distil, manifest, models, quiet, rounds
+from pipeline import distil, feedback, manifest, models, quiet, rounds
 from pipeline.data import load_folder
 from pipeline.evaluate import evaluate
 
@@ -68,7 +67,7 @@ def first_attempts_only():
 def verdicts_by_attempt(run_dir: Path, r: int) -> dict:
     """{attempt: {verdict: count}} of the counterfactuals of round r that got a verdict."""
     table = manifest.read_round(run_dir, r)
-    verdicts = pd.read_csv(run_dir / f"feedback_r{r}" / "verdicts.csv", dtype=str, keep_default_na=False)
+    verdicts = feedback.read_verdicts(run_dir, r)
     table = table.merge(
         verdicts.rename(columns={"cf_id": "id", "label": "verdict"})[["id", "verdict"]], on="id"
     )

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from pipeline import manifest, models
+from pipeline import feedback, manifest, models
 
 HERE = Path(__file__).resolve().parent
 
@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 def judged(run: Path, round: int, verdict: str) -> pd.DataFrame:
     """The round's counterfactuals the teacher gave ``verdict``, with their paths and target classes."""
     table = manifest.read_round(run, round)
-    verdicts = pd.read_csv(run / f"feedback_r{round}" / "verdicts.csv", dtype=str, keep_default_na=False)
+    verdicts = feedback.read_verdicts(run, round)
     chosen = verdicts.loc[verdicts["label"] == verdict, "cf_id"]
     return table[table["id"].isin(chosen)]
 

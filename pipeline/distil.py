@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
-from pipeline import manifest, models
+from pipeline import feedback, manifest, models
 from pipeline.config import DistilConfig
 from pipeline.data import FolderData, ImageDataset, read_rgb
 from pipeline.dfr import as_head, features
@@ -57,10 +57,7 @@ def training_data(run_dir: Path, taught: list[int], use_true: bool) -> pd.DataFr
     """The usable counterfactuals of the given rounds (verdicts.csv + manifest), paths relative to the run."""
     tables = []
     for r in taught:
-        verdicts = pd.read_csv(
-            Path(run_dir) / f"feedback_r{r}" / "verdicts.csv", dtype=str, keep_default_na=False
-        )
-        table = training_set(manifest.read_round(run_dir, r), verdicts, use_true)
+        table = training_set(manifest.read_round(run_dir, r), feedback.read_verdicts(run_dir, r), use_true)
         folder = manifest.folder(r) + "/"
         tables.append(
             table.assign(

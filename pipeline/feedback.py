@@ -23,6 +23,13 @@ from pipeline.store import CLUSTER_COMMENT, LABELS, FeedbackStore
 STORE = "feedback.sqlite"
 
 
+def read_verdicts(run_dir: Path, round: int) -> pd.DataFrame:
+    """The snapshot the feedback stage of ``round`` wrote (``feedback_r<N>/verdicts.csv``), every field as text."""
+    return pd.read_csv(
+        Path(run_dir) / f"feedback_r{round}" / "verdicts.csv", dtype=str, keep_default_na=False
+    )
+
+
 def open_store(run_dir: Path) -> FeedbackStore:
     return FeedbackStore(Path(run_dir) / STORE)
 
