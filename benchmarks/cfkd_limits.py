@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from scipy.ndimage import binary_dilation
 
-from pipeline import config, distil, manifest, models, quiet
+from pipeline import config, distil, feedback, manifest, models, quiet
 from pipeline.data import load_folder
 from pipeline.evaluate import evaluate
 
@@ -174,7 +174,7 @@ def main() -> None:
     args = parser.parse_args()
     quiet.configure(verbose=False)
     run = Path(args.run_dir)
-    if not (run / "feedback_r1" / "verdicts.csv").exists():
+    if not feedback.verdicts_path(run, 1).exists():
         print(f"error: {run} has no finished round 1; run benchmarks/cfkd.py first", file=sys.stderr)
         sys.exit(2)
     data = load_folder(run / "data")

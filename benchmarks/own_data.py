@@ -28,7 +28,7 @@ import torchvision
 import yaml
 from PIL import Image
 
-from pipeline import shapes
+from pipeline import feedback, shapes
 
 ROOT = Path(__file__).resolve().parent.parent
 MEAN, STD = 0.25, 0.3  # the user's own normalisation
@@ -119,7 +119,7 @@ def main() -> None:
     before_run = time.perf_counter()
     cfkd("run", "--config", str(work / "run.yaml"), "--run-dir", str(work / "run"))
     metrics = json.loads((work / "run" / "metrics.json").read_text())
-    verdicts = pd.read_csv(work / "run" / "feedback_r1" / "verdicts.csv")
+    verdicts = feedback.read_verdicts(work / "run", 1)
     result = {
         "dataset": "Shapes: greyscale 48x64, 3 classes, corner tag confounded in 90 % of train/val",
         "plain_test_accuracy": plain_accuracy,

@@ -23,11 +23,14 @@ from pipeline.store import CLUSTER_COMMENT, LABELS, FeedbackStore
 STORE = "feedback.sqlite"
 
 
+def verdicts_path(run_dir: Path, round: int) -> Path:
+    """Where the feedback stage of ``round`` writes its snapshot of the verdicts distil learns from."""
+    return Path(run_dir) / f"feedback_r{round}" / "verdicts.csv"
+
+
 def read_verdicts(run_dir: Path, round: int) -> pd.DataFrame:
-    """The snapshot the feedback stage of ``round`` wrote (``feedback_r<N>/verdicts.csv``), every field as text."""
-    return pd.read_csv(
-        Path(run_dir) / f"feedback_r{round}" / "verdicts.csv", dtype=str, keep_default_na=False
-    )
+    """The snapshot the feedback stage of ``round`` wrote (``verdicts_path``), every field as text."""
+    return pd.read_csv(verdicts_path(run_dir, round), dtype=str, keep_default_na=False)
 
 
 def open_store(run_dir: Path) -> FeedbackStore:

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline import change_maps, manifest  # noqa: E402
+from pipeline import change_maps, feedback, manifest  # noqa: E402
 from pipeline.data import FolderData  # noqa: E402
 from pipeline.evaluate import group_names  # noqa: E402
 from pipeline.rounds import judged, same_classifier  # noqa: E402
@@ -285,10 +285,9 @@ COLOURS = {"spurious": "tab:red", "true": "tab:green", "unsure": "tab:grey", "un
 
 def _verdict_grid(root: Path, round: dict, samples: int = 8) -> str | None:
     explained = root / manifest.folder(round["round"])
-    verdicts_path = root / f"feedback_r{round['round']}" / "verdicts.csv"
-    if not verdicts_path.exists():
+    if not feedback.verdicts_path(root, round["round"]).exists():
         return None
-    verdicts = pd.read_csv(verdicts_path, dtype=str, keep_default_na=False).head(samples)
+    verdicts = feedback.read_verdicts(root, round["round"]).head(samples)
     entries = manifest.read(explained).set_index("id")
     if verdicts.empty:
         return None
