@@ -161,10 +161,6 @@ class DistilConfig:
     # ... but never past where the image's overall colour (per-channel mean) leaves the range real training images
     # show: a whole-image edit (a colour cast) made stronger than any real image is one a fine-tune tells apart
     stretch_within: bool = False
-    # what a spurious verdict asks of its edit while fine-tuning: the source label with full confidence ("label"), or
-    # only that the source class stay ahead of every other by one log-odds ("margin": the edit must not flip the
-    # decision, and once it does not, it adds nothing: a fine-tune is not pushed to unlearn all the edit touched)
-    spurious_loss: str = "label"
     # after fine-tuning, project this many principal directions of each round's spurious edits' feature change
     # (less what the true edits changed, except in the explained classifier's own features) out of the head and
     # refit it on the training images: the verdict removes a feature from every image, not only the edited (0 = off;
@@ -309,7 +305,6 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
         "auto or an integer in [0, 64]",
     ),
     "distil.flip": (lambda v: v in ("none", "horizontal", "both"), "none, horizontal or both"),
-    "distil.spurious_loss": (lambda v: v in ("label", "margin"), "label or margin"),
     "distil.epochs": (lambda v: v >= 1, "an integer >= 1"),
     "distil.batch_size": (lambda v: v >= 2, "an integer >= 2"),
     "distil.lr": (lambda v: v > 0, "a number > 0"),

@@ -210,7 +210,7 @@ class DistilSystem(ClassifierSystem):
 
     def __init__(self, backbone: nn.Module, num_classes: int, config: DistilConfig, has_cf_val: bool):
         super().__init__(backbone, num_classes, config.lr, config.weight_decay)
-        self.anchor, self.has_cf_val, self.spurious_loss = config.anchor, has_cf_val, config.spurious_loss
+        self.anchor, self.has_cf_val = config.anchor, has_cf_val
         self.start = [p.detach().clone() for p in backbone.parameters()]
         self.cf_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
 
@@ -223,15 +223,6 @@ class DistilSystem(ClassifierSystem):
             loss = loss + self.anchor * drift
         return loss
 
-    def objective(self, logits: torch.Tensor, batch) -> torch.Tensor:
-        """Cross-entropy; with ``spurious_loss: margin`` the spurious edits (``held`` rows) ask only that the
-        decision hold: their source class ahead of every other by ``HOLD`` log-odds, no loss beyond."""
-        if self.spurious_loss == "label":
-            return super().objective(logits, batch)
-        _, y, held = batch
-        loss = nn.functional.cross_entropy(logits, y, reduction="none")
-        return torch.where(held, hold_loss(logits, y if y.dim() == 1 else y.argmax(1)), loss).mean()
-
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
         x, y, _ = batch
         metric = self.val_acc if dataloader_idx == 0 else self.cf_acc
@@ -243,31 +234,6 @@ class DistilSystem(ClassifierSystem):
         self.log_dict({"val_acc": val, "val_cf_acc": cf, "val_select": (val + cf) / 2}, prog_bar=True)
         self.val_acc.reset()
         self.cf_acc.reset()
-
-
-HOLD = 1.0  # log-odds by which a spurious edit's source class must stay ahead (spurious_loss: margin)
-
-
-def hold_loss(logits: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """Per row, how far the source class falls short of leading every other class by ``HOLD`` log-odds (hinge)."""
-    own = logits.gather(1, source[:, None]).squeeze(1)
-    others = logits.scatter(1, source[:, None], float("-inf")).max(1).values
-    return torch.relu(others - own + HOLD)
-
-
-class Held(Dataset):
-    """A training part's items as (x, y, held): ``held`` marks the spurious edits, whose decision must hold."""
-
-    def __init__(self, dataset, held):
-        self.dataset, self.targets = dataset, dataset.targets
-        self.held = torch.as_tensor(np.asarray(held, bool))
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        x, y, _ = self.dataset[i]
-        return x, y, self.held[i]
 
 
 class HeadOnly(BaseFinetuning):
@@ -449,8 +415,7 @@ def fine_tune(
         original = SoftTargets(original, classes, probabilities(soft_from, data, card.classes))
         cfs = SoftTargets(cfs, classes)
     sampler = mixed_sampler(original, cfs, config.mix, len(original), config.seed)
-    parts = [Held(original, np.zeros(len(original))), Held(cfs, cf_train["verdict"].eq("spurious"))]
-    train_loader = DataLoader(ConcatDataset(parts), batch_size=config.batch_size, sampler=sampler)
+    train_loader = DataLoader(ConcatDataset([original, cfs]), batch_size=config.batch_size, sampler=sampler)
     val_loaders = [DataLoader(ImageDataset(data, "val", card.classes, transform), batch_size=256)]
     if not cf_val.empty:
         val_loaders.append(

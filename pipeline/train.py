@@ -38,14 +38,10 @@ class ClassifierSystem(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
-    def objective(self, logits: torch.Tensor, batch) -> torch.Tensor:
-        """The training loss of a batch (x, y, _): cross-entropy; y class indices or class probabilities per row."""
-        return nn.functional.cross_entropy(logits, batch[1])
-
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
         logits = self(x)
-        loss = self.objective(logits, batch)
+        loss = nn.functional.cross_entropy(logits, y)  # y: class indices, or class probabilities per row
         self.train_acc(logits, y if y.dim() == 1 else y.argmax(1))
         self.log_dict(
             {"train_loss": loss, "train_acc": self.train_acc}, on_step=False, on_epoch=True, prog_bar=True
