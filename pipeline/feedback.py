@@ -21,11 +21,12 @@ from pipeline.rundir import write_json
 from pipeline.store import CLUSTER_COMMENT, LABELS, FeedbackStore
 
 STORE = "feedback.sqlite"
+VERDICTS = "verdicts.csv"  # the round's snapshot, in its feedback_r<N>/ folder
 
 
 def verdicts_path(run_dir: Path, round: int) -> Path:
     """Where the feedback stage of ``round`` writes its snapshot of the verdicts distil learns from."""
-    return Path(run_dir) / f"feedback_r{round}" / "verdicts.csv"
+    return Path(run_dir) / f"feedback_r{round}" / VERDICTS
 
 
 def read_verdicts(run_dir: Path, round: int) -> pd.DataFrame:
@@ -145,6 +146,6 @@ def run(
     info["expert_actions"] = expert_actions(store.events(round))
     if require and given.empty:
         raise UserError(f"round {round}: no verdict to learn from: {why_empty(info, config.teacher)}")
-    given.to_csv(out / "verdicts.csv", index=False)
+    given.to_csv(out / VERDICTS, index=False)
     write_json(out / "summary.json", info)
     return info
