@@ -185,7 +185,8 @@ class DistilConfig:
     layers: str = "staged"
     # the weights kept: the last epoch, or the one model selection picks on validation data and held-out
     # counterfactuals ("best"; the starting weights compete); validation data as confounded as the training data
-    # prefers the shortcut, so best is only for a validation split you trust
+    # prefers the shortcut, so best is only for a validation split you trust. "counterfactuals": the earliest epoch
+    # with the most held-out counterfactuals keeping their verdict's class (early stopping without labels)
     keep: str = "last"
     # what the original training images are fitted to while fine-tuning: their labels, or the probabilities of the
     # classifier the round explained (knowledge distillation: its shortcut-free reading, where an earlier round
@@ -294,7 +295,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "distil.rounds": (lambda v: v >= 1, "an integer >= 1"),
     "distil.start": (lambda v: v in ("latest", "initial"), "latest or initial"),
     "distil.layers": (lambda v: v in ("all", "head", "none", "staged"), "all, head, none or staged"),
-    "distil.keep": (lambda v: v in ("best", "last"), "best or last"),
+    "distil.keep": (lambda v: v in ("best", "last", "counterfactuals"), "best, last or counterfactuals"),
     "distil.originals": (lambda v: v in ("labels", "explained"), "labels or explained"),
     "distil.mix": (lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
     "distil.holdout": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),

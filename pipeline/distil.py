@@ -96,7 +96,7 @@ def stage(
     labelled = training_data(run_dir, taught, use_true=True)
     spurious = labelled["verdict"] == "spurious"
     table = labelled if config.use_true else labelled[spurious].reset_index(drop=True)
-    share = config.holdout if config.keep == "best" else 0.0
+    share = config.holdout if config.keep != "last" else 0.0
     fit, held = split_holdout(table, share, config.seed + taught[-1])
     pd.concat([fit.assign(use="train"), held.assign(use="select")]).to_csv(
         out / "training_set.csv", index=False
@@ -390,6 +390,16 @@ class DistilResult:
     val_cfs: int
 
 
+def selection(keep: str, has_cf_val: bool, out: Path) -> KeepBest | None:
+    """The model selection ``distil.keep`` asks for: none (the last epoch), mean(validation accuracy, held-out
+    counterfactual accuracy) (best), or held-out counterfactual accuracy alone (counterfactuals; the last epoch
+    when no counterfactual was held out)."""
+    monitor = {"best": "val_select", "counterfactuals": "val_cf_acc"}.get(keep)
+    if monitor is None or (keep == "counterfactuals" and not has_cf_val):
+        return None
+    return KeepBest(out / ".best.safetensors", monitor, mode="max")
+
+
 def fine_tune(
     backbone: nn.Module,
     card: models.ModelCard,
@@ -422,7 +432,7 @@ def fine_tune(
             DataLoader(Counterfactuals(cf_val, cf_folder, card.classes, transform), batch_size=256)
         )
     system = DistilSystem(backbone.train(), len(card.classes), config, len(val_loaders) > 1)
-    keep = KeepBest(out / ".best.safetensors", "val_select", mode="max") if config.keep == "best" else None
+    keep = selection(config.keep, not cf_val.empty, out)
     frozen = [HeadOnly(models.last_linear(backbone))] if config.layers == "head" else []
     fit = make_trainer(
         out,
