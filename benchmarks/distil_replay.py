@@ -8,6 +8,9 @@ the run's own classifiers), so a variant that wins here still needs a suite run.
     .venv/bin/python benchmarks/distil_replay.py --tag donors --round 2 \
         --variant start=latest,originals=explained,erase_finetuned=false --out refine-replay
 
+``--run DIR`` replays one run directory of any kind instead (a ``cfkd run`` of the demo, whose data the run made
+itself), named by its folder.
+
 With ``--first-attempts`` one more variant, ``first_attempts``, keeps the run's settings but teaches only the
 verdicts given on first attempts: a diagnosis of what the diversified attempts' verdicts do, not a setting. The
 run's verdicts per attempt and round are written beside it.
@@ -80,7 +83,9 @@ def replay(run_dir: Path, r: int, changes: dict) -> dict:
     config = cfg.load(run_dir / "config.yaml")
     distil_config = changed_distil(config, changes)
     explained = "classifier" if r == 1 else f"distil_r{r - 1}"
-    data = load_folder(Path(config.data.root))
+    # no data.root: the demo's run made its own data
+    root = Path(config.data.root) if config.data.root else run_dir / "data"
+    data = load_folder(root)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         start = run_dir / rounds.start(distil_config, explained)
@@ -96,7 +101,9 @@ def replay(run_dir: Path, r: int, changes: dict) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tag", required=True, help="the suite runs' tag (runs/suite/suite-NAME-TEACHER-TAG)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--tag", help="the suite runs' tag (runs/suite/suite-NAME-TEACHER-TAG)")
+    which.add_argument("--run", type=Path, help="one run directory instead (a cfkd run of the demo, say)")
     p.add_argument("--round", type=int, default=2)
     p.add_argument("--variant", action="append", default=[], help="distil settings, KEY=VALUE,...")
     p.add_argument("--only", nargs="*", help="datasets (default: every run with that tag)")
@@ -110,9 +117,11 @@ def main() -> int:
         variants["first_attempts"] = {}
     quiet.configure(False)
     out = HERE / "results" / f"{args.out}.json"
-    results = json.loads(out.read_text()) if out.exists() else {"tag": args.tag, "round": args.round}
+    source = {"tag": args.tag} if args.tag else {"run": str(args.run)}
+    results = json.loads(out.read_text()) if out.exists() else source | {"round": args.round}
     results.setdefault("runs", {})
-    for name, run_dir in tagged_runs(args.tag, args.only):
+    runs = tagged_runs(args.tag, args.only) if args.tag else [(args.run.name, args.run)]
+    for name, run_dir in runs:
         if not (run_dir / f"distil_r{args.round}").is_dir():
             continue
         row = results["runs"].setdefault(name, {})

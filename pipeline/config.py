@@ -178,6 +178,9 @@ class DistilConfig:
     # random flips of every training image while fine-tuning: "none", "horizontal" or "both". A property of the data:
     # only where a mirrored image means the same (not laterality in chest X-rays, text, a tag in a known corner)
     flip: str = "none"
+    # random shifts of every training image while fine-tuning, up to this share of its shorter side (edges
+    # reflected): a counterfactual seen at many offsets is harder to memorise pixel by pixel (0 = off)
+    shift: float = 0.0
     # "staged": round 1 erases alone, in the explained classifier's own features (a shortcut it reads there is
     # removed from every image), later rounds fine-tune every layer (a shortcut it must learn to ignore), and
     # distil.select's label-free judgement picks between them. Or always: every layer ("all"), only the last linear
@@ -185,8 +188,7 @@ class DistilConfig:
     layers: str = "staged"
     # the weights kept: the last epoch, or the one model selection picks on validation data and held-out
     # counterfactuals ("best"; the starting weights compete); validation data as confounded as the training data
-    # prefers the shortcut, so best is only for a validation split you trust. "counterfactuals": the earliest epoch
-    # with the most held-out counterfactuals keeping their verdict's class (early stopping without labels)
+    # prefers the shortcut, so best is only for a validation split you trust
     keep: str = "last"
     # what the original training images are fitted to while fine-tuning: their labels, or the probabilities of the
     # classifier the round explained (knowledge distillation: its shortcut-free reading, where an earlier round
@@ -295,7 +297,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "distil.rounds": (lambda v: v >= 1, "an integer >= 1"),
     "distil.start": (lambda v: v in ("latest", "initial"), "latest or initial"),
     "distil.layers": (lambda v: v in ("all", "head", "none", "staged"), "all, head, none or staged"),
-    "distil.keep": (lambda v: v in ("best", "last", "counterfactuals"), "best, last or counterfactuals"),
+    "distil.keep": (lambda v: v in ("best", "last"), "best or last"),
     "distil.originals": (lambda v: v in ("labels", "explained"), "labels or explained"),
     "distil.mix": (lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
     "distil.holdout": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
@@ -306,6 +308,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
         "auto or an integer in [0, 64]",
     ),
     "distil.flip": (lambda v: v in ("none", "horizontal", "both"), "none, horizontal or both"),
+    "distil.shift": (lambda v: 0.0 <= v < 0.5, "a share in [0, 0.5)"),
     "distil.epochs": (lambda v: v >= 1, "an integer >= 1"),
     "distil.batch_size": (lambda v: v >= 2, "an integer >= 2"),
     "distil.lr": (lambda v: v > 0, "a number > 0"),

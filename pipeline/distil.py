@@ -96,7 +96,7 @@ def stage(
     labelled = training_data(run_dir, taught, use_true=True)
     spurious = labelled["verdict"] == "spurious"
     table = labelled if config.use_true else labelled[spurious].reset_index(drop=True)
-    share = config.holdout if config.keep != "last" else 0.0
+    share = config.holdout if config.keep == "best" else 0.0
     fit, held = split_holdout(table, share, config.seed + taught[-1])
     pd.concat([fit.assign(use="train"), held.assign(use="select")]).to_csv(
         out / "training_set.csv", index=False
@@ -123,9 +123,12 @@ FLIPS = {
 }
 
 
-def training_transform(card: models.ModelCard, flip: str) -> v2.Compose:
-    """The classifier's own preprocessing, then the random flips ``distil.flip`` asks for (training data only)."""
-    return v2.Compose([models.input_transform(card), *FLIPS[flip]])
+def training_transform(card: models.ModelCard, flip: str, shift: float = 0.0) -> v2.Compose:
+    """The classifier's own preprocessing, then the random flips ``distil.flip`` and shifts ``distil.shift`` ask
+    for (training data only)."""
+    pad = round(shift * min(np.atleast_1d(card.image_size)))
+    shifts = [v2.RandomCrop(card.image_size, padding=pad, padding_mode="reflect")] if pad > 0 else []
+    return v2.Compose([models.input_transform(card), *FLIPS[flip], *shifts])
 
 
 class Counterfactuals(Dataset):
@@ -390,16 +393,6 @@ class DistilResult:
     val_cfs: int
 
 
-def selection(keep: str, has_cf_val: bool, out: Path) -> KeepBest | None:
-    """The model selection ``distil.keep`` asks for: none (the last epoch), mean(validation accuracy, held-out
-    counterfactual accuracy) (best), or held-out counterfactual accuracy alone (counterfactuals; the last epoch
-    when no counterfactual was held out)."""
-    monitor = {"best": "val_select", "counterfactuals": "val_cf_acc"}.get(keep)
-    if monitor is None or (keep == "counterfactuals" and not has_cf_val):
-        return None
-    return KeepBest(out / ".best.safetensors", monitor, mode="max")
-
-
 def fine_tune(
     backbone: nn.Module,
     card: models.ModelCard,
@@ -416,7 +409,7 @@ def fine_tune(
     With ``soft_from`` (a checkpoint) the originals are fitted to its probabilities instead of their labels (the
     counterfactuals keep the labels their verdicts give)."""
     transform = models.input_transform(card)
-    augmented = training_transform(card, config.flip)
+    augmented = training_transform(card, config.flip, config.shift)
     original = ImageDataset(data, "train", card.classes, augmented)
     limits = colour_limits(data, card) if config.stretch_within and config.stretch > 1 else None
     cfs = Counterfactuals(cf_train, cf_folder, card.classes, augmented, config.stretch, limits)
@@ -432,7 +425,7 @@ def fine_tune(
             DataLoader(Counterfactuals(cf_val, cf_folder, card.classes, transform), batch_size=256)
         )
     system = DistilSystem(backbone.train(), len(card.classes), config, len(val_loaders) > 1)
-    keep = selection(config.keep, not cf_val.empty, out)
+    keep = KeepBest(out / ".best.safetensors", "val_select", mode="max") if config.keep == "best" else None
     frozen = [HeadOnly(models.last_linear(backbone))] if config.layers == "head" else []
     fit = make_trainer(
         out,

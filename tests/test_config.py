@@ -66,6 +66,7 @@ def test_cfkd_sections_are_checked():
                     "keep": "first",
                     "stretch": 0.5,
                     "flip": "up",
+                    "shift": 0.5,
                     "originals": "teacher",
                     "erase_finetuned": "no",
                     "stretch_within": "yes",
@@ -82,6 +83,7 @@ def test_cfkd_sections_are_checked():
     assert "feedback.partial: got 0, expected a share in (0, 1]" in message
     assert "distil.stretch: got 0.5, expected a number in [1, 10]" in message
     assert "distil.flip: got 'up', expected none, horizontal or both" in message
+    assert "distil.shift: got 0.5, expected a share in [0, 0.5)" in message
     assert "distil.originals: got 'teacher', expected labels or explained" in message
     assert "distil.erase_finetuned: got 'no', expected bool" in message
     assert "distil.stretch_within: got 'yes', expected bool" in message

@@ -534,6 +534,23 @@ def test_distil_flip_draws_the_orientations_it_names(tmp_path, flip, seen):
     assert found == seen
 
 
+@pytest.mark.parametrize("shift, most", [(0.0, 0), (0.125, 2)])
+def test_distil_shift_moves_draws_by_at_most_its_share_of_the_image(tmp_path, shift, most):
+    """distil.shift: 0.125 of a 16-pixel image moves each draw by up to 2 pixels either way, the size kept."""
+    image = np.zeros((16, 16, 3), np.uint8)
+    image[7:9, 7:9] = 255  # a bright block in the middle: where it lands is the draw's offset
+    Image.fromarray(image).save(tmp_path / "c.png")
+    table = pd.DataFrame({"counterfactual": ["c.png"] * 64, "original": ["c.png"] * 64, "label": ["0"] * 64})
+    card = models.ModelCard(arch="small_cnn", classes=["0", "1"], image_size=[16, 16])
+    transform = distil.training_transform(card, "none", shift)
+    cfs = distil.Counterfactuals(table, tmp_path, card.classes, transform)
+    torch.manual_seed(0)
+    draws = [cfs[i][0][0] for i in range(64)]
+    assert all(x.shape == (16, 16) for x in draws)
+    offsets = {tuple((torch.nonzero(x > 0.9).min(0).values - 7).tolist()) for x in draws}
+    assert {abs(o) for offset in offsets for o in offset} == set(range(most + 1))
+
+
 def _logits(model, table: pd.DataFrame, folder, column: str) -> torch.Tensor:
     images = distil.Counterfactuals(
         table.assign(counterfactual=table[column]), folder, ["0", "1"], make_transform(32)
