@@ -195,6 +195,10 @@ class DistilConfig:
     # erased the shortcut, is kept on every image instead of relearnt from the confounded labels)
     originals: str = "labels"
     epochs: int = 3
+    # > 0: the fine-tune's length in passes over each counterfactual instead of epochs over the originals
+    # (epochs = passes * counterfactuals / (mix * training images), at least 1): few verdicts are not repeated into
+    # memory, many get the steps they need
+    passes: float = 0.0
     batch_size: int = 64
     lr: float = 5e-4
     weight_decay: float = 0.05
@@ -310,6 +314,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "distil.flip": (lambda v: v in ("none", "horizontal", "both"), "none, horizontal or both"),
     "distil.shift": (lambda v: 0.0 <= v < 0.5, "a share in [0, 0.5)"),
     "distil.epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "distil.passes": (lambda v: v >= 0, "a number >= 0 (0 = distil.epochs)"),
     "distil.batch_size": (lambda v: v >= 2, "an integer >= 2"),
     "distil.lr": (lambda v: v > 0, "a number > 0"),
     "distil.weight_decay": (lambda v: v >= 0, "a number >= 0"),

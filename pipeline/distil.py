@@ -393,6 +393,14 @@ class DistilResult:
     val_cfs: int
 
 
+def fine_tune_epochs(config: DistilConfig, counterfactuals: int, originals: int) -> int:
+    """``distil.epochs``, or with ``passes`` the epochs (of ``originals`` draws) in which each counterfactual is
+    drawn about that many times."""
+    if config.passes <= 0:
+        return config.epochs
+    return max(1, round(config.passes * counterfactuals / (config.mix * originals)))
+
+
 def fine_tune(
     backbone: nn.Module,
     card: models.ModelCard,
@@ -418,6 +426,7 @@ def fine_tune(
         original = SoftTargets(original, classes, probabilities(soft_from, data, card.classes))
         cfs = SoftTargets(cfs, classes)
     sampler = mixed_sampler(original, cfs, config.mix, len(original), config.seed)
+    epochs = fine_tune_epochs(config, len(cfs), len(original))
     train_loader = DataLoader(ConcatDataset([original, cfs]), batch_size=config.batch_size, sampler=sampler)
     val_loaders = [DataLoader(ImageDataset(data, "val", card.classes, transform), batch_size=256)]
     if not cf_val.empty:
@@ -429,7 +438,7 @@ def fine_tune(
     frozen = [HeadOnly(models.last_linear(backbone))] if config.layers == "head" else []
     fit = make_trainer(
         out,
-        config.epochs,
+        epochs,
         config.accelerator,
         config.devices,
         [*([keep] if keep else []), *frozen],
@@ -445,7 +454,7 @@ def fine_tune(
     if kept:
         metrics.update(best_epoch=kept["best_epoch"], selection_score=round(kept["score"], 4))
     originals = soft_from.name if soft_from is not None else "labels"  # what the originals were fitted to
-    return metrics | {"kept": config.keep, "epochs": config.epochs, "originals": originals}
+    return metrics | {"kept": config.keep, "epochs": epochs, "originals": originals}
 
 
 def run(

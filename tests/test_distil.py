@@ -534,6 +534,18 @@ def test_distil_flip_draws_the_orientations_it_names(tmp_path, flip, seen):
     assert found == seen
 
 
+@pytest.mark.parametrize(
+    "passes, counterfactuals, epochs", [(0, 20, 3), (40, 20, 1), (40, 45, 3), (40, 206, 14), (10, 1, 1)]
+)
+def test_distil_passes_sets_the_epochs_by_how_often_each_counterfactual_is_drawn(
+    passes, counterfactuals, epochs
+):
+    """distil.passes: 40 draws of each counterfactual, half of each batch counterfactuals, 1200 training images:
+    20 verdicts fit in about one epoch, 206 need fourteen; never fewer than one; 0 keeps distil.epochs."""
+    config = DistilConfig(epochs=3, mix=0.5, passes=passes)
+    assert distil.fine_tune_epochs(config, counterfactuals, 1200) == epochs
+
+
 @pytest.mark.parametrize("shift, most", [(0.0, 0), (0.125, 2)])
 def test_distil_shift_moves_draws_by_at_most_its_share_of_the_image(tmp_path, shift, most):
     """distil.shift: 0.125 of a 16-pixel image moves each draw by up to 2 pixels either way, the size kept."""
