@@ -546,6 +546,18 @@ def test_distil_passes_sets_the_epochs_by_how_often_each_counterfactual_is_drawn
     assert distil.fine_tune_epochs(config, counterfactuals, 1200) == epochs
 
 
+def test_a_round_with_passes_fine_tunes_for_the_epochs_they_make(tiny_biased, tmp_path):
+    """distil.passes on a real round: 20 counterfactuals drawn about 2 * (0.5 * training images) / 20 times each
+    make two epochs, which the card and the training log both show."""
+    ckpt, data = tiny_biased
+    cfs = _swap_background(data, "train", 20, tmp_path / "explain")
+    train = len(ImageDataset(data, "train", models.load(ckpt)[1].classes, make_transform(32)))
+    config = DistilConfig(batch_size=32, passes=2 * 0.5 * train / 20, erase=0, mix=0.5)
+    card = distil.run(ckpt, data, cfs, cfs.iloc[:0], tmp_path / "explain", config, tmp_path / "out").card
+    logged = pd.read_csv(tmp_path / "out" / "logs" / "metrics.csv")["epoch"].max() + 1
+    assert card.metrics["epochs"] == logged == 2 != config.epochs
+
+
 @pytest.mark.parametrize("shift, most", [(0.0, 0), (0.125, 2)])
 def test_distil_shift_moves_draws_by_at_most_its_share_of_the_image(tmp_path, shift, most):
     """distil.shift: 0.125 of a 16-pixel image moves each draw by up to 2 pixels either way, the size kept."""
