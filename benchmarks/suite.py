@@ -208,7 +208,12 @@ def main() -> int:
     p.add_argument("--explain-only", action="store_true", help="classifiers and round 1's explain, no CFKD")
     p.add_argument("--tag", default="")
     p.add_argument(
-        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="method change for every dataset"
+        "--set",
+        nargs="*",
+        action="extend",  # --set a=1 --set b=2 keeps both (a plain store would keep only the last)
+        default=[],
+        metavar="KEY=VALUE",
+        help="method change for every dataset",
     )
     args = p.parse_args()
     quiet.configure(False)
