@@ -35,6 +35,7 @@ from pipeline import config as cfg
 from pipeline import distil, feedback, manifest, models, quiet, rounds
 from pipeline.data import load_folder
 from pipeline.evaluate import evaluate
+from pipeline.rundir import data_root
 
 HERE = Path(__file__).resolve().parent
 
@@ -83,9 +84,7 @@ def replay(run_dir: Path, r: int, changes: dict) -> dict:
     config = cfg.load(run_dir / "config.yaml")
     distil_config = changed_distil(config, changes)
     explained = "classifier" if r == 1 else f"distil_r{r - 1}"
-    # no data.root: the demo's run made its own data
-    root = Path(config.data.root) if config.data.root else run_dir / "data"
-    data = load_folder(root)
+    data = load_folder(data_root(run_dir, config.data.root))  # no data.root: the demo's run made its own
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         start = run_dir / rounds.start(distil_config, explained)

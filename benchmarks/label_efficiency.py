@@ -36,7 +36,7 @@ from annotation_app import services  # noqa: E402
 from pipeline import config as cfg  # noqa: E402
 from pipeline import manifest, quiet, runner, teach  # noqa: E402
 from pipeline.errors import Interrupted, stop_on_signals  # noqa: E402
-from pipeline.rundir import read_json  # noqa: E402
+from pipeline.rundir import data_root, read_json  # noqa: E402
 from pipeline.store import FeedbackStore  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -50,8 +50,9 @@ def expert_verdicts(run_dir: Path, round: int, conf: cfg.RunConfig) -> pd.Series
     """What the simulated expert would say of each flipped card of the round: the mask oracle's verdict."""
     folder = run_dir / manifest.folder(round)
     table = manifest.flipped(manifest.read(folder))
-    data_root = Path(conf.data.root) if conf.data.root else run_dir / "data"
-    return teach.mask_verdicts(table, folder, data_root, conf.feedback.band, conf.data.resize)
+    return teach.mask_verdicts(
+        table, folder, data_root(run_dir, conf.data.root), conf.feedback.band, conf.data.resize
+    )
 
 
 def label_round(run_dir: Path, round: int, strategy: str, conf, budget: int | None, seed: int) -> dict:

@@ -177,11 +177,11 @@ def explain_command(args) -> None:
 
 
 def teach_command(args) -> None:
-    from pipeline import config, teach
+    from pipeline import config, rundir, teach
 
     run_dir = Path(args.run_dir)
     conf = config.load(run_dir / "config.yaml") if (run_dir / "config.yaml").exists() else config.load(None)
-    data_root = Path(conf.data.root) if conf.data.root else run_dir / "data"
+    data_root = rundir.data_root(run_dir, conf.data.root)
     reference = Path(args.reference) if args.reference else run_dir / "reference"
     # --band goes through the config's own check, as feedback.band would
     band = (

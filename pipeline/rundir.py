@@ -39,6 +39,11 @@ def file_hash(path: str | Path) -> str:
         raise UserError(f"cannot read {path}: {exc.strerror}") from None
 
 
+def data_root(run_dir: str | Path, root: str | None) -> Path:
+    """A run's data folder: the config's ``data.root``, or, when it names none, the one the run generated."""
+    return Path(root) if root else Path(run_dir) / "data"
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
