@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import distil, models, quiet
+from pipeline import distil, erase, models, quiet
 from pipeline.config import DistilConfig
 from pipeline.data import load_folder
 from pipeline.evaluate import evaluate
@@ -43,7 +43,7 @@ def erased(model, v: np.ndarray, refit: bool, data=None, card=None):
     """A copy of ``model`` with ``v`` projected out of its head: as is, or refitted by the library's erase."""
     out = copy.deepcopy(model)
     if refit:
-        distil.erase(out, card, data, v)
+        erase.project_out(out, card, data, v)
         return out
     head = out.get_submodule(models.last_linear(out))
     with torch.no_grad():
@@ -68,7 +68,7 @@ def probe(name: str, ks: list[int]) -> dict:
         result[start] = {"as_is": score(model, card, data)}
         if spurious.empty:
             continue
-        change = distil.feature_change(model, card, spurious, run_dir)
+        change = erase.feature_change(model, card, spurious, run_dir)
         none = np.zeros((0, change.shape[1]), np.float32)
         result[start]["refit_only"] = score(erased(model, none, True, data, card), card, data)
         for k in ks:
@@ -90,9 +90,9 @@ def erase_first(name: str) -> dict:
     both = distil.training_data(run_dir, [1], True)
     evidence = both[both["verdict"] == "true"]
     model, card = models.load(run_dir / "classifier")
-    v = distil.spurious_directions(model.eval(), card, table, run_dir, 1, evidence)
+    v = erase.spurious_directions(model.eval(), card, table, run_dir, 1, evidence)
     if len(v):
-        distil.erase(model, card, data, v)
+        erase.project_out(model, card, data, v)
     erased_only = score(model, card, data)
     with tempfile.TemporaryDirectory() as out:
         distil.fine_tune(model, card, data, table, table.iloc[:0], run_dir, DistilConfig(erase=0), Path(out))

@@ -32,7 +32,7 @@ import scipy.linalg
 from suite import tagged_runs
 
 from pipeline import config as cfg
-from pipeline import distil, models, quiet, rounds
+from pipeline import distil, erase, models, quiet, rounds
 from pipeline.data import load_folder
 from pipeline.evaluate import evaluate
 
@@ -42,18 +42,18 @@ RULES = ("spare", "own", "never", "contrast")
 
 def contrast_directions(shrink: float):
     """A spurious_directions() that returns the generalised eigenvector of (spurious, true + shrink * I)."""
-    library = distil.spurious_directions
+    library = erase.spurious_directions
 
     def directions(model, card, table, folder, k, evidence=None, vote=False):
         if evidence is None or len(evidence) < 2:
             return library(model, card, table, folder, k)
-        moved = distil.feature_change(model, card, table[table["verdict"] == "spurious"], folder)
-        true = distil.feature_change(model, card, evidence, folder)
+        moved = erase.feature_change(model, card, table[table["verdict"] == "spurious"], folder)
+        true = erase.feature_change(model, card, evidence, folder)
         spurious_moment, true_moment = moved.T @ moved / len(moved), true.T @ true / len(true)
         scale = shrink * np.trace(spurious_moment) / len(spurious_moment)
         _, vectors = scipy.linalg.eigh(spurious_moment, true_moment + scale * np.eye(len(true_moment)))
         top = vectors[:, ::-1][:, :k].T
-        return distil.orthonormal(top / np.linalg.norm(top, axis=1, keepdims=True))
+        return erase.orthonormal(top / np.linalg.norm(top, axis=1, keepdims=True))
 
     return directions
 
@@ -71,7 +71,7 @@ def decision_share(run_dir: Path) -> dict:
     for verdict in ("spurious", "true"):
         edits = labelled[labelled["verdict"] == verdict]
         if len(edits) >= 2:
-            change = distil.feature_change(model, card, edits, run_dir)
+            change = erase.feature_change(model, card, edits, run_dir)
             top = np.linalg.svd(change, full_matrices=False)[2][0]
             out[verdict] = round(float(np.linalg.norm(top @ basis)), 3)
     return out
@@ -94,13 +94,13 @@ def replay(run_dir: Path, r: int, rule: str, shrink: float) -> dict:
     taught = rounds.taught(config.distil, r)
     true = distil.training_data(run_dir, taught, use_true=True).query("verdict == 'true'")
     patched = {
-        "spare": with_evidence(distil.spurious_directions, true),
-        "never": with_evidence(distil.spurious_directions, None),
+        "spare": with_evidence(erase.spurious_directions, true),
+        "never": with_evidence(erase.spurious_directions, None),
         "contrast": with_evidence(contrast_directions(shrink), true),
     }
     data = load_folder(Path(config.data.root))
-    library = distil.spurious_directions
-    distil.spurious_directions = patched.get(rule, library)
+    library = erase.spurious_directions
+    erase.spurious_directions = patched.get(rule, library)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
@@ -109,7 +109,7 @@ def replay(run_dir: Path, r: int, rule: str, shrink: float) -> dict:
             model, card = models.load(out)
             tested, _ = evaluate(model.eval(), card, data)
     finally:
-        distil.spurious_directions = library
+        erase.spurious_directions = library
     if "skipped" in card.metrics:
         return {"skipped": card.metrics["skipped"]}
     return {

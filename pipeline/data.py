@@ -1,7 +1,8 @@
 """The folder dataset: ``<root>/metadata.csv`` (path, label, split, optional group and feature_mask).
 
 Loading validates every row and reports all bad rows in one error naming their CSV line numbers; nothing is
-silently dropped. ``ImageDataset`` serves one split to torch with torchvision transforms v2.
+silently dropped. ``ImageDataset`` serves one split to torch with torchvision transforms v2, ``Counterfactuals``
+the saved counterfactual images with the labels their verdicts give.
 """
 
 from __future__ import annotations
@@ -270,3 +271,47 @@ class ImageDataset(torch.utils.data.Dataset):
         with Image.open(self.root / self.rows["path"][i]) as image:
             x = self.transform(image)
         return x, self.targets[i], i
+
+
+class Counterfactuals(torch.utils.data.Dataset):
+    """Counterfactual PNGs with their training labels: yields (image, class index, i). With ``stretch`` > 1 each
+    draw is original + a * (counterfactual - original), a ~ U(1, stretch), clipped to [0, 255]: always on the image
+    the verdict was given on, never carried onto another (an expert judged this change on this image). With
+    ``limits`` ((2, 3): the lowest and highest per-channel mean of real images, 0-255) a is drawn only up to where
+    the image's overall colour would leave them: a change made stronger than any real image shows is one a
+    classifier can learn apart from every real image."""
+
+    def __init__(
+        self,
+        table: pd.DataFrame,
+        folder: Path,
+        classes: list[str],
+        transform,
+        stretch: float = 1.0,
+        limits: np.ndarray | None = None,
+    ):
+        self.paths = [folder / p for p in table["counterfactual"]]
+        self.originals = [folder / p for p in table["original"]] if stretch > 1 else []
+        self.targets = [classes.index(label) for label in table["label"]]
+        self.transform, self.stretch, self.limits = transform, stretch, limits
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        cf = read_rgb(self.paths[i])
+        if self.originals:
+            original = read_rgb(self.originals[i])
+            a = float(torch.empty(()).uniform_(1.0, self.most(original, cf)))
+            cf = np.clip(original + a * (cf - original), 0, 255)
+        return self.transform(Image.fromarray(cf.round().astype(np.uint8))), self.targets[i], i
+
+    def most(self, original: np.ndarray, cf: np.ndarray) -> float:
+        """The largest stretch for this edit: ``stretch``, or less where the channel means would leave ``limits``."""
+        if self.limits is None:
+            return self.stretch
+        start, change = original.mean((0, 1)), (cf - original).mean((0, 1))
+        bound = np.where(change > 0, self.limits[1], self.limits[0])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            reach = np.where(np.abs(change) > 1e-6, (bound - start) / change, np.inf)
+        return float(np.clip(reach.min(), 1.0, self.stretch))

@@ -8,10 +8,7 @@ classifier the round explained) and counterfactuals (``mix``; ``stretch`` and ``
 anchored to its starting weights or with only its last linear layer learning on frozen features (``layers: head``,
 DFR-style), with model selection on the validation split plus counterfactuals of held-out source images.
 
-``erase`` then generalises the spurious verdicts beyond the images they were given on: the principal directions of
-what the spurious edits changed in the features the head reads (f(counterfactual) - f(original)) are projected out
-of the head, which is refitted on the training images' projected features. No logit can read those directions any
-more, on any image: a shortcut the edits moved is removed as a feature, not memorised edit by edit.
+Then the erase (``pipeline/erase.py``) removes what the spurious edits moved in the features from the head.
 """
 
 from __future__ import annotations
@@ -26,16 +23,13 @@ import pandas as pd
 import torch
 import torchmetrics
 from lightning.pytorch.callbacks import BaseFinetuning
-from PIL import Image
-from sklearn.linear_model import LogisticRegression
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
-from pipeline import feedback, manifest, models
+from pipeline import erase, feedback, manifest, models
 from pipeline.config import DistilConfig
-from pipeline.data import FolderData, ImageDataset, read_rgb
-from pipeline.dfr import as_head, features
+from pipeline.data import Counterfactuals, FolderData, ImageDataset
 from pipeline.errors import UserError
 from pipeline.train import ClassifierSystem, KeepBest, make_trainer, predict, uses_gpu
 
@@ -129,50 +123,6 @@ def training_transform(card: models.ModelCard, flip: str, shift: float = 0.0) ->
     pad = round(shift * min(np.atleast_1d(card.image_size)))
     shifts = [v2.RandomCrop(card.image_size, padding=pad, padding_mode="reflect")] if pad > 0 else []
     return v2.Compose([models.input_transform(card), *FLIPS[flip], *shifts])
-
-
-class Counterfactuals(Dataset):
-    """Counterfactual PNGs with their training labels: yields (image, class index, i). With ``stretch`` > 1 each
-    draw is original + a * (counterfactual - original), a ~ U(1, stretch), clipped to [0, 255]: always on the image
-    the verdict was given on, never carried onto another (an expert judged this change on this image). With
-    ``limits`` ((2, 3): the lowest and highest per-channel mean of real images, 0-255) a is drawn only up to where
-    the image's overall colour would leave them: a change made stronger than any real image shows is one a
-    classifier can learn apart from every real image."""
-
-    def __init__(
-        self,
-        table: pd.DataFrame,
-        folder: Path,
-        classes: list[str],
-        transform,
-        stretch: float = 1.0,
-        limits: np.ndarray | None = None,
-    ):
-        self.paths = [folder / p for p in table["counterfactual"]]
-        self.originals = [folder / p for p in table["original"]] if stretch > 1 else []
-        self.targets = [classes.index(label) for label in table["label"]]
-        self.transform, self.stretch, self.limits = transform, stretch, limits
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        cf = read_rgb(self.paths[i])
-        if self.originals:
-            original = read_rgb(self.originals[i])
-            a = float(torch.empty(()).uniform_(1.0, self.most(original, cf)))
-            cf = np.clip(original + a * (cf - original), 0, 255)
-        return self.transform(Image.fromarray(cf.round().astype(np.uint8))), self.targets[i], i
-
-    def most(self, original: np.ndarray, cf: np.ndarray) -> float:
-        """The largest stretch for this edit: ``stretch``, or less where the channel means would leave ``limits``."""
-        if self.limits is None:
-            return self.stretch
-        start, change = original.mean((0, 1)), (cf - original).mean((0, 1))
-        bound = np.where(change > 0, self.limits[1], self.limits[0])
-        with np.errstate(divide="ignore", invalid="ignore"):
-            reach = np.where(np.abs(change) > 1e-6, (bound - start) / change, np.inf)
-        return float(np.clip(reach.min(), 1.0, self.stretch))
 
 
 def colour_limits(data: FolderData, card: models.ModelCard, n: int = 1000, seed: int = 0) -> np.ndarray:
@@ -294,98 +244,6 @@ def precision(config: DistilConfig) -> str:
     return "bf16-mixed" if uses_gpu(config.accelerator) and torch.cuda.is_bf16_supported() else "32-true"
 
 
-def feature_change(model: nn.Module, card, table: pd.DataFrame, folder: Path) -> np.ndarray:
-    """f(counterfactual) - f(original) per row of ``table``, f being the features the classifier's head reads."""
-    transform = models.input_transform(card)
-    edited = features(model, Counterfactuals(table, folder, card.classes, transform))
-    originals = table.assign(counterfactual=table["original"])
-    return edited - features(model, Counterfactuals(originals, folder, card.classes, transform))
-
-
-def principal(change: np.ndarray, table: pd.DataFrame, k: int, clip: bool = False) -> np.ndarray:
-    """The k principal directions of each round's changes, stacked (rows without a round count as one round); with
-    ``clip``, of the changes shortened to the round's median length."""
-    rounds = table["round"].to_numpy() if "round" in table else np.zeros(len(table))
-    parts = [change[rounds == r] for r in np.unique(rounds)]
-    return np.concatenate(
-        [np.linalg.svd(clipped(rows) if clip else rows, full_matrices=False)[2][:k] for rows in parts]
-    )
-
-
-def clipped(rows: np.ndarray) -> np.ndarray:
-    """``rows`` longer than their median length shortened to it, directions kept."""
-    length = np.linalg.norm(rows, axis=1, keepdims=True)
-    return rows * np.minimum(1.0, np.median(length) / np.maximum(length, 1e-12))
-
-
-def orthonormal(rows: np.ndarray) -> np.ndarray:
-    """An orthonormal basis (as rows) of the span of ``rows``."""
-    if len(rows) == 0:
-        return rows
-    basis, strength, _ = np.linalg.svd(rows.T, full_matrices=False)
-    return basis[:, strength > 1e-6 * strength.max()].T
-
-
-def erased_per_round(config: DistilConfig, classes: int) -> int:
-    """Principal directions erased per round: ``distil.erase``, or with auto one fewer than the classes (a shortcut
-    that tells K classes apart, a tag of K colours, spans K - 1 directions of the features); none after a fine-tune
-    when ``erase_finetuned`` is off."""
-    if config.layers != "none" and not config.erase_finetuned:
-        return 0
-    return max(classes - 1, 1) if config.erase == "auto" else config.erase
-
-
-def spurious_directions(
-    model: nn.Module,
-    card,
-    table: pd.DataFrame,
-    folder: Path,
-    k: int,
-    evidence: pd.DataFrame | None = None,
-    vote: bool = False,
-    clip: bool = False,
-) -> np.ndarray:
-    """Orthonormal directions (n, d) of what the spurious counterfactuals of ``table`` changed in the head's
-    features: the k principal ones of each round's edits, so each round adds what the classifier it explained
-    still used. With ``evidence`` (counterfactuals judged true) each direction loses its part in the subspace of
-    what the true edits changed, and one that lay mostly there (less than half left) is not erased at all, unless
-    ``vote`` and the spurious edits move along it more than the true ones (then it is erased whole). ``clip``:
-    the principal directions are those of the spurious changes shortened to their median length."""
-    spurious = table[table["verdict"] == "spurious"]
-    change = feature_change(model, card, spurious, folder)
-    top = principal(change, spurious, k, clip)
-    if evidence is not None and not evidence.empty:
-        true_change = feature_change(model, card, evidence, folder)
-        real = evidence_directions(true_change)
-        spared = top - (top @ real.T) @ real
-        kept = np.linalg.norm(spared, axis=1) >= 0.5
-        outvoted = vote & (((change @ top.T) ** 2).sum(0) > ((true_change @ top.T) ** 2).sum(0))
-        top = np.concatenate([spared[kept], top[~kept & outvoted]])
-    return orthonormal(top)
-
-
-def evidence_directions(change: np.ndarray, energy: float = 0.9) -> np.ndarray:
-    """The principal directions holding ``energy`` of what the true edits changed: the real evidence's subspace."""
-    _, strength, vt = np.linalg.svd(change, full_matrices=False)
-    share = np.cumsum(strength**2) / max(float(np.sum(strength**2)), 1e-12)
-    return vt[: int(np.searchsorted(share, energy)) + 1]
-
-
-def erase(model: nn.Module, card, data: FolderData, directions: np.ndarray, seed: int = 0) -> None:
-    """Project ``directions`` out of the head and refit it, in place: class-balanced logistic regression on the
-    training images' projected features, folded back as W (I - V^T V) so the architecture stays as it was."""
-    train = ImageDataset(data, "train", card.classes, models.input_transform(card))
-    x, y = features(model, train), np.asarray(train.targets)
-    x = x - (x @ directions.T) @ directions
-    fit = LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced", random_state=seed).fit(x, y)
-    weight, bias = as_head(fit.coef_, fit.intercept_)
-    projection = torch.eye(directions.shape[1]) - torch.from_numpy(directions.T @ directions).float()
-    head = model.get_submodule(models.last_linear(model))
-    with torch.no_grad():
-        head.weight.copy_(torch.from_numpy(weight).float().to(head.weight) @ projection.to(head.weight))
-        head.bias.copy_(torch.from_numpy(bias).float().to(head.bias))
-
-
 @dataclass
 class DistilResult:
     card: models.ModelCard
@@ -483,13 +341,13 @@ def run(
             backbone, card, data, cf_train, cf_val, cf_folder, config, out, verbose, soft_from
         )
     backbone = backbone.cpu().eval()
-    k = erased_per_round(config, len(card.classes))
+    k = erase.per_round(config, len(card.classes))
     if k > 0 and cf_train["verdict"].eq("spurious").any():
-        directions = spurious_directions(
+        directions = erase.spurious_directions(
             backbone, card, cf_train, cf_folder, k, evidence, config.erase_vote, config.erase_clip
         )
         if len(directions):
-            erase(backbone, card, data, directions, config.seed)
+            erase.project_out(backbone, card, data, directions, config.seed)
         metrics.update(erased_directions=len(directions))
     metrics.update(
         counterfactuals_train=len(cf_train),

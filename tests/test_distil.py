@@ -12,9 +12,9 @@ import torch
 from conftest import tiny_config
 from PIL import Image
 
-from pipeline import dfr, distil, models, rounds, runner
+from pipeline import dfr, distil, erase, models, rounds, runner
 from pipeline.config import BaselineConfig, DistilConfig
-from pipeline.data import ImageDataset, load_folder, make_transform
+from pipeline.data import Counterfactuals, ImageDataset, load_folder, make_transform
 from pipeline.evaluate import evaluate
 from pipeline.store import FeedbackStore
 
@@ -119,7 +119,7 @@ def test_a_distil_round_raises_worst_group_accuracy(tiny_biased, tmp_path):
 
 
 def _accuracy_on(model, table: pd.DataFrame, folder, classes) -> float:
-    images = distil.Counterfactuals(table, folder, classes, make_transform(32))
+    images = Counterfactuals(table, folder, classes, make_transform(32))
     x = torch.stack([images[i][0] for i in range(len(images))])
     with torch.no_grad():
         return float((model.eval()(x).argmax(1).numpy() == np.array(images.targets)).mean())
@@ -459,10 +459,10 @@ def test_stretched_counterfactuals_scale_the_change_within_the_image_range(tmp_p
     Image.fromarray(edited).save(tmp_path / "c.png")
     table = pd.DataFrame({"counterfactual": ["c.png"] * 64, "original": ["o.png"] * 64, "label": ["0"] * 64})
     scale = lambda x: (x * 127.5 + 127.5).round()  # noqa: E731  back to 0..255 from make_transform's [-1, 1]
-    as_is = distil.Counterfactuals(table, tmp_path, ["0", "1"], make_transform(8))
+    as_is = Counterfactuals(table, tmp_path, ["0", "1"], make_transform(8))
     assert torch.equal(scale(as_is[0][0]), torch.from_numpy(edited).permute(2, 0, 1).float())
     torch.manual_seed(0)
-    stretched = distil.Counterfactuals(table, tmp_path, ["0", "1"], make_transform(8), stretch=5.0)
+    stretched = Counterfactuals(table, tmp_path, ["0", "1"], make_transform(8), stretch=5.0)
     draws = torch.stack([scale(stretched[i][0]) for i in range(64)])
     left, right = draws[:, :, :, :4], draws[:, :, :, 4:]
     assert (right == 100).all()  # untouched pixels stay untouched
@@ -486,16 +486,14 @@ def test_stretch_within_stops_where_the_overall_colour_leaves_the_real_images(tm
     )
     # real images' channel means lie within 90..130
     limits = np.array([[90.0, 90.0, 90.0], [130.0, 130.0, 130.0]])
-    capped = distil.Counterfactuals(
-        table, tmp_path, ["0", "1"], make_transform(8), stretch=3.0, limits=limits
-    )
+    capped = Counterfactuals(table, tmp_path, ["0", "1"], make_transform(8), stretch=3.0, limits=limits)
     read = lambda name: np.asarray(Image.open(tmp_path / name), float)  # noqa: E731
     assert capped.most(read("o.png"), read("cast.png")) == pytest.approx(1.5)  # +20 may grow to +30, not +60
     assert capped.most(read("o.png"), read("local.png")) == 3.0
     torch.manual_seed(0)
     blues = torch.stack([capped[0][0][2].mean() * 127.5 + 127.5 for _ in range(64)])
     assert blues.min() >= 119.5 and blues.max() <= 130.5 and blues.max() > 127
-    free = distil.Counterfactuals(table, tmp_path, ["0", "1"], make_transform(8), stretch=3.0)
+    free = Counterfactuals(table, tmp_path, ["0", "1"], make_transform(8), stretch=3.0)
     assert max(free[0][0][2].mean() * 127.5 + 127.5 for _ in range(64)) > 140  # uncapped it goes past them
 
 
@@ -526,7 +524,7 @@ def test_distil_flip_draws_the_orientations_it_names(tmp_path, flip, seen):
     Image.fromarray(image).save(tmp_path / "c.png")
     table = pd.DataFrame({"counterfactual": ["c.png"] * 64, "original": ["c.png"] * 64, "label": ["0"] * 64})
     card = models.ModelCard(arch="small_cnn", classes=["0", "1"], image_size=8)
-    cfs = distil.Counterfactuals(table, tmp_path, card.classes, distil.training_transform(card, flip))
+    cfs = Counterfactuals(table, tmp_path, card.classes, distil.training_transform(card, flip))
     torch.manual_seed(0)
     corners = {"as is": (0, 0), "mirrored": (0, 7), "upside down": (7, 0), "both": (7, 7)}
     draws = [cfs[i][0][0] for i in range(64)]
@@ -567,7 +565,7 @@ def test_distil_shift_moves_draws_by_at_most_its_share_of_the_image(tmp_path, sh
     table = pd.DataFrame({"counterfactual": ["c.png"] * 64, "original": ["c.png"] * 64, "label": ["0"] * 64})
     card = models.ModelCard(arch="small_cnn", classes=["0", "1"], image_size=[16, 16])
     transform = distil.training_transform(card, "none", shift)
-    cfs = distil.Counterfactuals(table, tmp_path, card.classes, transform)
+    cfs = Counterfactuals(table, tmp_path, card.classes, transform)
     torch.manual_seed(0)
     draws = [cfs[i][0][0] for i in range(64)]
     assert all(x.shape == (16, 16) for x in draws)
@@ -576,7 +574,7 @@ def test_distil_shift_moves_draws_by_at_most_its_share_of_the_image(tmp_path, sh
 
 
 def _logits(model, table: pd.DataFrame, folder, column: str) -> torch.Tensor:
-    images = distil.Counterfactuals(
+    images = Counterfactuals(
         table.assign(counterfactual=table[column]), folder, ["0", "1"], make_transform(32)
     )
     with torch.no_grad():
@@ -584,7 +582,7 @@ def _logits(model, table: pd.DataFrame, folder, column: str) -> torch.Tensor:
 
 
 def test_erase_makes_the_head_blind_to_what_the_spurious_edits_moved(tiny_biased, tmp_path):
-    """distil.erase: once the spurious edits' feature directions are projected out of the head, those edits no
+    """erase: once the spurious edits' feature directions are projected out of the head, those edits no
     longer move any logit, although the head was refitted and still separates the training images."""
     ckpt, data = tiny_biased
     cfs = _swap_background(data, "train", 24, tmp_path / "explain")
@@ -593,8 +591,8 @@ def test_erase_makes_the_head_blind_to_what_the_spurious_edits_moved(tiny_biased
         _logits(model, cfs, tmp_path / "explain", "counterfactual")
         - _logits(model, cfs, tmp_path / "explain", "original")
     ).abs()
-    directions = distil.spurious_directions(model, card, cfs, tmp_path / "explain", k=len(cfs))
-    distil.erase(model, card, data, directions)
+    directions = erase.spurious_directions(model, card, cfs, tmp_path / "explain", k=len(cfs))
+    erase.project_out(model, card, data, directions)
     after = (
         _logits(model, cfs, tmp_path / "explain", "counterfactual")
         - _logits(model, cfs, tmp_path / "explain", "original")
@@ -602,11 +600,11 @@ def test_erase_makes_the_head_blind_to_what_the_spurious_edits_moved(tiny_biased
     assert moved.max() > 0.5 and after.max() < 1e-3 * moved.max()
     # the same edits judged true elsewhere are real evidence: nothing of them is erased
     evidence = cfs.assign(verdict="true")
-    assert len(distil.spurious_directions(model, card, cfs, tmp_path / "explain", 1, evidence)) == 0
+    assert len(erase.spurious_directions(model, card, cfs, tmp_path / "explain", 1, evidence)) == 0
     # the same kind of edit judged true on a few images only: with the vote the spurious verdicts outvote them
     few = cfs.head(4).assign(verdict="true")
-    assert len(distil.spurious_directions(model, card, cfs, tmp_path / "explain", 1, few)) == 0
-    assert len(distil.spurious_directions(model, card, cfs, tmp_path / "explain", 1, few, vote=True)) == 1
+    assert len(erase.spurious_directions(model, card, cfs, tmp_path / "explain", 1, few)) == 0
+    assert len(erase.spurious_directions(model, card, cfs, tmp_path / "explain", 1, few, vote=True)) == 1
     start = models.load(ckpt)[0]
     changed = [n for n, p in model.state_dict().items() if not torch.equal(p, start.state_dict()[n])]
     assert changed and all(n.startswith(dfr.last_linear(model)) for n in changed)
@@ -629,8 +627,8 @@ def test_a_round_with_erase_removes_the_shortcut_the_same_fine_tune_leaves(tiny_
 def test_erase_auto_takes_one_direction_fewer_than_the_classes(tiny_biased, tmp_path):
     # a tag of K colours tells K classes apart along K - 1 feature directions
     auto = DistilConfig(erase="auto", layers="none")
-    assert [distil.erased_per_round(auto, k) for k in (1, 2, 3, 10)] == [1, 1, 2, 9]
-    assert distil.erased_per_round(DistilConfig(erase=4), 2) == 4
+    assert [erase.per_round(auto, k) for k in (1, 2, 3, 10)] == [1, 1, 2, 9]
+    assert erase.per_round(DistilConfig(erase=4), 2) == 4
     ckpt, data = tiny_biased  # two classes: one direction
     cfs = _swap_background(data, "train", 24, tmp_path / "explain")
     result = distil.run(ckpt, data, cfs, cfs.iloc[:0], tmp_path / "explain", auto, tmp_path / "out")
@@ -694,14 +692,14 @@ def test_erase_clip_lets_many_small_edits_outweigh_a_few_huge_ones():
     small = np.eye(d)[0] + 0.05 * rng.standard_normal((20, d))
     huge = 10 * (np.eye(d)[1] + 0.05 * rng.standard_normal((3, d)))
     change, table = np.concatenate([small, huge]), pd.DataFrame({"round": [1] * 23})
-    assert abs(distil.principal(change, table, 1)[0] @ np.eye(d)[1]) > 0.99
-    assert abs(distil.principal(change, table, 1, clip=True)[0] @ np.eye(d)[0]) > 0.99
+    assert abs(erase.principal(change, table, 1)[0] @ np.eye(d)[1]) > 0.99
+    assert abs(erase.principal(change, table, 1, clip=True)[0] @ np.eye(d)[0]) > 0.99
     # a second round of huge edits alone keeps its own direction: the median is each round's
     two = pd.DataFrame({"round": [1] * 20 + [2] * 3})
-    first, second = distil.principal(change, two, 1, clip=True)
+    first, second = erase.principal(change, two, 1, clip=True)
     assert abs(first @ np.eye(d)[0]) > 0.99 and abs(second @ np.eye(d)[1]) > 0.99
     assert np.allclose(
-        np.linalg.norm(distil.clipped(change), axis=1).max(), np.median(np.linalg.norm(change, axis=1))
+        np.linalg.norm(erase.clipped(change), axis=1).max(), np.median(np.linalg.norm(change, axis=1))
     )
 
 

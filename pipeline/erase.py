@@ -1,0 +1,114 @@
+"""The erase: CFKD's spurious verdicts generalised beyond the images they were given on.
+
+The principal directions of what the spurious edits changed in the features the head reads
+(f(counterfactual) - f(original)) are projected out of the head, which is refitted on the training images'
+projected features. No logit can read those directions any more, on any image: a shortcut the edits moved is
+removed as a feature, not memorised edit by edit. What the edits judged true moved (the real evidence) is spared.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.linear_model import LogisticRegression
+from torch import nn
+
+from pipeline import models
+from pipeline.config import DistilConfig
+from pipeline.data import Counterfactuals, FolderData, ImageDataset
+from pipeline.dfr import as_head, features
+
+
+def feature_change(model: nn.Module, card, table: pd.DataFrame, folder: Path) -> np.ndarray:
+    """f(counterfactual) - f(original) per row of ``table``, f being the features the classifier's head reads."""
+    transform = models.input_transform(card)
+    edited = features(model, Counterfactuals(table, folder, card.classes, transform))
+    originals = table.assign(counterfactual=table["original"])
+    return edited - features(model, Counterfactuals(originals, folder, card.classes, transform))
+
+
+def principal(change: np.ndarray, table: pd.DataFrame, k: int, clip: bool = False) -> np.ndarray:
+    """The k principal directions of each round's changes, stacked (rows without a round count as one round); with
+    ``clip``, of the changes shortened to the round's median length."""
+    rounds = table["round"].to_numpy() if "round" in table else np.zeros(len(table))
+    parts = [change[rounds == r] for r in np.unique(rounds)]
+    return np.concatenate(
+        [np.linalg.svd(clipped(rows) if clip else rows, full_matrices=False)[2][:k] for rows in parts]
+    )
+
+
+def clipped(rows: np.ndarray) -> np.ndarray:
+    """``rows`` longer than their median length shortened to it, directions kept."""
+    length = np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows * np.minimum(1.0, np.median(length) / np.maximum(length, 1e-12))
+
+
+def orthonormal(rows: np.ndarray) -> np.ndarray:
+    """An orthonormal basis (as rows) of the span of ``rows``."""
+    if len(rows) == 0:
+        return rows
+    basis, strength, _ = np.linalg.svd(rows.T, full_matrices=False)
+    return basis[:, strength > 1e-6 * strength.max()].T
+
+
+def per_round(config: DistilConfig, classes: int) -> int:
+    """Principal directions erased per round: ``distil.erase``, or with auto one fewer than the classes (a shortcut
+    that tells K classes apart, a tag of K colours, spans K - 1 directions of the features); none after a fine-tune
+    when ``erase_finetuned`` is off."""
+    if config.layers != "none" and not config.erase_finetuned:
+        return 0
+    return max(classes - 1, 1) if config.erase == "auto" else config.erase
+
+
+def spurious_directions(
+    model: nn.Module,
+    card,
+    table: pd.DataFrame,
+    folder: Path,
+    k: int,
+    evidence: pd.DataFrame | None = None,
+    vote: bool = False,
+    clip: bool = False,
+) -> np.ndarray:
+    """Orthonormal directions (n, d) of what the spurious counterfactuals of ``table`` changed in the head's
+    features: the k principal ones of each round's edits, so each round adds what the classifier it explained
+    still used. With ``evidence`` (counterfactuals judged true) each direction loses its part in the subspace of
+    what the true edits changed, and one that lay mostly there (less than half left) is not erased at all, unless
+    ``vote`` and the spurious edits move along it more than the true ones (then it is erased whole). ``clip``:
+    the principal directions are those of the spurious changes shortened to their median length."""
+    spurious = table[table["verdict"] == "spurious"]
+    change = feature_change(model, card, spurious, folder)
+    top = principal(change, spurious, k, clip)
+    if evidence is not None and not evidence.empty:
+        true_change = feature_change(model, card, evidence, folder)
+        real = evidence_directions(true_change)
+        spared = top - (top @ real.T) @ real
+        kept = np.linalg.norm(spared, axis=1) >= 0.5
+        outvoted = vote & (((change @ top.T) ** 2).sum(0) > ((true_change @ top.T) ** 2).sum(0))
+        top = np.concatenate([spared[kept], top[~kept & outvoted]])
+    return orthonormal(top)
+
+
+def evidence_directions(change: np.ndarray, energy: float = 0.9) -> np.ndarray:
+    """The principal directions holding ``energy`` of what the true edits changed: the real evidence's subspace."""
+    _, strength, vt = np.linalg.svd(change, full_matrices=False)
+    share = np.cumsum(strength**2) / max(float(np.sum(strength**2)), 1e-12)
+    return vt[: int(np.searchsorted(share, energy)) + 1]
+
+
+def project_out(model: nn.Module, card, data: FolderData, directions: np.ndarray, seed: int = 0) -> None:
+    """Project ``directions`` out of the head and refit it, in place: class-balanced logistic regression on the
+    training images' projected features, folded back as W (I - V^T V) so the architecture stays as it was."""
+    train = ImageDataset(data, "train", card.classes, models.input_transform(card))
+    x, y = features(model, train), np.asarray(train.targets)
+    x = x - (x @ directions.T) @ directions
+    fit = LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced", random_state=seed).fit(x, y)
+    weight, bias = as_head(fit.coef_, fit.intercept_)
+    projection = torch.eye(directions.shape[1]) - torch.from_numpy(directions.T @ directions).float()
+    head = model.get_submodule(models.last_linear(model))
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(weight).float().to(head.weight) @ projection.to(head.weight))
+        head.bias.copy_(torch.from_numpy(bias).float().to(head.bias))
