@@ -180,7 +180,7 @@ class DistilConfig:
     flip: str = "none"
     # random shifts of every training image while fine-tuning, up to this share of its shorter side (edges
     # reflected): a counterfactual seen at many offsets is harder to memorise pixel by pixel (0 = off)
-    shift: float = 0.0
+    shift: float = 0.125
     # "staged": round 1 erases alone, in the explained classifier's own features (a shortcut it reads there is
     # removed from every image), later rounds fine-tune every layer (a shortcut it must learn to ignore), and
     # distil.select's label-free judgement picks between them. Or always: every layer ("all"), only the last linear
@@ -194,11 +194,11 @@ class DistilConfig:
     # classifier the round explained (knowledge distillation: its shortcut-free reading, where an earlier round
     # erased the shortcut, is kept on every image instead of relearnt from the confounded labels)
     originals: str = "labels"
-    epochs: int = 3
+    epochs: int = 3  # the fine-tune's length when passes is 0
     # > 0: the fine-tune's length in passes over each counterfactual instead of epochs over the originals
     # (epochs = passes * counterfactuals / (mix * training images), at least 1): few verdicts are not repeated into
     # memory, many get the steps they need
-    passes: float = 0.0
+    passes: float = 40.0
     batch_size: int = 64
     lr: float = 5e-4
     weight_decay: float = 0.05

@@ -54,7 +54,7 @@ def test_distil_on_two_processes_learns_the_verdicts(tiny_biased, tmp_path, keep
     ckpt, data = tiny_biased
     cfs = _swap_background(data, "train", 40, tmp_path / "explain")
     fit, held = distil.split_holdout(cfs, 0.2, seed=0)
-    conf = DistilConfig(epochs=12, batch_size=16, lr=1e-3, accelerator="cpu", devices=2, keep=keep)
+    conf = DistilConfig(epochs=12, passes=0, batch_size=16, lr=1e-3, accelerator="cpu", devices=2, keep=keep)
     result = distil.run(ckpt, data, fit, held, tmp_path / "explain", conf, tmp_path / "out")
     before, _ = evaluate(*models.load(ckpt), data)
     after, _ = evaluate(*models.load(tmp_path / "out"), data)
@@ -70,7 +70,15 @@ def test_keep_best_under_ddp_still_weighs_the_starting_weights(tiny_biased, tmp_
     ckpt, data = tiny_biased
     cfs = _swap_background(data, "train", 20, tmp_path / "explain")
     conf = DistilConfig(
-        epochs=2, batch_size=32, lr=500.0, layers="head", keep="best", accelerator="cpu", devices=2, erase=0
+        epochs=2,
+        passes=0,
+        batch_size=32,
+        lr=500.0,
+        layers="head",
+        keep="best",
+        accelerator="cpu",
+        devices=2,
+        erase=0,
     )  # erase would refit the kept head
     card = distil.run(ckpt, data, cfs, cfs.iloc[:0], tmp_path / "explain", conf, tmp_path / "out").card
     start, kept = models.load(ckpt)[0].state_dict(), models.load(tmp_path / "out")[0].state_dict()

@@ -107,7 +107,7 @@ def test_a_distil_round_raises_worst_group_accuracy(tiny_biased, tmp_path):
     before, _ = evaluate(*models.load(ckpt), data)
     cfs = _swap_background(data, "train", 40, tmp_path / "explain")
     fit, held = distil.split_holdout(cfs, 0.2, seed=0)
-    config = DistilConfig(epochs=12, batch_size=32, lr=1e-3)
+    config = DistilConfig(epochs=12, passes=0, batch_size=32, lr=1e-3)
     result = distil.run(ckpt, data, fit, held, tmp_path / "explain", config, tmp_path / "out")
     after, _ = evaluate(*models.load(tmp_path / "out"), data)
     assert before["worst_group_accuracy"] < 0.3  # the shortcut: one background group fails
@@ -132,7 +132,15 @@ def test_a_head_only_round_moves_only_the_last_layer(tiny_biased, tmp_path):
     cfs = _swap_background(data, "train", 40, tmp_path / "explain")
     fit, held = distil.split_holdout(cfs, 0.2, seed=0)
     config = DistilConfig(
-        epochs=12, batch_size=32, lr=0.05, weight_decay=0.0, layers="head", keep="best", stretch=1.0, erase=0
+        epochs=12,
+        passes=0,
+        batch_size=32,
+        lr=0.05,
+        weight_decay=0.0,
+        layers="head",
+        keep="best",
+        stretch=1.0,
+        erase=0,
     )  # erase would refit this head on the training images alone
     distil.run(ckpt, data, fit, held, tmp_path / "explain", config, tmp_path / "out")
     (start, card), model = models.load(ckpt), models.load(tmp_path / "out")[0]
@@ -150,7 +158,7 @@ def test_keep_best_can_return_the_starting_weights_keep_last_never_does(tiny_bia
     same = {}
     # a wild learning rate wrecks the head: selection must fall back to the start
     for keep in ("best", "last"):
-        config = DistilConfig(epochs=2, batch_size=32, lr=500.0, layers="head", keep=keep, erase=0)
+        config = DistilConfig(epochs=2, passes=0, batch_size=32, lr=500.0, layers="head", keep=keep, erase=0)
         card = distil.run(ckpt, data, fit, held, tmp_path / "explain", config, tmp_path / keep).card
         model = models.load(tmp_path / keep)[0]
         same[keep] = all(torch.equal(p, start[n]) for n, p in model.state_dict().items())
@@ -192,6 +200,7 @@ def _cfkd_config(codec, **extra):
             "generator.source": str(codec),
             "distil.rounds": 2,
             "distil.epochs": 1,
+            "distil.passes": 0,  # tests pin the fine-tune's length
             "distil.stretch": 2.0,  # the runner's training sets carry the originals it needs
             "distil.select": False,  # no closing round unless a test asks for one
             "baseline.subsets": 2,
@@ -616,7 +625,7 @@ def test_a_round_with_erase_removes_the_shortcut_the_same_fine_tune_leaves(tiny_
     cfs = _swap_background(data, "train", 40, tmp_path / "explain")
     worst = {}
     for k in (0, 1):
-        config = DistilConfig(epochs=1, batch_size=32, lr=1e-4, erase=k)
+        config = DistilConfig(epochs=1, passes=0, batch_size=32, lr=1e-4, erase=k)
         result = distil.run(ckpt, data, cfs, cfs.iloc[:0], tmp_path / "explain", config, tmp_path / f"out{k}")
         worst[k] = evaluate(*models.load(tmp_path / f"out{k}"), data)[0]["worst_group_accuracy"]
         assert result.card.metrics.get("erased_directions", 0) == k
@@ -707,7 +716,7 @@ def test_erase_finetuned_off_erases_only_in_a_round_that_fine_tunes_nothing(tiny
     ckpt, data = tiny_biased
     cfs = _swap_background(data, "train", 24, tmp_path / "explain").assign(round=1)
     for layers, erased in (("all", None), ("none", 1)):
-        config = DistilConfig(layers=layers, erase_finetuned=False, epochs=1)
+        config = DistilConfig(layers=layers, erase_finetuned=False, epochs=1, passes=0)
         out = tmp_path / f"out-{layers}"
         card = distil.run(ckpt, data, cfs, cfs.iloc[:0], tmp_path / "explain", config, out).card
         assert card.metrics.get("erased_directions") == erased
@@ -744,7 +753,7 @@ def test_originals_follow_the_explained_classifier_not_their_labels(tiny_biased,
     most training labels; fitted to the labels, it agrees with them."""
     ckpt, data = tiny_biased
     cfs = _swap_background(data, "train", 8, tmp_path / "explain")
-    config = DistilConfig(layers="all", erase=0, mix=0.1, epochs=4, lr=3e-3)
+    config = DistilConfig(layers="all", erase=0, mix=0.1, epochs=4, passes=0, lr=3e-3)
     agreement = {}
     for name, soft_from in (("labels", None), ("explained", _inverted(ckpt, tmp_path / "inverted"))):
         out = tmp_path / name

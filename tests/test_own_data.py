@@ -153,7 +153,7 @@ def _config(tmp_path, data, weights, codec, **feedback_settings) -> str:
         "generator": {"source": str(codec)},
         "explain": {"split": "train", "per_pair": 2, "search": {"attempts": 1, "steps": 30, "goal": 0.6}},
         "feedback": {"teacher": "mask", **feedback_settings},
-        "distil": {"rounds": 1, "epochs": 1, "batch_size": 16},
+        "distil": {"rounds": 1, "epochs": 1, "passes": 0, "batch_size": 16},
         "baseline": {"dfr": False},
     }
     path = tmp_path / "own.yaml"
