@@ -43,7 +43,7 @@ RULES = {
     "today": rounds.preference,
     "fewest_spurious_first": lambda j, i: (-rounds.shortcut_rate(j), j["feedback_accuracy"], i > 0, -i),
     "wilson_lower_bound": lambda j, i: (_wilson_lower(j), -rounds.shortcut_rate(j), i > 0, -i),
-    "a_corrected_one": lambda j, i: (i > 0, j["feedback_accuracy"], -rounds.shortcut_rate(j), -i),
+    "feedback_first": lambda j, i: (j["feedback_accuracy"], -rounds.shortcut_rate(j), i > 0, -i),
     "true_minus_spurious": lambda j, i: (_true_rate(j) - rounds.shortcut_rate(j), i > 0, -i),
     "round_1": lambda j, i: (i == 1,),
     "last_round": lambda j, i: (i,),

@@ -151,7 +151,7 @@ class DistilConfig:
     # dozen edits) or the classifier the round explained (latest, as the method's authors do)
     start: str = "initial"
     select: bool = True  # a closing explain + feedback judges the last classifier; the run's result is the
-    # classifier whose counterfactuals the teacher found most often true (feedback accuracy, label-free)
+    # corrected classifier whose counterfactuals the teacher found most often true (feedback accuracy, label-free)
     mix: float = 0.5  # share of counterfactuals in each training batch (the rest: original training images)
     holdout: float = 0.2  # share of a round's counterfactual images kept for model selection
     anchor: float = 0.0  # L2 pull toward the starting weights

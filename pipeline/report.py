@@ -325,9 +325,13 @@ def cfkd_section(root: Path, data: FolderData) -> str | None:
     selected = metrics.get("selected")
     if selected:
         score = selected.get("feedback_accuracy")
+        why = (
+            "the corrected classifier whose counterfactuals the teacher judged true most often"
+            if selected.get("round")
+            else "the classifier the run started from: no round changed it"
+        )
         waiting += (
-            f"<p><b>Result:</b> <code>{html.escape(selected['model'])}</code>, the classifier whose "
-            f"counterfactuals the teacher judged true most often (feedback accuracy "
+            f"<p><b>Result:</b> <code>{html.escape(selected['model'])}</code>, {why} (feedback accuracy "
             f"{'-' if score is None else f'{score:.2f}'}; chosen without test labels).</p>"
         )
     return (

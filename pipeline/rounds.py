@@ -124,17 +124,19 @@ def same_classifier(tested: list[dict], i: int, n: int) -> list[int]:
 def preference(judgement: dict, i: int) -> tuple:
     """How much ``select`` prefers candidate ``i`` (0: the run's first classifier) with this judgement: the larger
     the better."""
-    return (judgement["feedback_accuracy"], -shortcut_rate(judgement), i > 0, -i)
+    return (i > 0, judgement["feedback_accuracy"], -shortcut_rate(judgement), -i)
 
 
 def select(metrics: dict, key=preference) -> dict:
-    """The classifier whose counterfactuals the teacher judged true most often (feedback accuracy, which needs no
-    test labels). A round that left its classifier as it was (the same weights) is the same classifier judged on
-    other images: its judgements count together, and it goes by its first name. A tie goes to the classifier a
+    """Of the corrected classifiers (the rounds' distilled weights), the one whose counterfactuals the teacher
+    judged true most often (feedback accuracy, which needs no test labels); the run's first classifier only when no
+    round changed it. A round that left its classifier as it was (the same weights) is the same classifier judged
+    on other images: its judgements count together, and it goes by its first name. A tie goes to the classifier a
     shortcut flips least often (where the teacher finds only shortcut edits, every feedback accuracy is 0 and the
-    count of spurious edits per image is what still tells the classifiers apart), then to a corrected classifier
-    before the one the run started from (its edits were judged and acted on), then to the earliest round (as good
-    a judgement with less fine-tuning drift). Its test figures come along for the report only. ``key`` ranks the
+    count of spurious edits per image is what still tells the classifiers apart), then to the earliest round (as
+    good a judgement with less fine-tuning drift). The first classifier competes on no score: a biased classifier
+    that also reads real evidence gets many of its edits judged true, so its feedback accuracy can top classifiers
+    that no longer read the shortcut. Its test figures come along for the report only. ``key`` ranks the
     candidates (``preference``; benchmarks/selection.py replays other rules on finished runs)."""
     scored = judged(metrics)
     tested = [metrics["classifier"], *metrics["rounds"]]

@@ -255,6 +255,8 @@ def test_rounds_write_metrics_and_resume_after_an_interruption(tmp_path, tiny_co
     assert metrics["closing"]["round"] == 3 and metrics["closing"]["explained"] == "distil_r2"
     assert (root / "explain_r3").is_dir() and not (root / "distil_r3").exists()
     assert metrics["selected"] == rounds.select(metrics) and "Result:" in html
+    said = "the corrected classifier" if metrics["selected"]["round"] else "the classifier the run started from"
+    assert said in html
     # distil.accumulate: round 2 trains on round 1's verdicts too; every path resolves inside the run
     first, second = (pd.read_csv(root / f"distil_r{r}" / "training_set.csv") for r in (1, 2))
     assert set(first["id"]) <= set(second["id"]) and set(second["round"]) <= {1, 2}
@@ -392,9 +394,9 @@ def test_select_takes_the_classifier_with_the_best_feedback_accuracy():
     metrics["closing"] = judged(0.9)
     chosen = rounds.select(metrics)
     assert chosen["model"] == "distil_r3" and chosen["test_accuracy"] == 0.7
-    # the biased classifier's edits were mostly real evidence
+    # the biased classifier's edits were mostly real evidence: still a corrected classifier is the result
     metrics["rounds"][0]["feedback_accuracy"] = 0.95
-    assert rounds.select(metrics)["model"] == "classifier"
+    assert rounds.select(metrics)["model"] == "distil_r3"
     # every judgement alike (one spurious edit each): the corrected classifier, not the one the run started from
     for judgement in (*metrics["rounds"], metrics["closing"]):
         judgement["feedback_accuracy"] = 0.0
@@ -446,14 +448,18 @@ def test_select_counts_the_judgements_of_one_classifier_together():
     for r in metrics["rounds"]:  # a run recorded before weights digests: each judgement on its own
         r.pop("weights")
     assert rounds.select(metrics)["model"] == "distil_r1"
-    # the same classifier's pooled judgement is best: it goes by its first name, with the pooled score
+    # the first classifier's pooled judgement is best, but a corrected classifier is the result
     for r, weights in zip(metrics["rounds"], "abc"):
         r["weights"] = weights
     metrics["closing"] = judged(10, 90)
+    assert rounds.select(metrics)["model"] == "distil_r2"
+    # no round changed the classifier: it is the result, under its first name, with the pooled score
+    for r in metrics["rounds"]:
+        r["weights"] = "a"
     assert rounds.select(metrics) == {
         "model": "classifier",
         "round": 0,
-        "feedback_accuracy": 183 / 232,
+        "feedback_accuracy": (91 + 92 + 73 + 10) / (125 + 107 + 101 + 100),
         "test_accuracy": 0.91,
         "worst_group_accuracy": 0.49,
     }
