@@ -255,7 +255,9 @@ def test_rounds_write_metrics_and_resume_after_an_interruption(tmp_path, tiny_co
     assert metrics["closing"]["round"] == 3 and metrics["closing"]["explained"] == "distil_r2"
     assert (root / "explain_r3").is_dir() and not (root / "distil_r3").exists()
     assert metrics["selected"] == rounds.select(metrics) and "Result:" in html
-    said = "the corrected classifier" if metrics["selected"]["round"] else "the classifier the run started from"
+    said = (
+        "the corrected classifier" if metrics["selected"]["round"] else "the classifier the run started from"
+    )
     assert said in html
     # distil.accumulate: round 2 trains on round 1's verdicts too; every path resolves inside the run
     first, second = (pd.read_csv(root / f"distil_r{r}" / "training_set.csv") for r in (1, 2))
