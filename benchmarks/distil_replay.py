@@ -2,8 +2,9 @@
 
 The round is distilled again from the run's own counterfactuals and verdicts, once with the run's own settings (a
 setting its config.yaml predates takes today's default) and once per variant, so only the distil settings differ
-(no search noise: the counterfactuals and the classifier they were searched on are the run's). Later rounds cannot be replayed this way (their counterfactuals were searched on
-the run's own classifiers), so a variant that wins here still needs a suite run.
+(no search noise: the counterfactuals and the classifier they were searched on are the run's). Later rounds cannot
+be replayed this way (their counterfactuals were searched on the run's own classifiers), so a variant that wins here
+still needs a suite run.
 
     .venv/bin/python benchmarks/distil_replay.py --tag donors --round 2 \
         --variant start=latest,originals=explained,erase_finetuned=false --out refine-replay
