@@ -7,12 +7,15 @@ that flips it is a change of the glyph. Three measurements on that classifier:
   prediction follows the glyph (1 = a glyph swap alone flips it every time);
 - the first-order view the search starts from: the share of the input gradient (towards another class) inside
   the watermark's square, and its strength per pixel against the rest;
+- (``--ceilings``) the first two for the biased classifier of each watermark dataset of the suite (stamp,
+  stamp-partial, stamp-alone): how far a faithful explanation can be the watermark at all;
 - the search (round-1 explain, attempt 1 and 2) with the library defaults and with search variants: validity,
   the median shortcut share of valid first attempts (change mass in the watermark square), the share within a
   margin of the square (``near``), the share of local first attempts (changed area below 0.3), evaluations.
 
     .venv/bin/python benchmarks/suite.py --only stamp-alone --tag 3r-alone    # first: the classifiers
     .venv/bin/python benchmarks/local_search.py [--only default window04]
+    .venv/bin/python benchmarks/local_search.py --ceilings    # after a suite run with the defaults
 
 Writes benchmarks/results/local_search.json.
 """
@@ -59,10 +62,10 @@ def net(run: Path):
 
 
 @torch.no_grad()
-def glyph_ceiling(run: Path, images: int = 90, seed: int = 5) -> float:
-    """Share of (texture, glyph) renderings whose prediction is the glyph's class."""
+def glyph_ceiling(run: Path, images: int = 90, seed: int = 5, name: str = NAME) -> float:
+    """Share of (texture, glyph) renderings whose prediction is the glyph's class (1/3 = chance)."""
     model, transform, card = net(run)
-    c = suite.CASES[NAME]
+    c = suite.CASES[name]
     c = confounded.StampConfig(n=c.n, **c.extra)
     rng, textures = np.random.default_rng(seed), confounded._textures()
     side = max(4, round(c.glyph * c.size))
@@ -149,12 +152,38 @@ def variant(tag: str, search: dict, base: Path) -> dict:
     }
 
 
+def ceilings() -> dict:
+    """Per watermark dataset, on the biased classifier of the suite's default run: how often a glyph swap alone
+    decides its prediction, and the input gradient's share in the watermark's square."""
+    out = {}
+    for name in ("stamp", "stamp-partial", "stamp-alone"):
+        run = WORK / f"suite-{name}-mask"
+        if not (run / "classifier" / models.CARD).is_file():
+            print(f"error: {run} has no biased classifier; run benchmarks/suite.py first", file=sys.stderr)
+            sys.exit(2)
+        out[name] = {
+            "glyph_swap_follows": round(glyph_ceiling(run, name=name), 3),
+            "gradient": gradient_share(run, WORK / "data" / name),
+        }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default=str(WORK / f"suite-{NAME}-mask-3r-alone"), help="the suite's run")
     parser.add_argument("--only", nargs="*", choices=list(VARIANTS), help="variants (default: all)")
+    parser.add_argument(
+        "--ceilings", action="store_true", help="glyph ceilings of the three watermark datasets"
+    )
     args = parser.parse_args()
     quiet.configure(False)
+    out = HERE / "results" / "local_search.json"
+    if args.ceilings:
+        results = json.loads(out.read_text()) if out.exists() else {}
+        results["ceilings"] = ceilings()
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(results["ceilings"], indent=2))
+        return
     base, data = Path(args.base), WORK / "data" / NAME
     if not (base / "classifier" / models.CARD).is_file():
         print(
@@ -162,7 +191,6 @@ def main() -> None:
             file=sys.stderr,
         )
         sys.exit(2)
-    out = HERE / "results" / "local_search.json"
     results = json.loads(out.read_text()) if out.exists() else {}
     results["glyph_swap_follows"] = glyph_ceiling(base)
     results["gradient"] = gradient_share(base, data)
