@@ -55,6 +55,9 @@ class Settings:
     patience: int = (
         25  # give a sample up after this many steps without its target log-odds rising 0.02 (0 = never)
     )
+    # with patience: also give a sample up once, at its pace over the last ``patience`` steps, it would not reach
+    # the goal within ``steps`` (a later attempt creeping towards a flip it cannot make)
+    pace: bool = False
     lr: float = 0.1  # Adam on the latent
     temperature: float = 3.0  # softmax temperature of the loss (the SCE authors use 3)
     l1: float = 0.5  # weight of L1(x_cf, x)
@@ -207,7 +210,8 @@ class Explainer(nn.Module):
         no_room = (
             free.flatten(1).mean(1) < 0.01
         )  # earlier attempts used (almost) everything: nothing to search
-        search = Progress(x, p_before, level, s.patience, done=no_room)
+        budget = s.steps if s.pace else 0
+        search = Progress(x, p_before, level, s.patience, done=no_room, goal=s.goal, budget=budget)
         copies = copies_of(s)
         sigma = s.smoothgrad_sigma * z0.std()
         for _ in range(0 if search.done.all() else s.steps):

@@ -23,15 +23,27 @@ def makes_progress(p: torch.Tensor, best: torch.Tensor, nats: float = -math.log(
 
 class Progress:
     """The best candidate per sample, and when each sample's search ends: at ``level`` (its target probability),
-    or after ``patience`` steps without progress (0 = never)."""
+    or after ``patience`` steps without progress (0 = never). With a step ``budget`` (0 = none) a sample still
+    short of ``goal`` is also given up once, at its pace over the last ``patience`` steps, it would not reach the
+    goal within the budget: a search creeping towards a flip it cannot make stops spending evaluations on it."""
 
     def __init__(
-        self, x: torch.Tensor, p_before: torch.Tensor, level: torch.Tensor, patience: int, done=None
+        self,
+        x: torch.Tensor,
+        p_before: torch.Tensor,
+        level: torch.Tensor,
+        patience: int,
+        done=None,
+        goal: float = 0.5,
+        budget: int = 0,
     ):
         self.best, self.best_p, self.level, self.patience = x.clone(), p_before.clone(), level, patience
         self.done = torch.zeros_like(p_before, dtype=torch.bool) if done is None else done.clone()
         self.steps = torch.zeros(len(x), dtype=torch.long, device=x.device)
         self.stalled = torch.zeros_like(self.steps)  # steps since the target log-odds last rose 0.02
+        self.goal, self.budget = float(log_odds(torch.tensor(goal))), budget
+        # the best target log-odds after each step, every sample still searching
+        self.trail: list[torch.Tensor] = []
 
     def searching(self) -> torch.Tensor:
         """Indices of the samples still searching: only they are computed in the next step."""
@@ -48,7 +60,21 @@ class Progress:
         self.done |= self.best_p >= self.level
         if self.patience:  # a search that stopped improving will not flip: spare its budget
             self.done |= self.stalled >= self.patience
+            if self.budget:
+                self.done |= self.out_of_pace()
         return bool(self.done.all())
+
+    def out_of_pace(self) -> torch.Tensor:
+        """Samples short of the goal whose pace over the last ``patience`` steps would not reach it in the steps
+        left. Every sample still searching has taken the same steps (a finished one never resumes), so one trail
+        of the best log-odds serves them all."""
+        now = log_odds(self.best_p)
+        self.trail.append(now)
+        if len(self.trail) <= self.patience:
+            return torch.zeros_like(self.done)
+        pace = (now - self.trail[-1 - self.patience]) / self.patience
+        left = (self.budget - self.steps).clamp_min(0)
+        return (now < self.goal) & (now + pace * left < self.goal)
 
     def step(self, optimizer: torch.optim.Optimizer, params: torch.Tensor) -> None:
         """An optimiser step that leaves finished samples as they are (Adam's momentum would move them)."""

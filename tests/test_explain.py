@@ -13,7 +13,7 @@ from pipeline.config import ExplainConfig, GeneratorConfig
 from pipeline.counterfactual import Explainer, PixelCodec, Settings
 from pipeline.data import ImageDataset, make_transform
 from pipeline.errors import UserError
-from pipeline.progress import makes_progress
+from pipeline.progress import Progress, log_odds, makes_progress
 from pipeline.regions import (
     blur,
     dilate,
@@ -124,6 +124,51 @@ def test_patience_counts_progress_in_log_odds():
     best = torch.tensor([0.5, 0.5, 0.999, 0.999, 0.0001, 0.0001, 0.0])
     p = torch.tensor([0.511, 0.505, 0.99905, 0.999001, 0.0002, 0.000101, 0.0])
     assert makes_progress(p, best).tolist() == [True, False, True, False, True, False, False]
+
+
+def test_pace_gives_up_a_search_that_cannot_reach_the_goal_within_its_budget():
+    """Three searches from log-odds -5 (the goal 0.9 is +2.2): rising 0.03 a step needs some 240 steps, more than
+    the budget of 100, so it is given up after the patience window (without a budget it keeps rising and patience
+    never gives it up); rising 0.1 a step flips at step 72 and runs on to its level; standing still, patience."""
+    x = torch.zeros(3, 1, 2, 2)
+    start, rate = torch.tensor([-5.0, -5.0, -5.0]), torch.tensor([0.03, 0.1, 0.0])
+    level = torch.full((3,), 0.99)
+
+    def run(budget: int) -> Progress:
+        search = Progress(x, torch.sigmoid(start), level, patience=10, goal=0.9, budget=budget)
+        for step in range(1, 101):
+            on = search.searching()
+            if search.record(on, x[on], torch.sigmoid(start + rate * step)[on].float()):
+                break
+        return search
+
+    paced, plain = run(100), run(0)
+    assert paced.steps[0] == 11 and plain.steps[0] == 100
+    assert paced.steps[1] == plain.steps[1] == 96  # on to its level (0.99, log-odds 4.6)
+    assert paced.steps[2] == plain.steps[2] == 10  # standing still: patience, with or without a budget
+    assert log_odds(paced.best_p[1]) > 2.197 and paced.best_p[0] < 0.9
+
+
+def test_pace_spares_later_attempts_and_keeps_what_flips(tiny_biased, tiny_codec):
+    """An attempt confined to a corner creeps toward a flip it cannot make: with ``pace`` it stops sooner; the
+    unconfined search's flips are the same."""
+    model, x, target = _batch(tiny_biased)
+    codec = generator.load(str(tiny_codec))
+    corner = torch.zeros_like(x[:, :1])
+    corner[..., :12, :12] = 1
+    settings = Settings(attempts=1, goal=0.9, steps=60, lr=0.1, l1=0.1, patience=10)
+    for free, cannot_flip in ((corner, True), (torch.ones_like(corner), False)):
+        plain, paced = (
+            Explainer(codec, model, dataclasses.replace(settings, pace=pace)).attempt(
+                x, target, free, torch.Generator().manual_seed(0)
+            )
+            for pace in (False, True)
+        )
+        assert (paced["steps"] <= plain["steps"] + 2).all()
+        if cannot_flip:
+            assert not plain["success"].any() and paced["steps"].sum() < plain["steps"].sum()
+        else:
+            assert plain["success"].any() and torch.equal(paced["success"], plain["success"])
 
 
 def test_roughness_prices_a_halo_and_not_an_even_change_of_any_size():
