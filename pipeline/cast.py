@@ -48,8 +48,8 @@ def search(explainer, x: torch.Tensor, target: torch.Tensor) -> dict:
     s = explainer.settings
     with torch.no_grad():
         p_before = explainer.p_class(x, target)
-        budget = s.steps if s.pace else 0
-        search = Progress(x, p_before, explainer.level(x), s.patience, goal=s.goal, budget=budget)
+        level = explainer.level(x)
+        search = Progress(x, p_before, level, s.patience, goal=s.goal, pace=s.pace, budget=s.steps)
     basis = explainer.colours if explainer.colours is not None else torch.eye(3)
     basis = basis.to(x.device)
     params = identity(len(x), x.device).requires_grad_(True)  # whitened: the log gains are params @ basis

@@ -21,11 +21,11 @@ from pipeline.errors import UserError
 # The recommended search: edits along the directions the task's own patches vary in (project), kept to the whole
 # image segments that flip (confine: regions), as sure as the original (mirror), smooth where the image is (tv), no
 # pull toward other images (prototype: 0), a stalled sample given up after 12 steps (patience: no evaluations
-# spent on a search that no longer moves), and a window pasted from one of 4 real target-class images competing with
-# the search's edit (donors: a mark's shape, which no gradient points to). The search's own dataclass keeps its
-# primitive defaults for ablations.
+# spent on a search that no longer moves; pace: nor on one too slow to become even a judged near-flip), and a window
+# pasted from one of 4 real target-class images competing with the search's edit (donors: a mark's shape, which no
+# gradient points to). The search's own dataclass keeps its primitive defaults for ablations.
 RECOMMENDED_SEARCH = SearchConfig(
-    tv=10.0, prototype=0.0, project=True, confine="regions", mirror=True, patience=12, donors=4
+    tv=10.0, prototype=0.0, project=True, confine="regions", mirror=True, patience=12, pace=0.5, donors=4
 )
 
 
@@ -273,6 +273,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "explain.search.aim": (lambda v: v == 0 or 0.5 <= v < 1.0, "0 (off) or a probability in [0.5, 1)"),
     "explain.search.steps": (lambda v: v >= 1, "an integer >= 1"),
     "explain.search.patience": (lambda v: v >= 0, "an integer >= 0"),
+    "explain.search.pace": (lambda v: 0 <= v <= 1, "a share in [0, 1] (0 = off)"),
     "explain.search.lr": (lambda v: v > 0, "a number > 0"),
     "explain.search.cast_lr": (lambda v: v > 0, "a number > 0"),
     "explain.search.temperature": (lambda v: v > 0, "a number > 0"),
@@ -361,6 +362,12 @@ def _cross_checks(config: RunConfig) -> list[str]:
         issues.append(
             "feedback.teacher: model needs the reference classifier (reference.enabled: true, with "
             "reference.root or reference.weights for your own data); or use feedback.teacher: human"
+        )
+    if config.explain.search.pace > config.feedback.partial:
+        issues.append(
+            f"explain.search.pace ({config.explain.search.pace}) is above feedback.partial "
+            f"({config.feedback.partial}): it would give up searches whose near-flips the teacher judges; set it to "
+            "feedback.partial or below"
         )
     if config.distil.layers in ("none", "staged") and config.distil.erase == 0:
         what = "fine-tunes nothing" if config.distil.layers == "none" else "erases alone in round 1"

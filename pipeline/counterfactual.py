@@ -55,9 +55,10 @@ class Settings:
     patience: int = (
         25  # give a sample up after this many steps without its target log-odds rising 0.02 (0 = never)
     )
-    # with patience: also give a sample up once, at its pace over the last ``patience`` steps, it would not reach
-    # the goal within ``steps`` (a later attempt creeping towards a flip it cannot make)
-    pace: bool = False
+    # with patience: also give a sample up once, at its pace over the last ``patience`` steps, it would not cover
+    # this share of the way to the goal (target log-odds) within ``steps``; at or below ``feedback.partial`` nothing
+    # it gives up would have been judged (0 = off; 1 = give up what will not flip)
+    pace: float = 0.0
     lr: float = 0.1  # Adam on the latent
     temperature: float = 3.0  # softmax temperature of the loss (the SCE authors use 3)
     l1: float = 0.5  # weight of L1(x_cf, x)
@@ -210,8 +211,9 @@ class Explainer(nn.Module):
         no_room = (
             free.flatten(1).mean(1) < 0.01
         )  # earlier attempts used (almost) everything: nothing to search
-        budget = s.steps if s.pace else 0
-        search = Progress(x, p_before, level, s.patience, done=no_room, goal=s.goal, budget=budget)
+        search = Progress(
+            x, p_before, level, s.patience, done=no_room, goal=s.goal, pace=s.pace, budget=s.steps
+        )
         copies = copies_of(s)
         sigma = s.smoothgrad_sigma * z0.std()
         for _ in range(0 if search.done.all() else s.steps):

@@ -23,9 +23,10 @@ def makes_progress(p: torch.Tensor, best: torch.Tensor, nats: float = -math.log(
 
 class Progress:
     """The best candidate per sample, and when each sample's search ends: at ``level`` (its target probability),
-    or after ``patience`` steps without progress (0 = never). With a step ``budget`` (0 = none) a sample still
-    short of ``goal`` is also given up once, at its pace over the last ``patience`` steps, it would not reach the
-    goal within the budget: a search creeping towards a flip it cannot make stops spending evaluations on it."""
+    or after ``patience`` steps without progress (0 = never). With ``pace`` (a share, 0 = off) a sample is also
+    given up once, at its pace over the last ``patience`` steps, it would not cover that share of the way from its
+    start to ``goal`` (in target log-odds) within the step ``budget``: a search creeping towards an edit that would
+    be neither a flip nor a near-flip stops spending network evaluations on it."""
 
     def __init__(
         self,
@@ -35,13 +36,16 @@ class Progress:
         patience: int,
         done=None,
         goal: float = 0.5,
+        pace: float = 0.0,
         budget: int = 0,
     ):
         self.best, self.best_p, self.level, self.patience = x.clone(), p_before.clone(), level, patience
         self.done = torch.zeros_like(p_before, dtype=torch.bool) if done is None else done.clone()
         self.steps = torch.zeros(len(x), dtype=torch.long, device=x.device)
         self.stalled = torch.zeros_like(self.steps)  # steps since the target log-odds last rose 0.02
-        self.goal, self.budget = float(log_odds(torch.tensor(goal))), budget
+        start = log_odds(p_before)
+        self.mark = start + pace * (float(log_odds(torch.tensor(goal))) - start)  # what pace must reach
+        self.pace, self.budget = pace, budget
         # the best target log-odds after each step, every sample still searching
         self.trail: list[torch.Tensor] = []
 
@@ -60,12 +64,12 @@ class Progress:
         self.done |= self.best_p >= self.level
         if self.patience:  # a search that stopped improving will not flip: spare its budget
             self.done |= self.stalled >= self.patience
-            if self.budget:
+            if self.pace > 0:
                 self.done |= self.out_of_pace()
         return bool(self.done.all())
 
     def out_of_pace(self) -> torch.Tensor:
-        """Samples short of the goal whose pace over the last ``patience`` steps would not reach it in the steps
+        """Samples short of their mark whose pace over the last ``patience`` steps would not reach it in the steps
         left. Every sample still searching has taken the same steps (a finished one never resumes), so one trail
         of the best log-odds serves them all."""
         now = log_odds(self.best_p)
@@ -74,7 +78,7 @@ class Progress:
             return torch.zeros_like(self.done)
         pace = (now - self.trail[-1 - self.patience]) / self.patience
         left = (self.budget - self.steps).clamp_min(0)
-        return (now < self.goal) & (now + pace * left < self.goal)
+        return (now < self.mark) & (now + pace * left < self.mark)
 
     def step(self, optimizer: torch.optim.Optimizer, params: torch.Tensor) -> None:
         """An optimiser step that leaves finished samples as they are (Adam's momentum would move them)."""

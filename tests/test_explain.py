@@ -126,47 +126,54 @@ def test_patience_counts_progress_in_log_odds():
     assert makes_progress(p, best).tolist() == [True, False, True, False, True, False, False]
 
 
-def test_pace_gives_up_a_search_that_cannot_reach_the_goal_within_its_budget():
-    """Three searches from log-odds -5 (the goal 0.9 is +2.2): rising 0.03 a step needs some 240 steps, more than
-    the budget of 100, so it is given up after the patience window (without a budget it keeps rising and patience
-    never gives it up); rising 0.1 a step flips at step 72 and runs on to its level; standing still, patience."""
+def test_pace_gives_up_a_search_that_cannot_reach_its_mark_within_the_budget():
+    """Searches from log-odds -5 (the goal 0.9 is +2.2), budget 100 steps: rising 0.03 a step needs some 240 steps
+    to the goal, so pace 1 gives it up after the patience window, while pace 0.5 (half the way: -1.4, 120 steps)
+    also does, and pace 0.25 (-3.2, 60 steps) does not; rising 0.1 a step flips at step 72 and runs on to its
+    level; standing still is patience's, with or without pace; without pace a search that keeps rising runs on."""
     x = torch.zeros(3, 1, 2, 2)
     start, rate = torch.tensor([-5.0, -5.0, -5.0]), torch.tensor([0.03, 0.1, 0.0])
     level = torch.full((3,), 0.99)
 
-    def run(budget: int) -> Progress:
-        search = Progress(x, torch.sigmoid(start), level, patience=10, goal=0.9, budget=budget)
+    def run(pace: float) -> Progress:
+        p_before = torch.sigmoid(start)
+        search = Progress(x, p_before, level, patience=10, goal=0.9, pace=pace, budget=100)
         for step in range(1, 101):
             on = search.searching()
             if search.record(on, x[on], torch.sigmoid(start + rate * step)[on].float()):
                 break
         return search
 
-    paced, plain = run(100), run(0)
-    assert paced.steps[0] == 11 and plain.steps[0] == 100
-    assert paced.steps[1] == plain.steps[1] == 96  # on to its level (0.99, log-odds 4.6)
-    assert paced.steps[2] == plain.steps[2] == 10  # standing still: patience, with or without a budget
-    assert log_odds(paced.best_p[1]) > 2.197 and paced.best_p[0] < 0.9
+    runs = {pace: run(pace) for pace in (0.0, 0.25, 0.5, 1.0)}
+    assert [int(runs[pace].steps[0]) for pace in (0.0, 0.25, 0.5, 1.0)] == [100, 100, 11, 11]
+    for search in runs.values():
+        assert search.steps[1] == 96  # on to its level (0.99, log-odds 4.6)
+        assert search.steps[2] == 10  # standing still: patience
+    assert log_odds(runs[1.0].best_p[1]) > 2.197 and runs[1.0].best_p[0] < 0.9
 
 
 def test_pace_spares_later_attempts_and_keeps_what_flips(tiny_biased, tiny_codec):
-    """An attempt confined to a corner creeps toward a flip it cannot make: with ``pace`` it stops sooner; the
-    unconfined search's flips are the same."""
+    """An attempt confined to a corner creeps toward a flip it cannot make: with ``pace`` it stops sooner, and with
+    a mark of half the way nothing that covered half the way without pace is given up; the unconfined search's
+    flips are the same."""
     model, x, target = _batch(tiny_biased)
     codec = generator.load(str(tiny_codec))
     corner = torch.zeros_like(x[:, :1])
     corner[..., :12, :12] = 1
     settings = Settings(attempts=1, goal=0.9, steps=60, lr=0.1, l1=0.1, patience=10)
     for free, cannot_flip in ((corner, True), (torch.ones_like(corner), False)):
-        plain, paced = (
+        plain, half, paced = (
             Explainer(codec, model, dataclasses.replace(settings, pace=pace)).attempt(
                 x, target, free, torch.Generator().manual_seed(0)
             )
-            for pace in (False, True)
+            for pace in (0.0, 0.5, 1.0)
         )
-        assert (paced["steps"] <= plain["steps"] + 2).all()
+        assert (paced["steps"] <= plain["steps"] + 2).all() and (half["steps"] <= plain["steps"] + 2).all()
         if cannot_flip:
             assert not plain["success"].any() and paced["steps"].sum() < plain["steps"].sum()
+            way = manifest_files.progress(plain["p_before"], plain["p_after"], 0.9)
+            far = torch.from_numpy(way >= 0.5)
+            assert torch.allclose(half["p_after"][far], plain["p_after"][far], atol=0.02)
         else:
             assert plain["success"].any() and torch.equal(paced["success"], plain["success"])
 
