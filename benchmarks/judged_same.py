@@ -1,6 +1,7 @@
 """Does a search setting change what the teachers see? Round 1's explain of two suite runs, counterfactual by
 counterfactual: the ones a teacher judges (flips, and near-flips that covered ``feedback.partial`` of the way) and
-whether their edits are the same, with the network evaluations per counterfactual of each.
+whether their edits are the same, with each run's network evaluations per counterfactual, and steps and flips
+per attempt.
 
 For a setting meant to save evaluations only (``explain.search.pace`` at or below ``feedback.partial``):
 
@@ -17,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+import pandas as pd
 import suite
 
 from pipeline import manifest
@@ -44,7 +46,15 @@ def compare(base: Path, other: Path, partial: float, tolerance: float = 1e-3) ->
         "evaluations_per_counterfactual": [
             round(float(t.evaluations.astype(float).mean()), 1) for t in (a, b)
         ],
+        "steps_by_attempt": [by_attempt(t.steps) for t in (a, b)],
+        "flips_by_attempt": [by_attempt(t.success) for t in (a, b)],
     }
+
+
+def by_attempt(column: pd.Series) -> dict:
+    """A column's mean per attempt (the index's last level)."""
+    means = column.astype(float).groupby(level="attempt").mean()
+    return {str(k): round(float(v), 2) for k, v in means.items()}
 
 
 def main() -> None:
