@@ -178,8 +178,8 @@ def main() -> None:
     args = parser.parse_args()
     quiet.configure(False)
     out = HERE / "results" / "local_search.json"
+    results = json.loads(out.read_text()) if out.exists() else {}
     if args.ceilings:
-        results = json.loads(out.read_text()) if out.exists() else {}
         results["ceilings"] = ceilings()
         out.write_text(json.dumps(results, indent=2) + "\n")
         print(json.dumps(results["ceilings"], indent=2))
@@ -191,7 +191,6 @@ def main() -> None:
             file=sys.stderr,
         )
         sys.exit(2)
-    results = json.loads(out.read_text()) if out.exists() else {}
     results["glyph_swap_follows"] = glyph_ceiling(base)
     results["gradient"] = gradient_share(base, data)
     results.setdefault("variants", {})
