@@ -41,6 +41,11 @@ def _wilson_lower(judgement: dict, z: float = 1.0) -> float:
 # label-free rules the selection could use instead of today's (rounds.preference): larger is preferred
 RULES = {
     "today": rounds.preference,
+    # the rule before 2026-12-05 (evening): a classifier whose judged edits were all unsure did not compete
+    "all_unsure_left_out": lambda j, i: (
+        j["labels"]["true"] + j["labels"]["spurious"] > 0,
+        *rounds.preference(j, i),
+    ),
     "fewest_spurious_first": lambda j, i: (-rounds.shortcut_rate(j), j["feedback_accuracy"], i > 0, -i),
     "wilson_lower_bound": lambda j, i: (_wilson_lower(j), -rounds.shortcut_rate(j), i > 0, -i),
     "feedback_first": lambda j, i: (j["feedback_accuracy"], -rounds.shortcut_rate(j), i > 0, -i),

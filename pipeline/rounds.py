@@ -105,7 +105,7 @@ def pooled(judgements: list[dict]) -> dict:
     """Several judgements of one classifier (on different images) as one: the counts added up."""
     if len(judgements) == 1:
         return judgements[0]
-    labels = {k: sum(j["labels"].get(k, 0) for j in judgements) for k in ("true", "spurious")}
+    labels = {k: sum(j["labels"].get(k, 0) for j in judgements) for k in ("true", "spurious", "unsure")}
     judged = labels["true"] + labels["spurious"]
     return {
         "labels": labels,
@@ -121,6 +121,16 @@ def same_classifier(tested: list[dict], i: int, n: int) -> list[int]:
     return [k for k in range(n) if k == i or (digest and tested[k].get("weights") == digest)]
 
 
+def scored(judgement: dict) -> dict | None:
+    """The judgement as the selection ranks it, None when the teacher judged none of the classifier's edits. Edits
+    judged, all of them unsure, score a feedback accuracy of 0 (no edit judged true) with no shortcut flip: where
+    the teacher never says true (a feature mask over most of the image), the fewest spurious verdicts decide, and
+    none is fewest."""
+    if judgement.get("feedback_accuracy") is not None:
+        return judgement
+    return judgement | {"feedback_accuracy": 0.0} if judgement["labels"].get("unsure", 0) > 0 else None
+
+
 def preference(judgement: dict, i: int) -> tuple:
     """How much ``select`` prefers candidate ``i`` (0: the run's first classifier) with this judgement: the larger
     the better."""
@@ -133,21 +143,21 @@ def select(metrics: dict, key=preference) -> dict:
     round changed it. A round that left its classifier as it was (the same weights) is the same classifier judged
     on other images: its judgements count together, and it goes by its first name. A tie goes to the classifier a
     shortcut flips least often (where the teacher finds only shortcut edits, every feedback accuracy is 0 and the
-    count of spurious edits per image is what still tells the classifiers apart), then to the earliest round (as
+    count of spurious edits per image is what still tells the classifiers apart; a classifier whose edits were all
+    judged unsure competes too, with none: ``scored``), then to the earliest round (as
     good a judgement with less fine-tuning drift). The first classifier competes on no score: a biased classifier
     that also reads real evidence gets many of its edits judged true, so its feedback accuracy can top classifiers
     that no longer read the shortcut. Its test figures come along for the report only. ``key`` ranks the
     candidates (``preference``; benchmarks/selection.py replays other rules on finished runs)."""
-    scored = judged(metrics)
+    judgements = judged(metrics)
     tested = [metrics["classifier"], *metrics["rounds"]]
     names = ["classifier", *(r["model"] for r in metrics["rounds"])]
-    n = min(len(scored), len(names))
+    n = min(len(judgements), len(names))
     groups = [same_classifier(tested, i, n) for i in range(n)]
-    judgement = [pooled([scored[k] for k in group]) for group in groups]
+    judgement = [pooled([judgements[k] for k in group]) for group in groups]
+    ranked = [scored(j) for j in judgement]
     scores = [
-        (key(j, i), i)
-        for i, (j, group) in enumerate(zip(judgement, groups))
-        if j.get("feedback_accuracy") is not None and group[0] == i
+        (key(j, i), i) for i, (j, group) in enumerate(zip(ranked, groups)) if j is not None and group[0] == i
     ]
     best = max(scores)[1] if scores else len(names) - 1
     chosen = tested[best]

@@ -415,6 +415,39 @@ def test_select_takes_the_classifier_with_the_best_feedback_accuracy():
     assert rounds.select(metrics, fewest)["model"] == "distil_r3"
 
 
+def test_select_lets_a_classifier_whose_edits_were_all_judged_unsure_compete():
+    """Where the teacher never says true (a feature mask over most of the image: every feedback accuracy 0), the
+    classifier with the fewest spurious verdicts wins, and one whose edits were all unsure has none (numbers of a
+    suite run, stamp with the mask teacher); a classifier none of whose edits was judged at all stays out."""
+
+    def judged(true, spurious, unsure, **more):
+        fa = true / (true + spurious) if true + spurious else None
+        labels = {"true": true, "spurious": spurious, "unsure": unsure}
+        return {"labels": labels, "counterfactuals": 192, "feedback_accuracy": fa, **more}
+
+    def distilled(n, wg, true, spurious, unsure):
+        return judged(true, spurious, unsure, model=f"distil_r{n}", test_accuracy=wg, worst_group_accuracy=wg)
+
+    metrics = {
+        "classifier": {"accuracy": 0.75, "worst_group_accuracy": 0.0},
+        "rounds": [
+            distilled(1, 0.0, 0, 34, 91),
+            distilled(2, 0.24, 0, 34, 112),
+            distilled(3, 0.87, 0, 6, 101),
+        ],
+        "closing": judged(0, 0, 98),  # distil_r3's edits: all unsure
+    }
+    chosen = rounds.select(metrics)
+    assert chosen["model"] == "distil_r3" and chosen["feedback_accuracy"] is None  # reported as it was: none
+    metrics["closing"] = judged(
+        0, 0, 0
+    )  # nothing of distil_r3's judged: no score, distil_r2 (6 spurious) wins
+    assert rounds.select(metrics)["model"] == "distil_r2"
+    metrics["closing"] = judged(0, 0, 98)
+    metrics["rounds"][1]["labels"]["true"], metrics["rounds"][1]["feedback_accuracy"] = 1, 1 / 35
+    assert rounds.select(metrics)["model"] == "distil_r1"  # an edit judged true still comes first
+
+
 def test_select_counts_the_judgements_of_one_classifier_together():
     """A round that left its classifier unchanged (the same weights) gives the same classifier a second judgement
     on other images: the two count as one, under the classifier's first name (numbers of a suite run where round 1
