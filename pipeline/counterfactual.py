@@ -19,19 +19,20 @@ For a batch of images x (in [-1, 1]) and target classes, each attempt k = 1..K:
      (pipeline/donors.py).
 Between 5 and 6 each attempt is confined (pipeline/confinement.py) to the smallest part of its edit that still flips.
 With ``cast`` one more attempt follows: the channel gains of the whole image that flip it (pipeline/cast.py).
+Every knob of the search (``explain.search``) is documented on its dataclass, ``SearchConfig`` in pipeline/config.py.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from pipeline import cast, confinement, donors
+from pipeline.config import SearchConfig as Settings
 from pipeline.generator import pooled
 from pipeline.progress import Progress, log_odds
 from pipeline.regions import (
@@ -41,76 +42,6 @@ from pipeline.regions import (
     pixels,
     roughness,
 )
-
-
-@dataclass(frozen=True)
-class Settings:
-    attempts: int = 2  # K: structurally different counterfactuals per image
-    goal: float = 0.9  # tau: target-class probability (original classifier) that counts as a flip
-    aim: float = 0.0  # the search runs on to this probability (if above goal); confinement then keeps what reaches goal
-    # ... and on to the original's own confidence in its class: as sure a flip, i.e. the same logit margin on the
-    # other side, so the edit goes as far past the boundary as the original lay before it
-    mirror: bool = False
-    steps: int = 100  # most gradient steps per attempt (early stop makes most attempts far shorter)
-    patience: int = (
-        25  # give a sample up after this many steps without its target log-odds rising 0.02 (0 = never)
-    )
-    # with patience: also give a sample up once, at its pace over the last ``patience`` steps, it would not cover
-    # this share of the way to the goal (target log-odds) within ``steps``; at or below ``feedback.partial`` nothing
-    # it gives up would have been judged (0 = off; 1 = give up what will not flip)
-    pace: float = 0.0
-    lr: float = 0.1  # Adam on the latent
-    temperature: float = 3.0  # softmax temperature of the loss (the SCE authors use 3)
-    l1: float = 0.5  # weight of L1(x_cf, x)
-    # weight of the change's roughness (total variation per unit of mean absolute change): a real edit is smooth where
-    # the image is; the cheapest flip otherwise leaves a halo of old background around the object, which a classifier
-    # fine-tuned on the edit can read as the class. Scale-free: it shapes the edit without making it smaller
-    tv: float = 0.0
-    # roughness is not counted across the original's own edges, so an edit may end where an object or a tag does
-    # (a recoloured tag is smooth); without it only an even change of the whole free region is smooth
-    tv_edges: bool = False
-    prototype: float = (
-        1.0  # weight of the pull toward real target-class images in the codec's latent (0 = off)
-    )
-    patch_prior: float = (
-        0.0  # weight of the patch prior's NLL change (realism on the task's own patches; 0 = off)
-    )
-    project: bool = (
-        False  # edit each patch only along its patch-prior component's directions of real variation
-    )
-    smoothgrad: int = 0  # SmoothGrad copies of the latent per step (0 = off)
-    smoothgrad_sigma: float = 0.2  # their noise std, relative to the latent's std
-    sparsity: bool = True  # paste the original back where the blurred change is small
-    paste_threshold: float = 0.15  # ... below this share of the strongest blurred change
-    blur: float = 0.08  # Gaussian blur kernel of change maps, a share of the image side (5 px at 64 px)
-    confine: str = "threshold"  # after an attempt: "threshold" or "regions" (module docstring)
-    max_regions: int = 5  # "regions": at most this many segments, so at most 2^n - 1 subsets tried
-    diversify: bool = True  # attempt k only changes what attempts < k left untouched
-    # attempt 1 also searches inside each of the ``windows`` image windows whose occlusion moves the classifier most
-    # (side ``window`` x the image side); the valid edit with the smallest L1 wins, so a flip a small tag or stamp
-    # carries is not hidden behind a larger edit elsewhere (0 = off; each window costs one more search)
-    windows: int = 0
-    window: float = 0.25
-    # with windows: the best located edit is its own attempt (2), beside the whole-image edit, instead of competing
-    # with it on L1, so an image yields both its global and its local explanation
-    located_attempt: bool = False
-    # attempt 1 also tries pasting a window (side ``window`` or twice that) from each of the ``donors`` real images
-    # of the target class nearest the original; the window is the one whose paste a first-order estimate rates best,
-    # and the valid edit with the smallest L1 (after confinement) wins (0 = off; 3 + 2 evaluations per donor)
-    donors: int = 0
-    # grow the used region by this share of the image side before blocking it (3 px at 64 px; "threshold" only)
-    dilate: float = 0.05
-    filter_timestep: int = 0  # gradient filtering through the UNet at this timestep (0 = off)
-    # one more attempt after the others: channel gains of the whole image (pipeline/cast.py), the edit that shows a
-    # colour-cast shortcut (a scanner's, a stain's, a white balance's), which no local edit shows; not for data
-    # whose classes are colours (the gains move the evidence too)
-    cast: bool = False
-    cast_lr: float = 0.01  # Adam on the three log gains (0 = no change)
-
-    @property
-    def needs_prior(self) -> bool:
-        """The search uses a PatchPrior: as a realism term, as a projection of every edit, or both."""
-        return self.patch_prior > 0 or self.project
 
 
 def copies_of(settings: Settings) -> int:
