@@ -326,13 +326,14 @@ def cfkd_section(root: Path, data: FolderData) -> str | None:
     if selected:
         score = selected.get("feedback_accuracy")
         why = (
-            "the corrected classifier whose counterfactuals the teacher judged true most often"
+            "the corrected classifier whose counterfactuals the teacher judged true most often, and on a tie "
+            "spurious least often per explained image"
             if selected.get("round")
             else "the classifier the run started from: no round changed it"
         )
         waiting += (
             f"<p><b>Result:</b> <code>{html.escape(selected['model'])}</code>, {why} (feedback accuracy "
-            f"{'-' if score is None else f'{score:.2f}'}; chosen without test labels).</p>"
+            f"{'- (no edit judged true or spurious)' if score is None else f'{score:.2f}'}; chosen without test labels).</p>"
         )
     return (
         "<h2>CFKD rounds</h2><p class=note>Each round explains the current classifier, the teacher labels every "
