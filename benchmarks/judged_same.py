@@ -8,7 +8,10 @@ For a setting meant to save evaluations only (``explain.search.pace`` at or belo
     .venv/bin/python benchmarks/suite.py --explain-only --teachers mask --set explain.search.pace=0.5 --tag ex-pace05
     .venv/bin/python benchmarks/judged_same.py ex-pace05              # against the default runs (no tag)
 
-Writes benchmarks/results/judged-TAG.json.
+Or any two tags, teacher and round, e.g. round 2 of two full suite runs (``--base passes-shift --round 2``): whether
+the later rounds' teachers saw the same edits.
+
+Writes benchmarks/results/judged-TAG.json (judged-TAG-vs-BASE-TEACHER-rROUND.json for other runs).
 """
 
 from __future__ import annotations
@@ -28,13 +31,16 @@ WORK = HERE.parent / "runs" / "suite"
 KEY = ["sample", "target_class", "attempt"]  # one counterfactual
 
 
-def compare(base: Path, other: Path, partial: float, tolerance: float = 1e-3) -> dict:
+def compare(base: Path, other: Path, partial: float, cfkd_round: int = 1, tolerance: float = 1e-3) -> dict:
     """Counts of judged counterfactuals in each run, judged in one only, and judged in both with the same edit."""
-    a, b = (manifest.read(run / "explain" / manifest.NAME).set_index(KEY) for run in (base, other))
-    if set(a.index) != set(b.index):
-        raise SystemExit(f"error: {base.name} and {other.name} explain different images")
+    folder = manifest.folder(cfkd_round)
+    a, b = (manifest.read(run / folder / manifest.NAME).set_index(KEY) for run in (base, other))
+    if set(a.index) != set(
+        b.index
+    ):  # a later round's classifiers differ: each explains its own correct images
+        return {"same_images": False, "judged": [int(judged(t, partial).sum()) for t in (a, b)]}
     b = b.loc[a.index]
-    judged_a, judged_b = (t.success.astype(bool) | (t.progress.astype(float) >= partial) for t in (a, b))
+    judged_a, judged_b = (judged(t, partial) for t in (a, b))
     same = ((a.l1.astype(float) - b.l1.astype(float)).abs() < tolerance) & (
         (a.p_target_after.astype(float) - b.p_target_after.astype(float)).abs() < tolerance
     )
@@ -51,6 +57,11 @@ def compare(base: Path, other: Path, partial: float, tolerance: float = 1e-3) ->
     }
 
 
+def judged(table: pd.DataFrame, partial: float) -> pd.Series:
+    """Which counterfactuals a teacher judges: flips, and near-flips that covered ``partial`` of the way."""
+    return table.success.astype(bool) | (table.progress.astype(float) >= partial)
+
+
 def by_attempt(column: pd.Series) -> dict:
     """A column's mean per attempt (the index's last level)."""
     means = column.astype(float).groupby(level="attempt").mean()
@@ -61,19 +72,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tag", help="the suite tag of the runs to compare with the default runs")
     parser.add_argument("--partial", type=float, default=0.5, help="feedback.partial of the teachers")
+    parser.add_argument("--base", default="", help="the tag of the runs compared with (default: untagged)")
+    parser.add_argument("--teacher", default="mask", choices=["mask", "model"])
+    # a later round's edits were searched on classifiers distilled from each run's own verdicts
+    parser.add_argument("--round", type=int, default=1, help="whose explain: round 1 (default), 2, 3 or 4")
     args = parser.parse_args()
     out = {}
     for name in suite.CASES:
-        base, other = WORK / f"suite-{name}-mask", WORK / f"suite-{name}-mask-{args.tag}"
-        if not (other / "explain" / manifest.NAME).is_file():
-            print(
-                f"error: {other} has no explain stage; run suite.py --explain-only --tag {args.tag}",
-                file=sys.stderr,
-            )
-            sys.exit(2)
-        out[name] = compare(base, other, args.partial)
+        base, other = (
+            WORK / "-".join(["suite", name, args.teacher, *([t] if t else [])]) for t in (args.base, args.tag)
+        )
+        for run in (base, other):
+            if not (run / manifest.folder(args.round) / manifest.NAME).is_file():
+                print(f"error: {run} has no round-{args.round} explain stage", file=sys.stderr)
+                sys.exit(2)
+        out[name] = compare(base, other, args.partial, args.round)
         print(name, out[name])
-    (HERE / "results" / f"judged-{args.tag}.json").write_text(json.dumps(out, indent=2) + "\n")
+    default = not args.base and args.teacher == "mask" and args.round == 1
+    suffix = "" if default else f"-vs-{args.base or 'untagged'}-{args.teacher}-r{args.round}"
+    (HERE / "results" / f"judged-{args.tag}{suffix}.json").write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":
