@@ -35,9 +35,8 @@ def compare(base: Path, other: Path, partial: float, cfkd_round: int = 1, tolera
     """Counts of judged counterfactuals in each run, judged in one only, and judged in both with the same edit."""
     folder = manifest.folder(cfkd_round)
     a, b = (manifest.read(run / folder / manifest.NAME).set_index(KEY) for run in (base, other))
-    if set(a.index) != set(
-        b.index
-    ):  # a later round's classifiers differ: each explains its own correct images
+    if set(a.index) != set(b.index):
+        # a later round's classifiers differ, and each explains the images it classifies correctly
         return {"same_images": False, "judged": [int(judged(t, partial).sum()) for t in (a, b)]}
     b = b.loc[a.index]
     judged_a, judged_b = (judged(t, partial) for t in (a, b))
