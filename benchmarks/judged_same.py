@@ -37,9 +37,9 @@ def compare(base: Path, other: Path, partial: float, cfkd_round: int = 1, tolera
     a, b = (manifest.read(run / folder / manifest.NAME).set_index(KEY) for run in (base, other))
     if set(a.index) != set(b.index):
         # a later round's classifiers differ, and each explains the images it classifies correctly
-        return {"same_images": False, "judged": [int(judged(t, partial).sum()) for t in (a, b)]}
+        return {"same_images": False, "judged": [int(manifest.is_judged(t, partial).sum()) for t in (a, b)]}
     b = b.loc[a.index]
-    judged_a, judged_b = (judged(t, partial) for t in (a, b))
+    judged_a, judged_b = (manifest.is_judged(t, partial) for t in (a, b))
     same = ((a.l1.astype(float) - b.l1.astype(float)).abs() < tolerance) & (
         (a.p_target_after.astype(float) - b.p_target_after.astype(float)).abs() < tolerance
     )
@@ -54,11 +54,6 @@ def compare(base: Path, other: Path, partial: float, cfkd_round: int = 1, tolera
         "steps_by_attempt": [by_attempt(t.steps) for t in (a, b)],
         "flips_by_attempt": [by_attempt(t.success) for t in (a, b)],
     }
-
-
-def judged(table: pd.DataFrame, partial: float) -> pd.Series:
-    """Which counterfactuals a teacher judges: flips, and near-flips that covered ``partial`` of the way."""
-    return table.success.astype(bool) | (table.progress.astype(float) >= partial)
 
 
 def by_attempt(column: pd.Series) -> dict:

@@ -128,6 +128,11 @@ def judged(table: pd.DataFrame, partial: float = 1.0) -> pd.DataFrame:
     """The counterfactuals a teacher judges: those that reached their target and, with ``partial`` < 1, those that
     fell short but covered at least that share of the way there: a change that moves the decision that far is
     either evidence of the target class or a shortcut the classifier must not follow, flip or not."""
+    return table[is_judged(table, partial)].reset_index(drop=True)
+
+
+def is_judged(table: pd.DataFrame, partial: float = 1.0) -> pd.Series:
+    """Per row of a manifest table, whether a teacher judges it (``judged``)."""
     if partial >= 1 or "progress" not in table:
-        return flipped(table)
-    return table[table["success"] | (table["progress"] >= partial)].reset_index(drop=True)
+        return table["success"].astype(bool)
+    return table["success"].astype(bool) | (table["progress"].astype(float) >= partial)
