@@ -127,3 +127,20 @@ def test_search_confinement_keys_are_checked(tmp_path):
     assert "explain.search.tv: got -1, expected a number >= 0" in message
     variant = config.load(Path(__file__).parents[1] / "benchmarks" / "configs" / "regions.yaml")
     assert variant.explain.search.confine == "regions" and variant.explain.search.aim == 0.99
+
+
+def test_every_yaml_block_of_the_readme_is_a_config_that_loads(tmp_path):
+    """The README's YAML is what users copy: each block must load as written, and the colour-cast settings must
+    set what the text says they set."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in readme.split("```yaml\n")[1:]]
+    assert len(blocks) >= 3
+    loaded = []
+    for i, block in enumerate(blocks):
+        (tmp_path / f"{i}.yaml").write_text(block)
+        loaded.append(config.load(tmp_path / f"{i}.yaml"))
+    cast = [c for c in loaded if c.explain.search.cast]
+    assert len(cast) == 1
+    assert cast[0].distil.stretch_within and cast[0].feedback.oracle == "intervention"
+    # everything the block does not name stays the recommended method
+    assert cast[0].distil.passes == config.RunConfig().distil.passes
