@@ -8,6 +8,7 @@ import sys
 import traceback
 
 from pipeline import commands
+from pipeline.config_rules import ORACLES
 from pipeline.errors import Interrupted, UserError, stop_on_signals
 
 
@@ -131,7 +132,7 @@ def parser() -> argparse.ArgumentParser:
     )
     te.add_argument(
         "--oracle",
-        choices=["density", "intervention"],
+        choices=ORACLES,
         help="how the mask teacher judges (default: the run's feedback.oracle)",
     )
     te.add_argument("--round", type=int, default=1)

@@ -84,7 +84,16 @@ class SearchConfig:
     # colour-cast shortcut (a scanner's, a stain's, a white balance's), which no local edit shows; not for data
     # whose classes are colours (the gains move the evidence too)
     cast: bool = False
+    # the same cast competes with attempt 1's edits instead: the smallest valid edit wins, local or global, so a
+    # cast is shown only where it is a smaller change than any local edit that flips (its image then has no room
+    # for attempt 2: a cast moves every pixel)
+    cast_competes: bool = False
     cast_lr: float = 0.01  # Adam on the three log gains (0 = no change)
+
+    @property
+    def casts(self) -> bool:
+        """The search tries a colour cast of the whole image, as an attempt of its own or within attempt 1."""
+        return self.cast or self.cast_competes
 
     @property
     def needs_prior(self) -> bool:
@@ -197,7 +206,8 @@ class FeedbackConfig:
     band: float = 2.0
     # how the mask teacher judges: density (where the change lies against the feature mask) or intervention (the
     # explained classifier sees the edit's part on the mask and its part off it separately; the part that carries
-    # the flip decides, the density rule where only both together move it)
+    # the flip decides, the density rule where only both together move it) or density+intervention (the density
+    # rule, intervention for the edits it is unsure of)
     oracle: str = "density"
     # a simulated teacher rejects a counterfactual as unrealistic (never trained on, counted per round) when its
     # realism proxy (kNN distance ratio to real images of the target class, 1 = like them) exceeds this; 0 = never

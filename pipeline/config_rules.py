@@ -8,6 +8,9 @@ import typing
 if typing.TYPE_CHECKING:
     from pipeline.config import RunConfig
 
+# how the mask teacher judges (pipeline/teach.py)
+ORACLES = ("density", "intervention", "density+intervention")
+
 
 def _devices_ok(v) -> bool:
     if isinstance(v, int):
@@ -77,7 +80,7 @@ CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "feedback.band": (lambda v: v >= 1.0, "a number >= 1"),
     "feedback.unrealistic": (lambda v: v == 0 or v >= 1.0, "0 (off) or a realism ratio >= 1"),
     "feedback.partial": (lambda v: 0 < v <= 1, "a share in (0, 1] (1 = only counterfactuals that flipped)"),
-    "feedback.oracle": (lambda v: v in ("density", "intervention"), "density or intervention"),
+    "feedback.oracle": (lambda v: v in ORACLES, " or ".join(ORACLES)),
     "feedback.min_labels": (lambda v: v >= 1, "an integer >= 1"),
     "feedback.min_votes": (lambda v: v >= 1, "an integer >= 1"),
     "distil.rounds": (lambda v: v >= 1, "an integer >= 1"),

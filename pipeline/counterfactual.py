@@ -18,7 +18,8 @@ For a batch of images x (in [-1, 1]) and target classes, each attempt k = 1..K:
      edit wins: a flip carried by a small mark's shape, which no gradient at the original points to
      (pipeline/donors.py).
 Between 5 and 6 each attempt is confined (pipeline/confinement.py) to the smallest part of its edit that still flips.
-With ``cast`` one more attempt follows: the channel gains of the whole image that flip it (pipeline/cast.py).
+With ``cast`` one more attempt follows: the channel gains of the whole image that flip it (pipeline/cast.py); with
+``cast_competes`` that cast is one more candidate of attempt 1 instead, and the smallest valid edit wins.
 Every knob of the search (``explain.search``) is documented on its dataclass, ``SearchConfig`` in pipeline/config.py.
 """
 
@@ -320,13 +321,17 @@ class Explainer(nn.Module):
         return merged
 
     def first_attempt(self, x, target, free, generator) -> list[dict]:
-        """Attempt 1, with ``donors`` against the smallest valid donor window (pipeline/donors.py)."""
+        """Attempt 1, with ``donors`` against the smallest valid donor window (pipeline/donors.py) and with
+        ``cast_competes`` against the smallest valid colour cast (pipeline/cast.py)."""
         found = self.searched_first(x, target, free, generator)
         if self.settings.donors > 0:
             pasted = self._confined(
                 x, target, donors.search(self, x, target), near_flips=False
             )  # only a flip wins
             found[0] = self.smaller(x, found[0], pasted)
+        if self.settings.cast_competes:
+            colour = cast.search(self, x, target)
+            found[0] = self.smaller(x, found[0], colour | {"used": torch.ones_like(colour["mask"])})
         return found
 
     def searched_first(self, x, target, free, generator) -> list[dict]:

@@ -146,14 +146,14 @@ def build_explainer(classifier, card, data, config: ExplainConfig, gen: Generato
         smooth, agreement = surrogate.distil(model, train, config.surrogate_epochs, config.accelerator)
     denoiser = generator.load_denoiser(gen.unet) if gen.unet else None
     s, classes = config.search, range(len(card.classes))
-    needs_reals = s.prototype > 0 or s.needs_prior or s.donors > 0 or s.cast
+    needs_reals = s.prototype > 0 or s.needs_prior or s.donors > 0 or s.casts
     reals = {t: class_images(train, t) for t in classes} if needs_reals else {}
     prototypes = {t: real_codes(codec, reals[t]) for t in classes} if s.prototype > 0 else None
     # the patch prior and the colour basis are unlabelled: images of every class together
-    every = torch.cat(list(reals.values())) if s.needs_prior or s.cast else None
+    every = torch.cat(list(reals.values())) if s.needs_prior or s.casts else None
     prior = PatchPrior.fit(every, seed=config.seed) if s.needs_prior else None
     bank = {t: donor_bank(model, codec, reals[t], t, s.goal) for t in classes} if s.donors > 0 else None
-    colours = cast.colour_basis(every) if s.cast else None
+    colours = cast.colour_basis(every) if s.casts else None
     explainer = Explainer(codec, model, config.search, smooth, denoiser, prototypes, prior, bank, colours)
     return explainer, agreement
 

@@ -6,6 +6,9 @@
 - mask oracle by intervention (``oracle: intervention``): the explained classifier sees only the part of the edit
   inside the feature mask, then only the part outside; whichever carries the flip decides (true / spurious), the
   density rule where only both parts together move it.
+- mask oracle by density, then intervention (``oracle: density+intervention``): the density rule, and
+  intervention for the edits it is unsure of (an edit as dense on the evidence as off it: a cast of the whole
+  image), so only those edits get the verdict of the classifier's own reading.
 - model oracle: the unbiased reference classifier; it flips too -> true, else spurious; it abstains where it
   gets the original image wrong itself.
 Only counterfactuals that flipped the classifier get a verdict (with ``partial``, also those that came that share
@@ -27,6 +30,7 @@ import torch
 from PIL import Image
 
 from pipeline import manifest, models
+from pipeline.config_rules import ORACLES
 from pipeline.data import load_mask, read_rgb
 from pipeline.errors import UserError
 from pipeline.rundir import read_json
@@ -173,6 +177,8 @@ def run(
     < 1, came that share of the way: ``manifest.judged``) and write the verdicts to the store."""
     if teacher not in TEACHERS:
         raise UserError(f"unknown teacher '{teacher}' (choose {', '.join(TEACHERS)})")
+    if oracle not in ORACLES:
+        raise UserError(f"unknown mask oracle '{oracle}' (choose {', '.join(ORACLES)})")
     explain_dir = run_dir / manifest.folder(round)
     everything = manifest.read(explain_dir)
     table = manifest.judged(everything, partial)
@@ -182,6 +188,10 @@ def run(
         )
     elif teacher == "mask":
         verdicts = mask_verdicts(table, explain_dir, data_root, band, resize)
+        if oracle == "density+intervention":
+            unsure = table[table["id"].isin(verdicts.index[verdicts == "unsure"])]
+            checkpoint = explained(run_dir, round)
+            verdicts.update(intervention_verdicts(unsure, explain_dir, data_root, checkpoint, band, resize))
     else:
         if reference is None or not (reference / "card.json").exists():
             raise UserError(

@@ -1,6 +1,7 @@
 """The colour-cast attempt (explain.search.cast): one colour transformation of the whole image."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -110,3 +111,52 @@ def test_the_cast_moves_along_the_real_images_colour_variation_only():
     assert (free[:, 1].abs() > 0.3 * free[:, 0].abs()).all()  # unconstrained, green falls with blue
     assert (real[:, 1].abs() < 0.1 * real[:, 0].abs()).all()  # along the casts alone: green stays
     assert (real[:, 0] > 0).all() and (real[:, 2] < 0).all()  # warmer
+
+
+class CornerMeter(torch.nn.Module):
+    """Reads only the colour balance of a 6 x 6 corner patch: a local tag, which a cast of the whole image also
+    moves, at the price of every other pixel."""
+
+    def forward(self, x):
+        corner = x[:, :, :6, :6]
+        warm = 8 * (corner[:, 0].mean((1, 2)) - corner[:, 2].mean((1, 2)))
+        return torch.stack([-warm, warm], 1)
+
+
+def test_a_competing_cast_is_attempt_1_only_where_it_is_the_smaller_edit():
+    x, target = _cool_tiles(), torch.ones(4, dtype=torch.long)
+    settings = Settings(attempts=2, goal=0.9, steps=150, lr=0.05, l1=0.1, cast_competes=True, cast_lr=0.02)
+    on_cast = Explainer(PixelCodec(), CastMeter(), settings)(x, target)
+    assert len(on_cast) == 2  # no attempt of its own: the cast competes within attempt 1
+    first = on_cast[0]
+    assert first["success"].all() and first["mask"].flatten(1).mean(1).min() > 0.99  # the cast won
+    gain = (first["x_cf"] + 1) / (x + 1)
+    assert (gain.flatten(2).std(2) / gain.flatten(2).mean(2)).max() < 1e-3  # one gain per channel
+    assert on_cast[1]["no_room"].all()  # a cast moves every pixel: nothing is left for attempt 2
+    on_corner = Explainer(PixelCodec(), CornerMeter(), settings)(x, target)[0]
+    assert on_corner["success"].all()
+    moved = on_corner["mask"][:, 0]
+    assert moved.flatten(1).mean(1).max() < 0.5  # a local edit won: a cast would move every pixel
+    assert moved[:, :6, :6].mean() > moved[:, 12:, 12:].mean()  # ... and it sits on the corner
+    alone = Explainer(PixelCodec(), CornerMeter(), replace(settings, cast_competes=False))(x, target)[0]
+    assert (on_corner["evaluations"] > alone["evaluations"]).all()  # both searches are paid for
+
+
+def test_the_explain_stage_with_a_competing_cast_writes_no_attempt_of_its_own(
+    tiny_biased, tiny_codec, tmp_path
+):
+    """On Square a local edit is smaller than any cast that flips: attempt 1 keeps it, and the cast search is paid."""
+    ckpt, data = tiny_biased
+    runs = {}
+    for competes in (False, True):
+        out = tmp_path / str(competes)
+        explain.run(ckpt, data, _config(cast_competes=competes), GeneratorConfig(source=str(tiny_codec)), out)
+        runs[competes] = manifest.read(out / "manifest.csv").set_index("id").sort_index()
+    table, plain = runs[True], runs[False]
+    assert len(table) == 2 * 3 * 2 and set(table["attempt"]) == {1, 2}  # pairs x images x 2 attempts
+    first = table["attempt"] == 1
+    assert (table.loc[first, "changed_area"] < 0.99).all()  # no cast won
+    np.testing.assert_allclose(table["l1"], plain["l1"])  # the same edits ...
+    assert (
+        table.loc[first, "evaluations"] > plain.loc[first, "evaluations"]
+    ).all()  # ... and the cast paid for

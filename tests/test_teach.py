@@ -113,6 +113,32 @@ def test_the_interventional_oracle_on_a_run_matches_the_ground_truth(tmp_path, u
     assert result["labelled"] == 12 and labels.to_dict() == truth
 
 
+def test_density_then_intervention_asks_the_classifier_only_where_density_is_unsure(tmp_path, unbiased):
+    """oracle density+intervention: the density rule's sure verdicts stand; the edits it is unsure of (every pixel
+    moved alike) get the interventional verdict, whose classifier reads the square."""
+    import json
+    import shutil
+
+    truth = _hand_made_counterfactuals(tmp_path, unbiased / "data", ("square", "background", "mixed"))
+    shutil.copytree(unbiased / "reference", tmp_path / "classifier")
+    (tmp_path / "explain" / "desiderata.json").write_text(json.dumps({"explained": "classifier"}))
+    result = teach.run(tmp_path, "mask", unbiased / "data", band=2.0, oracle="density+intervention")
+    labels = FeedbackStore(tmp_path / "feedback.sqlite").labels().set_index("cf_id")["label"]
+    edits = manifest.judged(manifest.read(tmp_path / "explain"), 1.0)
+    checkpoint = tmp_path / "classifier"
+    by_intervention = teach.intervention_verdicts(
+        edits, tmp_path / "explain", unbiased / "data", checkpoint, 2.0
+    )
+    mixed = [k for k in truth if k.endswith("mixed")]
+    assert result["labelled"] == 18 and result.get("unsure", 0) < 6  # the classifier decided some mixed edits
+    assert {k: labels[k] for k in truth if k not in mixed} == {
+        k: v for k, v in truth.items() if k not in mixed
+    }
+    assert {k: labels[k] for k in mixed} == by_intervention[mixed].to_dict()
+    with pytest.raises(UserError, match="unknown mask oracle"):
+        teach.run(tmp_path, "mask", unbiased / "data", oracle="vote")
+
+
 def test_model_oracle_matches_mask_ground_truth(tmp_path, unbiased):
     truth = _hand_made_counterfactuals(tmp_path, unbiased / "data")
     result = teach.run(tmp_path, "model", unbiased / "data", unbiased / "reference")
