@@ -148,6 +148,6 @@ def test_every_yaml_block_of_the_readme_is_a_config_that_loads(tmp_path):
         d,
         explain=replace(d.explain, search=replace(d.explain.search, cast=True)),
         distil=replace(d.distil, stretch_within=True),
-        feedback=replace(d.feedback, oracle="intervention"),
+        feedback=replace(d.feedback, oracle="density+intervention"),
     )
     assert cast[0] == expected
