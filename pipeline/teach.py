@@ -188,8 +188,8 @@ def run(
         )
     elif teacher == "mask":
         verdicts = mask_verdicts(table, explain_dir, data_root, band, resize)
-        if oracle == "density+intervention":
-            unsure = table[table["id"].isin(verdicts.index[verdicts == "unsure"])]
+        unsure = table[table["id"].isin(verdicts.index[verdicts == "unsure"])]
+        if oracle == "density+intervention" and len(unsure):
             checkpoint = explained(run_dir, round)
             verdicts.update(intervention_verdicts(unsure, explain_dir, data_root, checkpoint, band, resize))
     else:
