@@ -188,8 +188,8 @@ def run(
         )
     elif teacher == "mask":
         verdicts = mask_verdicts(table, explain_dir, data_root, band, resize)
-        unsure = table[table["id"].isin(verdicts.index[verdicts == "unsure"])]
-        if oracle == "density+intervention" and len(unsure):
+        if oracle == "density+intervention" and (verdicts == "unsure").any():
+            unsure = table[table["id"].isin(verdicts.index[verdicts == "unsure"])]
             checkpoint = explained(run_dir, round)
             verdicts.update(intervention_verdicts(unsure, explain_dir, data_root, checkpoint, band, resize))
     else:
