@@ -204,6 +204,7 @@ def teach_command(args) -> None:
         oracle,
         conf.feedback.unrealistic,
         conf.feedback.partial,
+        conf.feedback.moved_unsure,
     )
     print(
         f"{result['annotator']}: {result['labelled']} verdicts ({result.get('true', 0)} true, "

@@ -209,6 +209,9 @@ class FeedbackConfig:
     # the flip decides, the density rule where only both together move it) or density+intervention (the density
     # rule, intervention for the edits it is unsure of)
     oracle: str = "density"
+    # the model teacher says unsure, not spurious, where the edit took the reference more than 1 / band of the way
+    # (in target log-odds) to its own flip: an unbiased model that moves that far sees evidence in the change
+    moved_unsure: bool = False
     # a simulated teacher rejects a counterfactual as unrealistic (never trained on, counted per round) when its
     # realism proxy (kNN distance ratio to real images of the target class, 1 = like them) exceeds this; 0 = never
     unrealistic: float = 0.0

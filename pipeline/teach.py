@@ -10,7 +10,7 @@
   intervention for the edits it is unsure of (an edit as dense on the evidence as off it: a cast of the whole
   image), so only those edits get the verdict of the classifier's own reading.
 - model oracle: the unbiased reference classifier; it flips too -> true, else spurious; it abstains where it
-  gets the original image wrong itself.
+  gets the original image wrong itself. With ``moved``, an edit that took it part of the way is unsure instead.
 Only counterfactuals that flipped the classifier get a verdict (with ``partial``, also those that came that share
 of the way). Each oracle reduces an edit to a score whose
 boundary is 1 (the feature's change per pixel against the image's; the reference's odds of the target class
@@ -123,8 +123,22 @@ def intervention_verdicts(
     return pd.Series(verdicts | density.to_dict(), dtype=object)
 
 
+def reference_verdict(before: float, after: float, band: float, moved: bool = False) -> str:
+    """The model oracle's verdict from the reference's target log-odds (against its strongest other class) on the
+    original (``before``, below 0: it reads the source class) and on the edit (``after``): banded odds. With
+    ``moved``, an edit that took the reference more than 1 / band of the way to its own flip is unsure, not
+    spurious: an unbiased reference that moves that far sees evidence in the change, too little to flip it, and a
+    spurious verdict would teach the classifier to ignore that evidence (band 1: the authors' oracle exactly)."""
+    verdict = banded(float(np.exp(after)), band)
+    if moved and verdict == "spurious" and after - before > -before / band:
+        return "unsure"
+    return verdict
+
+
 @torch.no_grad()
-def model_verdicts(table: pd.DataFrame, explain_dir: Path, reference: Path, band: float = 1.0) -> pd.Series:
+def model_verdicts(
+    table: pd.DataFrame, explain_dir: Path, reference: Path, band: float = 1.0, moved: bool = False
+) -> pd.Series:
     model, card = models.load(reference)
     model, transform = models.OnPixels(model, card), models.pixel_transform(card)
     verdicts = {}
@@ -133,10 +147,11 @@ def model_verdicts(table: pd.DataFrame, explain_dir: Path, reference: Path, band
         x_cf = _image(explain_dir / row.counterfactual, transform)[None]
         if card.classes[int(model(x).argmax())] != row.source_class:
             continue  # the oracle gets the original wrong: it abstains
-        p = torch.softmax(model(x_cf), -1)[0]
         target = card.classes.index(row.target_class)
-        # odds of the target against the strongest other class: > 1 <=> the reference flips too
-        verdicts[row.id] = banded(float(p[target] / torch.cat([p[:target], p[target + 1 :]]).max()), band)
+        before, after = _margin(model, torch.cat([x, x_cf]), target).tolist()
+        verdicts[row.id] = reference_verdict(
+            before, after, band, moved
+        )  # after > 0 <=> the reference flips too
     return pd.Series(verdicts, dtype=object)
 
 
@@ -172,6 +187,7 @@ def run(
     oracle: str = "density",
     unrealistic: float = 0.0,
     partial: float = 1.0,
+    moved: bool = False,
 ) -> dict:
     """Label every counterfactual of the round's explain folder that flipped the classifier (or, with ``partial``
     < 1, came that share of the way: ``manifest.judged``) and write the verdicts to the store."""
@@ -197,7 +213,7 @@ def run(
             raise UserError(
                 "the model oracle needs the reference classifier (reference stage or --reference)"
             )
-        verdicts = model_verdicts(table, explain_dir, reference, band)
+        verdicts = model_verdicts(table, explain_dir, reference, band, moved)
     if noise > 0:
         flip = np.random.default_rng(seed).random(len(verdicts)) < noise
         # an imperfect expert swaps true and spurious; an unsure verdict stays unsure

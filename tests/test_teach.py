@@ -180,11 +180,56 @@ def test_the_mask_oracle_is_unsure_of_an_edit_that_moves_square_and_background_a
 
 def test_the_model_oracles_band_only_turns_verdicts_unsure(tmp_path, unbiased):
     _hand_made_counterfactuals(tmp_path, unbiased / "data", ("square", "background", "mixed"))
-    manifest = pd.read_csv(tmp_path / "explain" / "manifest.csv").query("success")
-    plain = teach.model_verdicts(manifest, tmp_path / "explain", unbiased / "reference")
-    banded = teach.model_verdicts(manifest, tmp_path / "explain", unbiased / "reference", band=2.0)
-    assert set(plain) <= {"true", "spurious"} and list(banded.index) == list(plain.index)
+    table = manifest.flipped(
+        manifest.read(tmp_path / "explain")
+    )  # class names as text, as the run reads them
+    plain = teach.model_verdicts(table, tmp_path / "explain", unbiased / "reference")
+    banded = teach.model_verdicts(table, tmp_path / "explain", unbiased / "reference", band=2.0)
+    assert len(plain) >= 15 and set(plain) <= {"true", "spurious"} and list(banded.index) == list(plain.index)
     assert ((banded == plain) | (banded == "unsure")).all()
+
+
+def test_the_reference_verdict_with_moved_spares_an_edit_that_took_the_reference_part_of_the_way():
+    # before -4: the reference is sure of the source class; band 2: true above odds 2, spurious at or below 1/2
+    assert [teach.reference_verdict(-4.0, a, 2.0) for a in (-3.9, -1.0, 0.0, 0.5, 1.0)] == [
+        "spurious",
+        "spurious",
+        "unsure",
+        "unsure",
+        "true",
+    ]
+    moved = [teach.reference_verdict(-4.0, a, 2.0, moved=True) for a in (-3.9, -2.1, -1.9, -1.0, 1.0)]
+    assert moved == ["spurious", "spurious", "unsure", "unsure", "true"]
+    # band 1 is the authors' oracle with or without moved: flipped or spurious
+    assert [teach.reference_verdict(-4.0, a, 1.0, moved=True) for a in (-0.1, 0.1)] == ["spurious", "true"]
+
+
+def test_the_model_oracle_with_moved_calls_a_weak_evidence_edit_unsure_and_a_background_edit_spurious(
+    tmp_path, unbiased
+):
+    """Real test images, the square recoloured part of the way to class 1's red (weak evidence) and the background
+    inverted (the shortcut): only edits the reference moved more than half way toward its flip turn unsure."""
+    _hand_made_counterfactuals(tmp_path, unbiased / "data", ("square", "background"))
+    explain = tmp_path / "explain"
+    table = manifest.flipped(manifest.read(explain))
+    rows = []
+    for row in table[table["id"].str.endswith("square")].itertuples():
+        original = np.asarray(Image.open(explain / row.original), float)
+        full = np.asarray(Image.open(explain / row.counterfactual), float)
+        for share in np.linspace(0.05, 0.95, 19):  # the way from the original to the full recolour
+            cf_id = f"{row.id}-{share:.2f}"
+            Image.fromarray((original + share * (full - original)).round().astype(np.uint8)).save(
+                explain / f"counterfactuals/{cf_id}.png"
+            )
+            rows.append(row._asdict() | {"id": cf_id, "counterfactual": f"counterfactuals/{cf_id}.png"})
+    table = pd.concat([table, pd.DataFrame(rows).drop(columns="Index")], ignore_index=True)
+    plain = teach.model_verdicts(table, explain, unbiased / "reference", band=2.0)
+    moved = teach.model_verdicts(table, explain, unbiased / "reference", band=2.0, moved=True)
+    assert len(moved) == 126 and list(moved.index) == list(plain.index)
+    changed = moved != plain
+    assert changed.any() and (plain[changed] == "spurious").all() and (moved[changed] == "unsure").all()
+    background = moved.index.str.endswith("background")
+    assert background.sum() >= 5 and (moved[background] == "spurious").all()
 
 
 def test_noise_swaps_true_and_spurious_and_leaves_unsure_alone(tmp_path, unbiased):
