@@ -148,10 +148,9 @@ def model_verdicts(
         if card.classes[int(model(x).argmax())] != row.source_class:
             continue  # the oracle gets the original wrong: it abstains
         target = card.classes.index(row.target_class)
+        # log-odds of the target against the strongest other class: after > 0 <=> the reference flips too
         before, after = _margin(model, torch.cat([x, x_cf]), target).tolist()
-        verdicts[row.id] = reference_verdict(
-            before, after, band, moved
-        )  # after > 0 <=> the reference flips too
+        verdicts[row.id] = reference_verdict(before, after, band, moved)
     return pd.Series(verdicts, dtype=object)
 
 
