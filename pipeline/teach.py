@@ -72,7 +72,12 @@ MOVED = 1e-3  # a gain in log-odds below this is no movement (float rounding, no
 
 def _margin(model, x: torch.Tensor, target: int) -> torch.Tensor:
     """Log-odds of the target class against the strongest other class, per image."""
-    logp = torch.log_softmax(model(x), -1)
+    return _logit_margin(model(x), target)
+
+
+def _logit_margin(logits: torch.Tensor, target: int) -> torch.Tensor:
+    """``_margin`` from logits already computed."""
+    logp = torch.log_softmax(logits, -1)
     others = torch.cat([logp[:, :target], logp[:, target + 1 :]], 1)
     return logp[:, target] - others.max(1).values
 
@@ -145,11 +150,12 @@ def model_verdicts(
     for row in table.itertuples():
         x = _image(explain_dir / row.original, transform)[None]
         x_cf = _image(explain_dir / row.counterfactual, transform)[None]
-        if card.classes[int(model(x).argmax())] != row.source_class:
+        logits = model(torch.cat([x, x_cf]))  # original and edit in one pass
+        if card.classes[int(logits[0].argmax())] != row.source_class:
             continue  # the oracle gets the original wrong: it abstains
         target = card.classes.index(row.target_class)
         # log-odds of the target against the strongest other class: after > 0 <=> the reference flips too
-        before, after = _margin(model, torch.cat([x, x_cf]), target).tolist()
+        before, after = _logit_margin(logits, target).tolist()
         verdicts[row.id] = reference_verdict(before, after, band, moved)
     return pd.Series(verdicts, dtype=object)
 

@@ -180,9 +180,8 @@ def test_the_mask_oracle_is_unsure_of_an_edit_that_moves_square_and_background_a
 
 def test_the_model_oracles_band_only_turns_verdicts_unsure(tmp_path, unbiased):
     _hand_made_counterfactuals(tmp_path, unbiased / "data", ("square", "background", "mixed"))
-    table = manifest.flipped(
-        manifest.read(tmp_path / "explain")
-    )  # class names as text, as the run reads them
+    # class names as text, as the run reads them
+    table = manifest.flipped(manifest.read(tmp_path / "explain"))
     plain = teach.model_verdicts(table, tmp_path / "explain", unbiased / "reference")
     banded = teach.model_verdicts(table, tmp_path / "explain", unbiased / "reference", band=2.0)
     assert len(plain) >= 15 and set(plain) <= {"true", "spurious"} and list(banded.index) == list(plain.index)
