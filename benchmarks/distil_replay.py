@@ -14,7 +14,8 @@ itself), named by its folder.
 
 With ``--first-attempts`` one more variant, ``first_attempts``, keeps the run's settings but teaches only the
 verdicts given on first attempts: a diagnosis of what the diversified attempts' verdicts do, not a setting. The
-run's verdicts per attempt and round are written beside it.
+run's verdicts per attempt and round are written beside it. ``--without-casts`` likewise teaches every verdict but
+those on the colour-cast attempt (``explain.search.cast``).
 
 Writes benchmarks/results/OUT.json after every replay (a rerun adds what it lacks): per run, accuracy and worst
 group of the round as run (``as_is``) and under each variant.
@@ -55,18 +56,30 @@ def changed_distil(config: cfg.RunConfig, changes: dict) -> cfg.DistilConfig:
 
 
 @contextlib.contextmanager
-def first_attempts_only():
-    """While open, the distil stage sees only the verdicts given on first-attempt counterfactuals."""
+def attempts_only(keep):
+    """While open, the distil stage sees only the verdicts given on the attempts ``keep`` (attempt -> bool) keeps."""
     every = distil.training_set
 
-    def first(table, consensus, use_true):
-        return every(table[table["attempt"].astype(int) == 1], consensus, use_true)
+    def kept(table, consensus, use_true):
+        return every(table[table["attempt"].astype(int).map(keep)], consensus, use_true)
 
-    distil.training_set = first
+    distil.training_set = kept
     try:
         yield
     finally:
         distil.training_set = every
+
+
+def only_attempts(label: str, run_dir: Path):
+    """The verdicts a diagnostic variant teaches: first attempts only, all but the cast's, or all."""
+    if label == "first_attempts":
+        return attempts_only(lambda a: a == 1)
+    if label == "without_casts":
+        search = yaml.safe_load((run_dir / "config.yaml").read_text())["explain"]["search"]
+        if not search.get("cast"):
+            raise SystemExit(f"{run_dir}: no cast attempt (explain.search.cast is off)")
+        return attempts_only(lambda a: a <= search["attempts"])
+    return contextlib.nullcontext()
 
 
 def verdicts_by_attempt(run_dir: Path, r: int) -> dict:
@@ -111,10 +124,17 @@ def main() -> int:
     p.add_argument(
         "--first-attempts", action="store_true", help="also replay teaching first attempts' verdicts only"
     )
+    p.add_argument(
+        "--without-casts",
+        action="store_true",
+        help="also replay without the verdicts on the colour-cast attempt (explain.search.cast: the last one)",
+    )
     args = p.parse_args()
     variants = {"as_is": {}} | {v: settings(v) for v in args.variant}
     if args.first_attempts:
         variants["first_attempts"] = {}
+    if args.without_casts:
+        variants["without_casts"] = {}
     quiet.configure(False)
     out = HERE / "results" / f"{args.out}.json"
     source = {"tag": args.tag} if args.tag else {"run": str(args.run)}
@@ -127,8 +147,7 @@ def main() -> int:
         row = results["runs"].setdefault(name, {})
         for label, changes in variants.items():
             if label not in row:
-                only_first = first_attempts_only() if label == "first_attempts" else contextlib.nullcontext()
-                with only_first:
+                with only_attempts(label, run_dir):
                     row[label] = replay(run_dir, args.round, changes)
                 out.write_text(json.dumps(results, indent=2) + "\n")
         if args.first_attempts and "verdicts_by_attempt" not in row:

@@ -806,8 +806,11 @@ def test_originals_follow_the_explained_classifier_not_their_labels(tiny_biased,
     assert agreement["labels"] > 0.9 and agreement["explained"] < 0.5
 
 
-def test_the_replay_diagnosis_teaches_first_attempts_only_and_restores_the_stage(monkeypatch):
-    """benchmarks/distil_replay.py --first-attempts: the distil stage sees the verdicts of attempt 1 alone."""
+def test_the_replay_diagnoses_teach_first_attempts_only_or_all_but_the_cast_and_restore_the_stage(
+    monkeypatch, tmp_path
+):
+    """benchmarks/distil_replay.py --first-attempts: the distil stage sees the verdicts of attempt 1 alone;
+    --without-casts: every verdict but those on the cast attempt (after the run's 2 attempts)."""
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
     import distil_replay
 
@@ -825,7 +828,15 @@ def test_the_replay_diagnosis_teaches_first_attempts_only_and_restores_the_stage
     )
     verdicts = pd.DataFrame({"cf_id": manifest["id"], "label": ["spurious"] * 4})
     every = distil.training_set
-    with distil_replay.first_attempts_only():
+    with distil_replay.only_attempts("first_attempts", tmp_path):
         assert distil.training_set(manifest, verdicts, False)["id"].tolist() == ["a-to-1-a1", "b-to-1-a1"]
     assert distil.training_set is every
+    (tmp_path / "config.yaml").write_text("explain:\n  search:\n    attempts: 2\n    cast: true\n")
+    with distil_replay.only_attempts("without_casts", tmp_path):
+        kept = distil.training_set(manifest, verdicts, False)["id"].tolist()
+        assert kept == ["a-to-1-a1", "a-to-1-a2", "b-to-1-a1"]
+    assert distil.training_set is every
     assert len(distil.training_set(manifest, verdicts, False)) == 4
+    (tmp_path / "config.yaml").write_text("explain:\n  search:\n    attempts: 2\n    cast: false\n")
+    with pytest.raises(SystemExit, match="no cast attempt"):
+        distil_replay.only_attempts("without_casts", tmp_path)
