@@ -43,7 +43,7 @@ def training_set(table: pd.DataFrame, consensus: pd.DataFrame, use_true: bool) -
     keep = table["verdict"].eq("spurious") | (use_true & table["verdict"].eq("true") & table["success"])
     table = table[keep]
     label = table["source_class"].where(table["verdict"] == "spurious", table["target_class"])
-    columns = ["id", "sample", "counterfactual", "original", "verdict", "label"]
+    columns = ["id", "sample", "attempt", "counterfactual", "original", "verdict", "label"]
     return table.assign(label=label)[columns].reset_index(drop=True)
 
 
@@ -59,6 +59,29 @@ def training_data(run_dir: Path, taught: list[int], use_true: bool) -> pd.DataFr
             )
         )
     return pd.concat(tables, ignore_index=True)
+
+
+def cast_is_evidence(run_dir: Path, taught: list[int], attempt: int) -> bool:
+    """Whether a teacher judged any edit of the colour-cast attempt ``attempt`` true in the rounds ``taught``
+    (flip or near-flip): in this data a cast of the whole image can change the class."""
+    for r in taught:
+        table = manifest.read_round(run_dir, r)
+        casts = set(table.loc[table["attempt"].astype(int) == attempt, "id"])
+        verdicts = feedback.read_verdicts(run_dir, r)
+        if verdicts[verdicts["cf_id"].isin(casts)]["label"].eq("true").any():
+            return True
+    return False
+
+
+def taught_verdicts(
+    run_dir: Path, taught: list[int], config: DistilConfig, cast_attempt: int | None = None
+) -> pd.DataFrame:
+    """``training_data`` of the rounds ``taught`` (true verdicts included), without the cast attempt's where
+    ``cast_unanimous`` holds and a cast was judged true."""
+    labelled = training_data(run_dir, taught, use_true=True)
+    if config.cast_unanimous and cast_attempt and cast_is_evidence(run_dir, taught, cast_attempt):
+        labelled = labelled[labelled["attempt"].astype(int) != cast_attempt].reset_index(drop=True)
+    return labelled
 
 
 def split_holdout(table: pd.DataFrame, share: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -81,13 +104,15 @@ def stage(
     config: DistilConfig,
     out: Path,
     verbose: bool = False,
+    cast_attempt: int | None = None,
 ) -> None:
     """The distil stage of round ``taught[-1]``: its training set from the verdicts of the rounds ``taught``,
     fine-tuning of the ``start`` classifier, or, when this round brought nothing new to teach, the ``explained``
-    classifier unchanged. Counterfactuals are held out only where model selection uses them (keep: best)."""
+    classifier unchanged. Counterfactuals are held out only where model selection uses them (keep: best).
+    ``cast_attempt``: the attempt number of the colour-cast edits (explain.search.cast), for ``cast_unanimous``."""
     if config.layers == "staged":  # round 1 erases alone, later rounds fine-tune every layer
         config = replace(config, layers="none" if taught[-1] == 1 else "all")
-    labelled = training_data(run_dir, taught, use_true=True)
+    labelled = taught_verdicts(run_dir, taught, config, cast_attempt)
     spurious = labelled["verdict"] == "spurious"
     table = labelled if config.use_true else labelled[spurious].reset_index(drop=True)
     share = config.holdout if config.keep == "best" else 0.0

@@ -229,9 +229,20 @@ class Run:
             "distil", c, self.keys[model], self.keys[start], feedback_keys, self.keys["data"]
         )
 
+        search = self.config.explain.search
+        cast_attempt = search.attempts + 1 if search.cast else None
+
         def body(tmp: Path) -> None:
             distil.stage(
-                self.dir.root, taught, self.dir.path(start), self.dir.path(model), data, c, tmp, self.verbose
+                self.dir.root,
+                taught,
+                self.dir.path(start),
+                self.dir.path(model),
+                data,
+                c,
+                tmp,
+                self.verbose,
+                cast_attempt,
             )
             evaluate.run(tmp, data, tmp / "evaluation", title=f"after round {round}")
 

@@ -12,7 +12,8 @@ import torch
 from conftest import tiny_config
 from PIL import Image
 
-from pipeline import dfr, distil, erase, models, rounds, runner
+from pipeline import dfr, distil, erase, feedback, models, rounds, runner
+from pipeline import manifest as manifest_module
 from pipeline.config import BaselineConfig, DistilConfig
 from pipeline.data import Counterfactuals, ImageDataset, load_folder, make_transform
 from pipeline.evaluate import evaluate
@@ -840,3 +841,44 @@ def test_the_replay_diagnoses_teach_first_attempts_only_or_all_but_the_cast_and_
     (tmp_path / "config.yaml").write_text("explain:\n  search:\n    attempts: 2\n    cast: false\n")
     with pytest.raises(SystemExit, match="no cast attempt"):
         distil_replay.only_attempts("without_casts", tmp_path)
+
+
+def _cast_round(run_dir: Path, r: int, cast_verdicts: list[str]) -> None:
+    """Round r's manifest and verdicts by hand: two images, a spurious search edit each (attempt 1) and a cast each
+    (attempt 3 after 2 attempts) with the given verdicts."""
+    folder = run_dir / manifest_module.folder(r)
+    folder.mkdir(parents=True)
+    rows, verdicts = [], []
+    for i, verdict in enumerate(cast_verdicts):
+        for attempt, label in ((1, "spurious"), (3, verdict)):
+            cf_id = f"r{r}-s{i}-a{attempt}"
+            rows.append(
+                {
+                    "id": cf_id,
+                    "sample": f"s{i}",
+                    "attempt": attempt,
+                    "counterfactual": f"{cf_id}.png",
+                    "original": f"s{i}.png",
+                    "source_class": "0",
+                    "target_class": "1",
+                    "success": True,
+                }
+            )
+            verdicts.append({"cf_id": cf_id, "label": label})
+    pd.DataFrame(rows).to_csv(folder / manifest_module.NAME, index=False)
+    path = feedback.verdicts_path(run_dir, r)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(verdicts).to_csv(path, index=False)
+
+
+def test_cast_unanimous_teaches_cast_verdicts_only_while_no_cast_was_judged_true(tmp_path):
+    """Round 1's casts all spurious: taught. Round 2 judges a cast true (a gain changed the class): from then on no
+    cast verdict is taught, round 1's included, while the search edits' verdicts stay. Off, every verdict counts."""
+    _cast_round(tmp_path, 1, ["spurious", "spurious"])
+    _cast_round(tmp_path, 2, ["true", "spurious"])
+    on = DistilConfig(cast_unanimous=True)
+    assert len(distil.taught_verdicts(tmp_path, [1], on, cast_attempt=3)) == 4
+    both = distil.taught_verdicts(tmp_path, [1, 2], on, cast_attempt=3)
+    assert sorted(both["id"]) == ["r1-s0-a1", "r1-s1-a1", "r2-s0-a1", "r2-s1-a1"]
+    assert len(distil.taught_verdicts(tmp_path, [1, 2], DistilConfig(), cast_attempt=3)) == 8
+    assert len(distil.taught_verdicts(tmp_path, [1, 2], on, cast_attempt=None)) == 8  # no cast attempt
