@@ -150,7 +150,7 @@ def main() -> int:
                 with only_attempts(label, run_dir):
                     row[label] = replay(run_dir, args.round, changes)
                 out.write_text(json.dumps(results, indent=2) + "\n")
-        if args.first_attempts and "verdicts_by_attempt" not in row:
+        if (args.first_attempts or args.without_casts) and "verdicts_by_attempt" not in row:
             row["verdicts_by_attempt"] = {
                 r: verdicts_by_attempt(run_dir, r) for r in range(1, args.round + 1)
             }
