@@ -62,24 +62,25 @@ def training_data(run_dir: Path, taught: list[int], use_true: bool) -> pd.DataFr
 
 
 def cast_is_evidence(run_dir: Path, taught: list[int], attempt: int) -> bool:
-    """Whether a teacher judged any edit of the colour-cast attempt ``attempt`` true in the rounds ``taught``
-    (flip or near-flip): in this data a cast of the whole image can change the class."""
+    """Whether a teacher judged as many edits of the colour-cast attempt ``attempt`` true as spurious in the rounds
+    ``taught`` (flips and near-flips): in this data a cast of the whole image changes the class as often as not."""
+    votes = {"true": 0, "spurious": 0}
     for r in taught:
         table = manifest.read_round(run_dir, r)
         casts = set(table.loc[table["attempt"].astype(int) == attempt, "id"])
         verdicts = feedback.read_verdicts(run_dir, r)
-        if verdicts[verdicts["cf_id"].isin(casts)]["label"].eq("true").any():
-            return True
-    return False
+        counts = verdicts.loc[verdicts["cf_id"].isin(casts), "label"].value_counts()
+        votes = {k: v + int(counts.get(k, 0)) for k, v in votes.items()}
+    return votes["true"] > 0 and votes["true"] >= votes["spurious"]
 
 
 def taught_verdicts(
     run_dir: Path, taught: list[int], config: DistilConfig, cast_attempt: int | None = None
 ) -> pd.DataFrame:
     """``training_data`` of the rounds ``taught`` (true verdicts included), without the cast attempt's where
-    ``cast_unanimous`` holds and a cast was judged true."""
+    ``cast_vote`` holds and the casts were judged true at least as often as spurious."""
     labelled = training_data(run_dir, taught, use_true=True)
-    if config.cast_unanimous and cast_attempt and cast_is_evidence(run_dir, taught, cast_attempt):
+    if config.cast_vote and cast_attempt and cast_is_evidence(run_dir, taught, cast_attempt):
         labelled = labelled[labelled["attempt"].astype(int) != cast_attempt].reset_index(drop=True)
     return labelled
 
@@ -109,7 +110,7 @@ def stage(
     """The distil stage of round ``taught[-1]``: its training set from the verdicts of the rounds ``taught``,
     fine-tuning of the ``start`` classifier, or, when this round brought nothing new to teach, the ``explained``
     classifier unchanged. Counterfactuals are held out only where model selection uses them (keep: best).
-    ``cast_attempt``: the attempt number of the colour-cast edits (explain.search.cast), for ``cast_unanimous``."""
+    ``cast_attempt``: the attempt number of the colour-cast edits (explain.search.cast), for ``cast_vote``."""
     if config.layers == "staged":  # round 1 erases alone, later rounds fine-tune every layer
         config = replace(config, layers="none" if taught[-1] == 1 else "all")
     labelled = taught_verdicts(run_dir, taught, config, cast_attempt)

@@ -871,14 +871,18 @@ def _cast_round(run_dir: Path, r: int, cast_verdicts: list[str]) -> None:
     pd.DataFrame(verdicts).to_csv(path, index=False)
 
 
-def test_cast_unanimous_teaches_cast_verdicts_only_while_no_cast_was_judged_true(tmp_path):
-    """Round 1's casts all spurious: taught. Round 2 judges a cast true (a gain changed the class): from then on no
-    cast verdict is taught, round 1's included, while the search edits' verdicts stay. Off, every verdict counts."""
+def test_cast_vote_teaches_cast_verdicts_only_while_most_casts_were_judged_spurious(tmp_path):
+    """Round 1: two casts spurious, taught. Round 2: one cast true, one spurious (3 spurious to 1: still taught).
+    Round 3: two casts true, so true ties spurious (3 to 3): a gain of the whole image changes the class as often as
+    not, and no cast verdict is taught any more, earlier rounds' included; the search edits' verdicts stay. Off,
+    or without a cast attempt, every verdict counts."""
     _cast_round(tmp_path, 1, ["spurious", "spurious"])
     _cast_round(tmp_path, 2, ["true", "spurious"])
-    on = DistilConfig(cast_unanimous=True)
+    _cast_round(tmp_path, 3, ["true", "true"])
+    on = DistilConfig(cast_vote=True)
     assert len(distil.taught_verdicts(tmp_path, [1], on, cast_attempt=3)) == 4
-    both = distil.taught_verdicts(tmp_path, [1, 2], on, cast_attempt=3)
-    assert sorted(both["id"]) == ["r1-s0-a1", "r1-s1-a1", "r2-s0-a1", "r2-s1-a1"]
-    assert len(distil.taught_verdicts(tmp_path, [1, 2], DistilConfig(), cast_attempt=3)) == 8
-    assert len(distil.taught_verdicts(tmp_path, [1, 2], on, cast_attempt=None)) == 8  # no cast attempt
+    assert len(distil.taught_verdicts(tmp_path, [1, 2], on, cast_attempt=3)) == 8
+    three = distil.taught_verdicts(tmp_path, [1, 2, 3], on, cast_attempt=3)
+    assert sorted(three["id"]) == [f"r{r}-s{i}-a1" for r in (1, 2, 3) for i in (0, 1)]
+    assert len(distil.taught_verdicts(tmp_path, [1, 2, 3], DistilConfig(), cast_attempt=3)) == 12
+    assert len(distil.taught_verdicts(tmp_path, [1, 2, 3], on, cast_attempt=None)) == 12
