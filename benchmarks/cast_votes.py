@@ -1,6 +1,6 @@
 """The teacher's verdicts on the colour-cast attempt (``explain.search.cast``) of suite runs, round by round and
-added up over the rounds so far, and what ``distil.cast_vote`` does with them (teaches the casts while more were
-judged spurious than true).
+added up over the rounds so far, and what ``distil.cast_vote`` does with them (teaches the casts while most of those
+judged were judged spurious).
 
     .venv/bin/python benchmarks/cast_votes.py cast-vote [cast-unanimous ...]
 
@@ -34,7 +34,7 @@ def votes(run_dir: Path) -> list[dict]:
         counts = verdicts.loc[verdicts["cf_id"].isin(casts), "label"].value_counts()
         this = {k: int(counts.get(k, 0)) for k in total}
         total = {k: total[k] + this[k] for k in total}
-        taught = total["true"] == 0 or total["true"] < total["spurious"]
+        taught = 2 * total["spurious"] > sum(total.values())  # distil.casts_are_shortcuts
         rows.append({"round": r, "casts": this, "so_far": dict(total), "cast_vote_teaches": taught})
     return rows
 

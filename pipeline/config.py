@@ -245,9 +245,9 @@ class DistilConfig:
     # a spurious change stays spurious when made stronger: each draw scales it by U(1, stretch) (clipped to the image
     # range), so the shortcut is ignored over its whole range, not at the one point the search stopped (1 = as is)
     stretch: float = 3.0
-    # the colour-cast attempt's verdicts (explain.search.cast) are taught only while more casts were judged spurious
-    # than true: where a cast of the whole image changes the class as often as not, it is evidence in this data, and
-    # even a correct spurious verdict on one cast would teach the classifier to ignore every such gain
+    # the colour-cast attempt's verdicts (explain.search.cast) are taught only while the teacher judged most casts
+    # spurious (of those judged true, spurious or unsure): where a cast of the whole image can change the class it
+    # is evidence in this data, and even a correct spurious verdict on one cast teaches the classifier to ignore it
     cast_vote: bool = False
     # ... but never past where the image's overall colour (per-channel mean) leaves the range real training images
     # show: a whole-image edit (a colour cast) made stronger than any real image is one a fine-tune tells apart

@@ -61,26 +61,27 @@ def training_data(run_dir: Path, taught: list[int], use_true: bool) -> pd.DataFr
     return pd.concat(tables, ignore_index=True)
 
 
-def cast_is_evidence(run_dir: Path, taught: list[int], attempt: int) -> bool:
-    """Whether a teacher judged as many edits of the colour-cast attempt ``attempt`` true as spurious in the rounds
-    ``taught`` (flips and near-flips): in this data a cast of the whole image changes the class as often as not."""
-    votes = {"true": 0, "spurious": 0}
+def casts_are_shortcuts(run_dir: Path, taught: list[int], attempt: int) -> bool:
+    """Whether the teacher judged most edits of the colour-cast attempt ``attempt`` it saw in the rounds ``taught``
+    spurious (more than half of those judged true, spurious or unsure): only then is a gain of the whole image a
+    shortcut in this data, and not evidence or a change the teacher could not call."""
+    spurious = judged = 0
     for r in taught:
         table = manifest.read_round(run_dir, r)
         casts = set(table.loc[table["attempt"].astype(int) == attempt, "id"])
         verdicts = feedback.read_verdicts(run_dir, r)
-        counts = verdicts.loc[verdicts["cf_id"].isin(casts), "label"].value_counts()
-        votes = {k: v + int(counts.get(k, 0)) for k, v in votes.items()}
-    return votes["true"] > 0 and votes["true"] >= votes["spurious"]
+        labels = verdicts.loc[verdicts["cf_id"].isin(casts), "label"]
+        spurious, judged = spurious + int(labels.eq("spurious").sum()), judged + len(labels)
+    return 2 * spurious > judged
 
 
 def taught_verdicts(
     run_dir: Path, taught: list[int], config: DistilConfig, cast_attempt: int | None = None
 ) -> pd.DataFrame:
     """``training_data`` of the rounds ``taught`` (true verdicts included), without the cast attempt's where
-    ``cast_vote`` holds and the casts were judged true at least as often as spurious."""
+    ``cast_vote`` holds and the teacher did not judge most casts spurious."""
     labelled = training_data(run_dir, taught, use_true=True)
-    if config.cast_vote and cast_attempt and cast_is_evidence(run_dir, taught, cast_attempt):
+    if config.cast_vote and cast_attempt and not casts_are_shortcuts(run_dir, taught, cast_attempt):
         labelled = labelled[labelled["attempt"].astype(int) != cast_attempt].reset_index(drop=True)
     return labelled
 
