@@ -103,7 +103,11 @@ def replay(run_dir: Path, r: int, changes: dict) -> dict:
         out = Path(tmp)
         start = run_dir / rounds.start(distil_config, explained)
         taught = rounds.taught(distil_config, r)
-        distil.stage(run_dir, taught, start, run_dir / explained, data, distil_config, out)
+        search = config.explain.search
+        cast_attempt = search.attempts + 1 if search.cast else None  # as the runner passes it
+        distil.stage(
+            run_dir, taught, start, run_dir / explained, data, distil_config, out, False, cast_attempt
+        )
         model, card = models.load(out)
         tested, _ = evaluate(model.eval(), card, data)
     return {

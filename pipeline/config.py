@@ -245,13 +245,13 @@ class DistilConfig:
     # a spurious change stays spurious when made stronger: each draw scales it by U(1, stretch) (clipped to the image
     # range), so the shortcut is ignored over its whole range, not at the one point the search stopped (1 = as is)
     stretch: float = 3.0
+    # ... but never past where the image's overall colour (per-channel mean) leaves the range real training images
+    # show: a whole-image edit (a colour cast) made stronger than any real image is one a fine-tune tells apart
+    stretch_within: bool = False
     # the colour-cast attempt's verdicts (explain.search.cast) are taught only while the teacher judged most casts
     # spurious (of those judged true, spurious or unsure): where a cast of the whole image can change the class it
     # is evidence in this data, and even a correct spurious verdict on one cast teaches the classifier to ignore it
     cast_vote: bool = False
-    # ... but never past where the image's overall colour (per-channel mean) leaves the range real training images
-    # show: a whole-image edit (a colour cast) made stronger than any real image is one a fine-tune tells apart
-    stretch_within: bool = False
     # after fine-tuning, project this many principal directions of each round's spurious edits' feature change
     # (less what the true edits changed, except in the explained classifier's own features) out of the head and
     # refit it on the training images: the verdict removes a feature from every image, not only the edited (0 = off;

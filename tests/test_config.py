@@ -97,6 +97,11 @@ def test_cfkd_sections_are_checked():
         config.from_dict({"distil": {"erase": 0}})  # the default layers need the erase
     with pytest.raises(UserError, match="distil.erase_finetuned: false with distil.layers: all never erases"):
         config.from_dict({"distil": {"layers": "all", "erase_finetuned": False}})
+    with pytest.raises(
+        UserError, match=r"distil.cast_vote decides which colour-cast edits are taught, and there"
+    ):
+        config.from_dict({"distil": {"cast_vote": True}})
+    assert config.from_dict({"distil": {"cast_vote": True}, "explain": {"search": {"cast": True}}})
     with pytest.raises(UserError, match=r"explain.search.pace \(0.8\) is above feedback.partial \(0.5\)"):
         config.from_dict({"explain": {"search": {"pace": 0.8}}})
     with pytest.raises(UserError, match=r"explain.search.pace: got 1.5, expected a share in \[0, 1\]"):
