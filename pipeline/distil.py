@@ -44,7 +44,8 @@ def training_set(table: pd.DataFrame, consensus: pd.DataFrame, use_true: bool) -
     table = table[keep]
     label = table["source_class"].where(table["verdict"] == "spurious", table["target_class"])
     columns = ["id", "sample", "attempt", "counterfactual", "original", "verdict", "label"]
-    return table.assign(label=label)[columns].reset_index(drop=True)
+    table = table.assign(label=label)
+    return table[[c for c in columns if c in table]].reset_index(drop=True)  # a hand-made table: no attempt
 
 
 def training_data(run_dir: Path, taught: list[int], use_true: bool) -> pd.DataFrame:
@@ -81,7 +82,12 @@ def taught_verdicts(
     """``training_data`` of the rounds ``taught`` (true verdicts included), without the cast attempt's where
     ``cast_vote`` holds and the teacher did not judge most casts spurious."""
     labelled = training_data(run_dir, taught, use_true=True)
-    if config.cast_vote and cast_attempt and not casts_are_shortcuts(run_dir, taught, cast_attempt):
+    if (
+        config.cast_vote
+        and cast_attempt
+        and "attempt" in labelled
+        and not casts_are_shortcuts(run_dir, taught, cast_attempt)
+    ):
         labelled = labelled[labelled["attempt"].astype(int) != cast_attempt].reset_index(drop=True)
     return labelled
 
