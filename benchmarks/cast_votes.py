@@ -13,29 +13,35 @@ import argparse
 import json
 from pathlib import Path
 
+import pandas as pd
 import yaml
 from suite import tagged_runs
 
-from pipeline import feedback, manifest
+from pipeline import config as cfg
+from pipeline import distil, feedback
 
 HERE = Path(__file__).resolve().parent
+LABELS = ("true", "spurious", "unsure")
 
 
 def votes(run_dir: Path) -> list[dict]:
     """Per finished feedback round: the cast verdicts of that round and of all rounds so far."""
-    search = yaml.safe_load((run_dir / "config.yaml").read_text())["explain"]["search"]
-    attempt, total, rows = search["attempts"] + 1, {"true": 0, "spurious": 0, "unsure": 0}, []
+    # the explain section alone: runs of a switch since renamed still name it under distil
+    explain = yaml.safe_load((run_dir / "config.yaml").read_text())["explain"]
+    attempt, judged, rows = cfg.from_dict({"explain": explain}).explain.search.cast_attempt, [], []
     for r in range(1, 4):
         if not feedback.verdicts_path(run_dir, r).exists():
             break
-        table = manifest.read_round(run_dir, r)
-        casts = set(table.loc[table["attempt"].astype(int) == attempt, "id"])
-        verdicts = feedback.read_verdicts(run_dir, r)
-        counts = verdicts.loc[verdicts["cf_id"].isin(casts), "label"].value_counts()
-        this = {k: int(counts.get(k, 0)) for k in total}
-        total = {k: total[k] + this[k] for k in total}
-        taught = 2 * total["spurious"] > sum(total.values())  # distil.casts_are_shortcuts
-        rows.append({"round": r, "casts": this, "so_far": dict(total), "cast_vote_teaches": taught})
+        judged.append(distil.cast_verdicts(run_dir, r, attempt))
+        so_far = pd.concat(judged)
+        rows.append(
+            {
+                "round": r,
+                "casts": {k: int(judged[-1].eq(k).sum()) for k in LABELS},
+                "so_far": {k: int(so_far.eq(k).sum()) for k in LABELS},
+                "cast_vote_teaches": distil.mostly_spurious(so_far),
+            }
+        )
     return rows
 
 

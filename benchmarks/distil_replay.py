@@ -75,10 +75,10 @@ def only_attempts(label: str, run_dir: Path):
     if label == "first_attempts":
         return attempts_only(lambda a: a == 1)
     if label == "without_casts":
-        search = yaml.safe_load((run_dir / "config.yaml").read_text())["explain"]["search"]
-        if not search.get("cast"):
+        cast = cfg.load(run_dir / "config.yaml").explain.search.cast_attempt
+        if cast is None:
             raise SystemExit(f"{run_dir}: no cast attempt (explain.search.cast is off)")
-        return attempts_only(lambda a: a <= search["attempts"])
+        return attempts_only(lambda a: a != cast)
     return contextlib.nullcontext()
 
 
@@ -103,8 +103,7 @@ def replay(run_dir: Path, r: int, changes: dict) -> dict:
         out = Path(tmp)
         start = run_dir / rounds.start(distil_config, explained)
         taught = rounds.taught(distil_config, r)
-        search = config.explain.search
-        cast_attempt = search.attempts + 1 if search.cast else None  # as the runner passes it
+        cast_attempt = config.explain.search.cast_attempt  # as the runner passes it
         distil.stage(
             run_dir, taught, start, run_dir / explained, data, distil_config, out, False, cast_attempt
         )

@@ -96,6 +96,11 @@ class SearchConfig:
         return self.cast or self.cast_competes
 
     @property
+    def cast_attempt(self) -> int | None:
+        """The attempt number the cast's edits get in the manifest (after the others), None without ``cast``."""
+        return self.attempts + 1 if self.cast else None
+
+    @property
     def needs_prior(self) -> bool:
         """The search uses a PatchPrior: as a realism term, as a projection of every edit, or both."""
         return self.patch_prior > 0 or self.project

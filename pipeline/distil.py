@@ -62,18 +62,23 @@ def training_data(run_dir: Path, taught: list[int], use_true: bool) -> pd.DataFr
     return pd.concat(tables, ignore_index=True)
 
 
+def cast_verdicts(run_dir: Path, round: int, attempt: int) -> pd.Series:
+    """The labels the teacher gave round ``round``'s edits of the colour-cast attempt ``attempt``."""
+    table = manifest.read_round(run_dir, round)
+    casts = set(table.loc[table["attempt"].astype(int) == attempt, "id"])
+    verdicts = feedback.read_verdicts(run_dir, round)
+    return verdicts.loc[verdicts["cf_id"].isin(casts), "label"]
+
+
+def mostly_spurious(labels: pd.Series) -> bool:
+    """More than half of the casts judged (true, spurious or unsure) were judged spurious: only then is a gain of
+    the whole image a shortcut in this data, and not evidence or a change the teacher could not call."""
+    return 2 * int(labels.eq("spurious").sum()) > len(labels)
+
+
 def casts_are_shortcuts(run_dir: Path, taught: list[int], attempt: int) -> bool:
-    """Whether the teacher judged most edits of the colour-cast attempt ``attempt`` it saw in the rounds ``taught``
-    spurious (more than half of those judged true, spurious or unsure): only then is a gain of the whole image a
-    shortcut in this data, and not evidence or a change the teacher could not call."""
-    spurious = judged = 0
-    for r in taught:
-        table = manifest.read_round(run_dir, r)
-        casts = set(table.loc[table["attempt"].astype(int) == attempt, "id"])
-        verdicts = feedback.read_verdicts(run_dir, r)
-        labels = verdicts.loc[verdicts["cf_id"].isin(casts), "label"]
-        spurious, judged = spurious + int(labels.eq("spurious").sum()), judged + len(labels)
-    return 2 * spurious > judged
+    """``mostly_spurious`` over the cast verdicts of the rounds ``taught``."""
+    return mostly_spurious(pd.concat([cast_verdicts(run_dir, r, attempt) for r in taught]))
 
 
 def taught_verdicts(

@@ -229,8 +229,7 @@ class Run:
             "distil", c, self.keys[model], self.keys[start], feedback_keys, self.keys["data"]
         )
 
-        search = self.config.explain.search
-        cast_attempt = search.attempts + 1 if search.cast else None
+        cast_attempt = self.config.explain.search.cast_attempt
 
         def body(tmp: Path) -> None:
             distil.stage(
