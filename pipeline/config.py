@@ -81,9 +81,9 @@ class SearchConfig:
     dilate: float = 0.05
     filter_timestep: int = 0  # gradient filtering through the UNet at this timestep (0 = off)
     # one more attempt after the others: channel gains of the whole image (pipeline/cast.py), the edit that shows a
-    # colour-cast shortcut (a scanner's, a stain's, a white balance's), which no local edit shows; not for data
-    # whose classes are colours (the gains move the evidence too)
-    cast: bool = False
+    # colour-cast shortcut (a scanner's, a stain's, a white balance's), which no local edit shows; where a gain
+    # is class evidence, distil.cast_vote keeps the casts' verdicts out of training
+    cast: bool = True
     # the same cast competes with attempt 1's edits instead: the smallest valid edit wins, local or global, so a
     # cast is shown only where it is a smaller change than any local edit that flips (its image then has no room
     # for attempt 2: a cast moves every pixel)
@@ -256,7 +256,7 @@ class DistilConfig:
     # the colour-cast attempt's verdicts (explain.search.cast) are taught only while the teacher judged most casts
     # spurious (of those judged true, spurious or unsure): where a cast of the whole image can change the class it
     # is evidence in this data, and even a correct spurious verdict on one cast teaches the classifier to ignore it
-    cast_vote: bool = False
+    cast_vote: bool = True
     # after fine-tuning, project this many principal directions of each round's spurious edits' feature change
     # (less what the true edits changed, except in the explained classifier's own features) out of the head and
     # refit it on the training images: the verdict removes a feature from every image, not only the edited (0 = off;

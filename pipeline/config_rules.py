@@ -138,11 +138,6 @@ def cross_checks(config: RunConfig) -> list[str]:
             "feedback.teacher: model needs the reference classifier (reference.enabled: true, with "
             "reference.root or reference.weights for your own data); or use feedback.teacher: human"
         )
-    if config.distil.cast_vote and not config.explain.search.cast:
-        issues.append(
-            "distil.cast_vote decides which colour-cast edits are taught, and there are none: set "
-            "explain.search.cast: true, or leave distil.cast_vote off"
-        )
     if config.explain.search.pace > config.feedback.partial:
         issues.append(
             f"explain.search.pace ({config.explain.search.pace}) is above feedback.partial "

@@ -1,7 +1,8 @@
 """Simulated teachers: label counterfactuals automatically, writing to the same feedback store as experts.
 
-- mask oracle, density rule (default): the change weighted by the centred feature mask (positive on the true
-  feature, negative elsewhere); a positive mean means the edit sits on the real evidence -> true, else spurious.
+- mask oracle, density rule (default): the change (a pixel's: its largest channel's) weighted by the centred
+  feature mask (positive on the true feature, negative elsewhere); a positive mean means the edit sits on the real
+  evidence -> true, else spurious.
   Where the feature covers most of the image (a texture) every density is near 1 and it cannot decide.
 - mask oracle by intervention (``oracle: intervention``): the explained classifier sees only the part of the edit
   inside the feature mask, then only the part outside; whichever carries the flip decides (true / spurious), the
@@ -58,7 +59,8 @@ def mask_verdicts(
         if not masks.get(row.source_path):
             continue  # no feature mask for this image: the oracle abstains
         cf, original = (read_rgb(explain_dir / p, float) for p in (row.counterfactual, row.original))
-        delta = np.abs(cf - original).sum(-1)
+        # a pixel's change is its largest channel's: a grey pixel's gain is not three times a red one's
+        delta = np.abs(cf - original).max(-1)
         # the mask fitted like its image was (same size, same resize policy)
         mask = load_mask(data_root / masks[row.source_path], list(delta.shape), resize).astype(float)
         # change per pixel on the feature / per pixel overall: > 1 <=> the centred-mask mean is positive

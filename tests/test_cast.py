@@ -57,7 +57,7 @@ def test_a_cast_classifier_is_explained_by_a_colour_change_of_the_whole_image():
 
 def test_without_the_switch_there_is_no_cast_attempt():
     x, target = _cool_tiles(), torch.ones(4, dtype=torch.long)
-    settings = Settings(attempts=1, goal=0.9, steps=5, lr=0.05, l1=0.1)
+    settings = Settings(attempts=1, goal=0.9, steps=5, lr=0.05, l1=0.1, cast=False)
     assert len(Explainer(PixelCodec(), CastMeter(), settings)(x, target)) == 1
 
 
@@ -125,7 +125,9 @@ class CornerMeter(torch.nn.Module):
 
 def test_a_competing_cast_is_attempt_1_only_where_it_is_the_smaller_edit():
     x, target = _cool_tiles(), torch.ones(4, dtype=torch.long)
-    settings = Settings(attempts=2, goal=0.9, steps=150, lr=0.05, l1=0.1, cast_competes=True, cast_lr=0.02)
+    settings = Settings(
+        attempts=2, goal=0.9, steps=150, lr=0.05, l1=0.1, cast=False, cast_competes=True, cast_lr=0.02
+    )
     on_cast = Explainer(PixelCodec(), CastMeter(), settings)(x, target)
     assert len(on_cast) == 2  # no attempt of its own: the cast competes within attempt 1
     first = on_cast[0]
@@ -150,7 +152,13 @@ def test_the_explain_stage_with_a_competing_cast_writes_no_attempt_of_its_own(
     runs = {}
     for competes in (False, True):
         out = tmp_path / str(competes)
-        explain.run(ckpt, data, _config(cast_competes=competes), GeneratorConfig(source=str(tiny_codec)), out)
+        explain.run(
+            ckpt,
+            data,
+            _config(cast=False, cast_competes=competes),
+            GeneratorConfig(source=str(tiny_codec)),
+            out,
+        )
         runs[competes] = manifest.read(out / "manifest.csv").set_index("id").sort_index()
     table, plain = runs[True], runs[False]
     assert len(table) == 2 * 3 * 2 and set(table["attempt"]) == {1, 2}  # pairs x images x 2 attempts

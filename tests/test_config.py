@@ -97,11 +97,8 @@ def test_cfkd_sections_are_checked():
         config.from_dict({"distil": {"erase": 0}})  # the default layers need the erase
     with pytest.raises(UserError, match="distil.erase_finetuned: false with distil.layers: all never erases"):
         config.from_dict({"distil": {"layers": "all", "erase_finetuned": False}})
-    with pytest.raises(
-        UserError, match=r"distil.cast_vote decides which colour-cast edits are taught, and there"
-    ):
-        config.from_dict({"distil": {"cast_vote": True}})
-    assert config.from_dict({"distil": {"cast_vote": True}, "explain": {"search": {"cast": True}}})
+    # the vote is on by default: turning the cast off alone is valid (there are no casts to vote on)
+    assert config.from_dict({"explain": {"search": {"cast": False}}}).distil.cast_vote
     with pytest.raises(UserError, match=r"explain.search.pace \(0.8\) is above feedback.partial \(0.5\)"):
         config.from_dict({"explain": {"search": {"pace": 0.8}}})
     with pytest.raises(UserError, match=r"explain.search.pace: got 1.5, expected a share in \[0, 1\]"):
@@ -136,8 +133,8 @@ def test_search_confinement_keys_are_checked(tmp_path):
 
 
 def test_every_yaml_block_of_the_readme_is_a_config_that_loads(tmp_path):
-    """The README's YAML is what users copy: each block must load as written, and the colour-cast settings must
-    set what the text says they set."""
+    """The README's YAML is what users copy: each block must load as written, and the mask teacher's colour-cast
+    settings must set what the text says they set."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     blocks = [b.split("```", 1)[0] for b in readme.split("```yaml\n")[1:]]
     assert len(blocks) >= 3
@@ -145,13 +142,13 @@ def test_every_yaml_block_of_the_readme_is_a_config_that_loads(tmp_path):
     for i, block in enumerate(blocks):
         (tmp_path / f"{i}.yaml").write_text(block)
         loaded.append(config.load(tmp_path / f"{i}.yaml"))
-    cast = [c for c in loaded if c.explain.search.cast]
+    cast = [c for c in loaded if c.feedback.oracle == "density+intervention"]
     assert len(cast) == 1
-    # the three settings the text names, and everything else the recommended method
+    # the two settings the text names, and everything else the recommended method (the cast attempt included)
     d = config.RunConfig()
+    assert d.explain.search.cast and d.distil.cast_vote
     expected = replace(
         d,
-        explain=replace(d.explain, search=replace(d.explain.search, cast=True)),
         distil=replace(d.distil, stretch_within=True),
         feedback=replace(d.feedback, oracle="density+intervention"),
     )

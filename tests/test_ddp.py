@@ -38,7 +38,8 @@ def test_explain_on_two_processes_writes_every_counterfactual_once(tiny_biased, 
     two = explain.run(checkpoint, data, replace(conf.explain, devices=2), conf.generator, tmp_path / "two")
     assert (one["processes"], two["processes"]) == (1, 2)
     a, b = (manifest.read(tmp_path / n / manifest.NAME) for n in ("one", "two"))
-    assert len(b) == 2 * 3 * conf.explain.search.attempts and not b.duplicated(KEY).any()
+    # pairs x images x attempts, the cast the last
+    assert len(b) == 2 * 3 * conf.explain.search.cast_attempt and not b.duplicated(KEY).any()
     assert a[KEY].equals(b[KEY])  # the same requests, in the same order
     assert not b["id"].duplicated().any()
     for row in b.itertuples():

@@ -884,5 +884,7 @@ def test_cast_vote_teaches_cast_verdicts_only_while_most_casts_were_judged_spuri
     assert len(distil.taught_verdicts(tmp_path, [1, 2], on, cast_attempt=3)) == 8
     three = distil.taught_verdicts(tmp_path, [1, 2, 3], on, cast_attempt=3)
     assert sorted(three["id"]) == [f"r{r}-s{i}-a1" for r in (1, 2, 3) for i in (0, 1)]
-    assert len(distil.taught_verdicts(tmp_path, [1, 2, 3], DistilConfig(), cast_attempt=3)) == 11
+    assert (
+        len(distil.taught_verdicts(tmp_path, [1, 2, 3], DistilConfig(cast_vote=False), cast_attempt=3)) == 11
+    )
     assert len(distil.taught_verdicts(tmp_path, [1, 2, 3], on, cast_attempt=None)) == 11

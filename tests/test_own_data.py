@@ -167,7 +167,9 @@ def test_cfkd_run_end_to_end_on_own_data(own, tiny_codec, tmp_path):
     assert cli.main(["run", "--config", config, "--run-dir", str(tmp_path / "run")]) == 0
     run = tmp_path / "run"
     table = manifest.read_round(run, 1)
-    assert set(table["source_class"]) <= set(NAMES) and 0 < len(table) <= 3 * 2 * 2
+    assert (
+        set(table["source_class"]) <= set(NAMES) and 0 < len(table) <= 3 * 2 * 2 * 2
+    )  # pairs x images x (1 attempt + the cast)
     cf = Image.open(run / "explain" / table["counterfactual"][0])
     assert cf.mode == "L" and cf.size == (56, 40)  # greyscale, at the classifier's input size
     verdicts = pd.read_csv(run / "feedback_r1" / "verdicts.csv")

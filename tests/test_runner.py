@@ -111,7 +111,7 @@ def test_explain_stage_joins_the_run_and_the_report(tmp_path, tiny_codec):
     lines = _run(tmp_path / "run", config)
     assert "[explain] running" in lines
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["explain"]["counterfactuals"] == 2 * 2 * 2
+    assert metrics["explain"]["counterfactuals"] == 2 * 2 * 3  # pairs x images x (2 attempts + the cast)
     html = (tmp_path / "run" / "report.html").read_text()
     assert "Counterfactuals (SCE-LITE-HQ)" in html and "network evaluations per counterfactual" in html
     assert "0 &rarr; 1" in html and "&amp;rarr;" not in html  # class-pair headings render as arrows

@@ -311,3 +311,34 @@ def test_a_simulated_teacher_rejects_edits_its_realism_proxy_calls_unrealistic(t
     labels = FeedbackStore(tmp_path / "feedback.sqlite").labels().set_index("cf_id")["label"]
     expected = {k: "unrealistic" if k.endswith("background") else v for k, v in truth.items()}
     assert labels.to_dict() == expected and result["unrealistic"] == 6
+
+
+def test_the_density_rule_weighs_a_pixel_by_its_largest_channel_not_its_sum(tmp_path):
+    """A gain over a red square on a grey background changes every pixel's largest channel alike: an even edit
+    (unsure), not a background edit because a grey pixel has three channels to change."""
+    data, explain = tmp_path / "data", tmp_path / "explain"
+    (data / "masks").mkdir(parents=True)
+    explain.mkdir()
+    image = np.full((32, 32, 3), 120, np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    image[mask > 0] = [120, 0, 0]
+    Image.fromarray(image).save(data / "a.png")
+    Image.fromarray(mask).save(data / "masks" / "a.png")
+    pd.DataFrame([{"path": "a.png", "label": 0, "feature_mask": "masks/a.png"}]).to_csv(data / "metadata.csv")
+    Image.fromarray(image).save(explain / "original.png")
+    edits = {
+        "cast": (image * 0.6).astype(np.uint8),
+        "square": np.where(mask[..., None] > 0, [240, 0, 0], image).astype(np.uint8),
+        "background": np.where(mask[..., None] > 0, image, 255 - image).astype(np.uint8),
+    }
+    for name, edited in edits.items():
+        Image.fromarray(edited).save(explain / f"{name}.png")
+    table = pd.DataFrame(
+        [
+            {"id": n, "source_path": "a.png", "original": "original.png", "counterfactual": f"{n}.png"}
+            for n in edits
+        ]
+    )
+    verdicts = teach.mask_verdicts(table, explain, data, band=2.0)
+    assert verdicts.to_dict() == {"cast": "unsure", "square": "true", "background": "spurious"}
