@@ -84,9 +84,9 @@ class SearchConfig:
     # colour-cast shortcut (a scanner's, a stain's, a white balance's), which no local edit shows; where a gain
     # is class evidence, distil.cast_vote keeps the casts' verdicts out of training
     cast: bool = True
-    # the same cast competes with attempt 1's edits instead: the smallest valid edit wins, local or global, so a
-    # cast is shown only where it is a smaller change than any local edit that flips (its image then has no room
-    # for attempt 2: a cast moves every pixel)
+    # the same cast competes with attempt 1's edits too (with cast: false, instead of its own attempt): the smallest
+    # valid edit wins, local or global, so a cast is shown only where it is a smaller change than any local edit
+    # that flips (its image then has no room for attempt 2: a cast moves every pixel)
     cast_competes: bool = False
     cast_lr: float = 0.01  # Adam on the three log gains (0 = no change)
 
