@@ -1,0 +1,51 @@
+"""The benchmark scripts' own arithmetic (their measurements run in benchmarks/, not here)."""
+
+import json
+from pathlib import Path
+
+
+def _run(worst_group: float, gap: float, validity: float = 1.0) -> dict:
+    return {
+        "cfkd": {
+            "model": "distil_r2",
+            "worst_group_accuracy": worst_group,
+            "gap_closed_worst_group": gap,
+            "rounds": [{"worst_group_accuracy": 0.0}, {"worst_group_accuracy": worst_group}],
+        },
+        "explain": {"validity_by_attempt": {"1": validity}, "evaluations_per_counterfactual": 90.0},
+        "shares": {"round_1": {"shortcut_median_a1": 0.5}},
+    }
+
+
+def test_replicates_merge_files_in_order_and_count_the_targets_each_replicate_meets(monkeypatch, tmp_path):
+    """benchmarks/replicates.py: a later file only fills in runs the earlier ones lack; mean and range per
+    dataset; the gap target differs by teacher (mask 0.8, model 0.7)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import replicates
+
+    files = {
+        "a.json": {"square": {"mask": _run(0.9, 0.95)}, "stain": {"mask": _run(0.0, 0.0, validity=0.9)}},
+        "b.json": {"square": {"mask": _run(0.1, 0.1), "model": _run(0.6, 0.75)}},
+        "c.json": {"square": {"mask": _run(0.7, 0.75), "model": _run(0.5, 0.6)}},
+    }
+    for name, datasets in files.items():
+        (tmp_path / name).write_text(json.dumps({"datasets": datasets}))
+    runs = {
+        "one": replicates.merged([str(tmp_path / "a.json"), str(tmp_path / "b.json")]),
+        "two": replicates.merged([str(tmp_path / "c.json")]),
+    }
+    assert runs["one"][("square", "mask")]["cfkd"]["worst_group_accuracy"] == 0.9  # a.json first
+    summary = replicates.summarise(runs)
+    square = summary["teachers"]["mask"]["square"]
+    assert square["worst_group"] == {"mean": 0.8, "min": 0.7, "max": 0.9}
+    assert list(summary["teachers"]["mask"]) == ["square", "stain"]
+    assert summary["acceptance"]["mask"]["one"] == {
+        "datasets": 2,
+        "mean_worst_group": 0.45,
+        "gap_target_met": 1,
+        "validity_target_met": 1,
+    }
+    assert summary["acceptance"]["mask"]["two"]["gap_target_met"] == 0  # 0.75 < 0.8 for the mask teacher
+    assert summary["acceptance"]["model"]["one"]["gap_target_met"] == 1  # 0.75 >= 0.7 for the model teacher
+    assert summary["acceptance"]["model"]["two"]["gap_target_met"] == 0
+    assert "0.00, 0.90 -> 0.90 (0.95)" in replicates.markdown(summary, ["one", "two"])
