@@ -66,8 +66,9 @@ def spread(values: list) -> dict:
 
 
 def summarise(replicates: dict[str, dict]) -> dict:
-    # the suite's own order of datasets, teacher by teacher
-    keys = sorted(dict.fromkeys(k for runs in replicates.values() for k in runs), key=lambda k: k[1])
+    # teacher by teacher, the datasets in the order the files first list them (the suite's own)
+    order = list(dict.fromkeys(dataset for runs in replicates.values() for dataset, _ in runs))
+    keys = sorted({k for runs in replicates.values() for k in runs}, key=lambda k: (k[1], order.index(k[0])))
     table = {}
     for dataset, teacher in keys:
         per = {
