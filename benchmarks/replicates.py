@@ -91,9 +91,16 @@ def summarise(replicates: dict[str, dict]) -> dict:
                 "gap_target_met": sum((r["gap_closed"] or 0) >= GAP_TARGET[teacher] for r in rows),
                 "validity_target_met": sum((r["validity_a1"] or 0) >= VALIDITY_TARGET for r in rows),
             }
-    return {"targets": {"gap_closed": GAP_TARGET, "validity_a1": VALIDITY_TARGET}, "teachers": table} | {
-        "acceptance": acceptance
-    }
+    targets = {"gap_closed": GAP_TARGET, "validity_a1": VALIDITY_TARGET}
+    return {"targets": targets, "teachers": table, "acceptance": acceptance}
+
+
+def cell(r: dict | None) -> str:
+    """One replicate's rounds -> selected (gap closed); the suite leaves the gap out where there was none."""
+    if r is None:
+        return "-"
+    gap = "-" if r["gap_closed"] is None else f"{r['gap_closed']:.2f}"
+    return f"{', '.join(f'{w:.2f}' for w in r['rounds'])} -> {r['worst_group']:.2f} ({gap})"
 
 
 def markdown(summary: dict, names: list[str]) -> str:
@@ -105,14 +112,7 @@ def markdown(summary: dict, names: list[str]) -> str:
     ]
     for teacher, datasets in summary["teachers"].items():
         for dataset, d in datasets.items():
-            cells = []
-            for name in names:
-                r = d["replicates"].get(name)
-                cells.append(
-                    "-"
-                    if r is None
-                    else f"{', '.join(f'{w:.2f}' for w in r['rounds'])} -> {r['worst_group']:.2f} ({r['gap_closed']:.2f})"
-                )
+            cells = [cell(d["replicates"].get(name)) for name in names]
             lines.append(
                 f"| {dataset} | {teacher} | "
                 + " | ".join(cells)

@@ -49,3 +49,15 @@ def test_replicates_merge_files_in_order_and_count_the_targets_each_replicate_me
     assert summary["acceptance"]["model"]["one"]["gap_target_met"] == 1  # 0.75 >= 0.7 for the model teacher
     assert summary["acceptance"]["model"]["two"]["gap_target_met"] == 0
     assert "0.00, 0.90 -> 0.90 (0.95)" in replicates.markdown(summary, ["one", "two"])
+
+
+def test_replicates_table_shows_a_run_without_a_gap_to_close(monkeypatch):
+    """The suite writes gap_closed_worst_group = None where biased and reference were equal: the table says "-"."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import replicates
+
+    run = _run(1.0, 0.0) | {"file": "x.json"}
+    run["cfkd"]["gap_closed_worst_group"] = None
+    summary = replicates.summarise({"one": {("shapes", "mask"): run}})
+    assert summary["acceptance"]["mask"]["one"]["gap_target_met"] == 0
+    assert "| shapes | mask | 0.00, 1.00 -> 1.00 (-) | 1.0 |" in replicates.markdown(summary, ["one"])
