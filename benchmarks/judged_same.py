@@ -53,7 +53,19 @@ def compare(base: Path, other: Path, partial: float, cfkd_round: int = 1, tolera
         ],
         "steps_by_attempt": [by_attempt(t.steps) for t in (a, b)],
         "flips_by_attempt": [by_attempt(t.success) for t in (a, b)],
+        "l1_ratio_by_attempt": l1_ratios(a, b),
     }
+
+
+def l1_ratios(a: pd.DataFrame, b: pd.DataFrame) -> dict:
+    """Per attempt, the second run's edit size over the first's (L1), median and 90th percentile over the
+    counterfactuals that flipped in both: how much larger or smaller the same image's edit became."""
+    flipped = a.success.astype(bool) & b.success.astype(bool)
+    ratio = (b.l1.astype(float) / a.l1.astype(float).clip(lower=1e-12))[flipped]
+    out = {}
+    for attempt, values in ratio.groupby(level="attempt"):
+        out[str(attempt)] = [round(float(values.median()), 3), round(float(values.quantile(0.9)), 3)]
+    return out
 
 
 def by_attempt(column: pd.Series) -> dict:

@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import pandas as pd
+
 
 def _run(worst_group: float, gap: float, validity: float = 1.0) -> dict:
     return {
@@ -61,3 +63,18 @@ def test_replicates_table_shows_a_run_without_a_gap_to_close(monkeypatch):
     summary = replicates.summarise({"one": {("shapes", "mask"): run}})
     assert summary["acceptance"]["mask"]["one"]["gap_target_met"] == 0
     assert "| shapes | mask | 0.00, 1.00 -> 1.00 (-) | 1.0 |" in replicates.markdown(summary, ["one"])
+
+
+def test_judged_same_compares_edit_sizes_per_attempt_over_edits_that_flipped_in_both(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import judged_same
+
+    index = pd.MultiIndex.from_tuples(
+        [("s0", "b", 1), ("s1", "b", 1), ("s2", "b", 1), ("s0", "b", 2), ("s1", "b", 2)],
+        names=judged_same.KEY,
+    )
+    a = pd.DataFrame({"l1": [1.0, 2.0, 4.0, 1.0, 1.0], "success": [True, True, True, True, False]}, index)
+    b = pd.DataFrame({"l1": [1.1, 2.2, 2.0, 0.5, 9.0], "success": [True, True, False, True, True]}, index)
+    ratios = judged_same.l1_ratios(a, b)
+    # attempt 1: s2 did not flip in the second run and is left out; attempt 2: s1 did not flip in the first
+    assert ratios["1"][0] == 1.1 and ratios["2"] == [0.5, 0.5]
