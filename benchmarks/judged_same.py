@@ -54,7 +54,14 @@ def compare(base: Path, other: Path, partial: float, cfkd_round: int = 1, tolera
         "steps_by_attempt": [by_attempt(t.steps) for t in (a, b)],
         "flips_by_attempt": [by_attempt(t.success) for t in (a, b)],
         "l1_ratio_by_attempt": l1_ratios(a, b),
+        "p_target_after_by_attempt": [medians(t.p_target_after, a.success & b.success) for t in (a, b)],
     }
+
+
+def medians(column: pd.Series, rows: pd.Series) -> dict:
+    """A column's median per attempt over ``rows`` (the edits that flipped in both runs)."""
+    values = column.astype(float)[rows.astype(bool)].groupby(level="attempt").median()
+    return {str(k): round(float(v), 4) for k, v in values.items()}
 
 
 def l1_ratios(a: pd.DataFrame, b: pd.DataFrame) -> dict:

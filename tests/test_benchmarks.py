@@ -78,3 +78,5 @@ def test_judged_same_compares_edit_sizes_per_attempt_over_edits_that_flipped_in_
     ratios = judged_same.l1_ratios(a, b)
     # attempt 1: s2 did not flip in the second run and is left out; attempt 2: s1 did not flip in the first
     assert ratios["1"][0] == 1.1 and ratios["2"] == [0.5, 0.5]
+    p = pd.Series([0.9, 0.7, 0.1, 0.6, 0.99], index)
+    assert judged_same.medians(p, a.success & b.success) == {"1": 0.8, "2": 0.6}
