@@ -88,7 +88,9 @@ class SearchConfig:
     # valid edit wins, local or global, so a cast is shown only where it is a smaller change than any local edit
     # that flips (its image then has no room for attempt 2: a cast moves every pixel)
     cast_competes: bool = False
-    cast_lr: float = 0.01  # Adam on the three log gains (0 = no change)
+    # Adam on the three log gains (0 = no change); a cast that reached its level is scaled back to the least that
+    # still does, so a long step saves evaluations without making the cast larger
+    cast_lr: float = 0.03
 
     @property
     def casts(self) -> bool:
