@@ -68,10 +68,8 @@ def search(explainer, x: torch.Tensor, target: torch.Tensor) -> dict:
         optimizer.zero_grad()
         loss.backward()
         p = explainer.judge(logits, x_cf.detach(), target[on])
-        was = search.best_p.clone()
         finished = search.record(on, x_cf.detach(), p)
-        improved = search.best_p > was
-        best[improved] = (params.detach() @ basis)[improved]
+        best[search.improved] = (params.detach() @ basis)[search.improved]
         if finished:
             break
         search.step(optimizer, params)

@@ -46,6 +46,7 @@ class Progress:
         start = log_odds(p_before)
         self.mark = start + pace * (float(log_odds(torch.tensor(goal))) - start)  # what pace must reach
         self.pace, self.budget = pace, budget
+        self.improved = torch.zeros_like(self.done)  # set by each ``record``
         # the best target log-odds after each step, every sample still searching
         self.trail: list[torch.Tensor] = []
 
@@ -60,6 +61,8 @@ class Progress:
         progress = makes_progress(p, self.best_p[on])
         self.stalled[on] = torch.where(progress, torch.zeros_like(self.stalled[on]), self.stalled[on] + 1)
         self.best[on[better]], self.best_p[on[better]] = current[better], p[better]
+        self.improved = torch.zeros_like(self.done)  # the samples whose best is this step's candidate
+        self.improved[on[better]] = True
         self.steps[on] += 1
         self.done |= self.best_p >= self.level
         if self.patience:  # a search that stopped improving will not flip: spare its budget
