@@ -249,7 +249,12 @@ def run_cases(args, overrides: dict, results: dict, work: Path) -> None:
             run_dir = work / (f"{config.name}-{args.tag}" if args.tag else config.name)
             if not args.keep:
                 shutil.rmtree(run_dir, ignore_errors=True)
-            seed_from(work / f"suite-{name}-mask", run_dir)
+            # the first run of this dataset in this suite (another teacher's) shares its round-1 explain, else the
+            # dataset's first suite run its classifiers
+            first = work / (
+                f"suite-{name}-{teachers[0]}-{args.tag}" if args.tag else f"suite-{name}-{teachers[0]}"
+            )
+            seed_from(first if first.is_dir() else work / f"suite-{name}-mask", run_dir)
             begun = time.perf_counter()
             prefix = f"[{name}/{teacher}]"
             runner.run(config, run_dir, log=lambda line, prefix=prefix: print(prefix, line, flush=True))

@@ -7,6 +7,8 @@ and one grid per class pair for the report.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import shutil
 import time
 from pathlib import Path
@@ -148,25 +150,55 @@ def build_explainer(classifier, card, data, config: ExplainConfig, gen: Generato
     s, classes = config.search, range(len(card.classes))
     needs_reals = s.prototype > 0 or s.needs_prior or s.donors > 0 or s.casts
     reals = {t: class_images(train, t) for t in classes} if needs_reals else {}
-    prototypes = {t: real_codes(codec, reals[t]) for t in classes} if s.prototype > 0 else None
+    codes = {}
+    if s.prototype > 0 or s.donors > 0:
+        codes = {
+            t: remembered("codes", reals[t], codec, lambda t=t: real_codes(codec, reals[t])) for t in classes
+        }
+    prototypes = codes if s.prototype > 0 else None
     # the patch prior and the colour basis are unlabelled: images of every class together
     every = torch.cat(list(reals.values())) if s.needs_prior or s.casts else None
-    prior = PatchPrior.fit(every, seed=config.seed) if s.needs_prior else None
-    bank = {t: donor_bank(model, codec, reals[t], t, s.goal) for t in classes} if s.donors > 0 else None
+    prior = None
+    if s.needs_prior:
+        prior = remembered("prior", every, config.seed, lambda: PatchPrior.fit(every, seed=config.seed))
+    bank = {t: donor_bank(model, reals[t], codes[t], t, s.goal) for t in classes} if s.donors > 0 else None
     colours = cast.colour_basis(every) if s.casts else None
     explainer = Explainer(codec, model, config.search, smooth, denoiser, prototypes, prior, bank, colours)
     return explainer, agreement
 
 
+# what a later round of the same process would compute again from the same inputs (the patch prior, the real
+# images' latent codes: neither depends on the classifier): kept by a digest of those inputs
+_REMEMBERED: dict[tuple, object] = {}
+
+
+def remembered(kind: str, images: torch.Tensor, owner, make):
+    """``make()``, or a copy of what it returned for the same images and the same ``owner`` (a seed, a codec: its
+    weights' digest) earlier in this process. Only the last few results are kept."""
+    digest = hashlib.sha256(images.contiguous().numpy().tobytes())
+    if isinstance(owner, torch.nn.Module):
+        for tensor in owner.state_dict().values():
+            digest.update(tensor.contiguous().cpu().numpy().tobytes())
+    else:
+        digest.update(repr(owner).encode())
+    key = (kind, digest.hexdigest())
+    if key not in _REMEMBERED:
+        while len(_REMEMBERED) >= 8:
+            _REMEMBERED.pop(next(iter(_REMEMBERED)))
+        _REMEMBERED[key] = make()
+    return copy.deepcopy(_REMEMBERED[key])
+
+
 @torch.no_grad()
 def donor_bank(
-    model, codec, images: torch.Tensor, target: int, goal: float
+    model, images: torch.Tensor, codes: torch.Tensor, target: int, goal: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The real images of one class the classifier assigns to it at the goal probability (all of them if none is
-    that sure), and their pooled latent codes: where a donor window (pipeline/donors.py) comes from."""
+    that sure), and their pooled latent codes (``codes``: of every image): where a donor window
+    (pipeline/donors.py) comes from."""
     p = torch.cat([torch.softmax(model(part), -1)[:, target] for part in images.split(128)])
-    sure = images[p >= goal] if bool((p >= goal).any()) else images
-    return sure, real_codes(codec, sure)
+    sure = p >= goal if bool((p >= goal).any()) else torch.ones_like(p, dtype=torch.bool)
+    return images[sure], codes[sure]
 
 
 def class_images(images: ImageDataset, target: int, limit: int = 400) -> torch.Tensor:
@@ -318,30 +350,39 @@ def write_outputs(
 
 
 def grid(group: pd.DataFrame, out: Path, path: Path, samples: int = 6) -> None:
-    """original | attempt 1..K | brightness change 1..K | colour change 1..K, one row per sample."""
+    """original | attempt 1..K | brightness change 1..K | colour change 1..K, one row per sample: the panels laid
+    into one picture drawn once (a subplot per panel costs seconds per grid)."""
     k = int(group["attempt"].max())
-    sample_ids = list(dict.fromkeys(group["sample"]))[:samples]
-    fig, axes = plt.subplots(
-        len(sample_ids), 1 + 3 * k, figsize=((1 + 3 * k) * 1.3, len(sample_ids) * 1.4), squeeze=False
-    )
-    for row_axes, sample in zip(axes, sample_ids):
-        rows = group[group["sample"] == sample].sort_values("attempt")
-        panels = [(rows.iloc[0]["original"], "original")]
-        panels += [
-            (r.counterfactual, f"a{r.attempt} p={r.p_target_after:.2f}{'' if r.success else ' x'}")
-            for r in rows.itertuples()
-        ]
-        panels += [(r.difference, f"change a{r.attempt}") for r in rows.itertuples()]
-        pictures = [change_maps.read(out / rel) for rel, _ in panels]
-        original = pictures[0]
-        pictures += [change_maps.colour_change(original, cf) for cf in pictures[1 : 1 + len(rows)]]
-        panels += [(None, f"colour a{r.attempt}") for r in rows.itertuples()]
-        for ax, picture, (_, title) in zip(row_axes, pictures, panels):
-            ax.imshow(picture)
-            ax.set_title(title, fontsize=7)
-            ax.axis("off")
+    rows, titles = [], []
+    for sample in list(dict.fromkeys(group["sample"]))[:samples]:
+        attempts = group[group["sample"] == sample].sort_values("attempt")
+        names = [attempts.iloc[0]["original"], *attempts["counterfactual"], *attempts["difference"]]
+        pictures = [change_maps.read(out / rel) for rel in names]
+        pictures += [change_maps.colour_change(pictures[0], cf) for cf in pictures[1 : 1 + len(attempts)]]
+        rows.append(pictures)
+        titles.append(
+            ["original"]
+            + [
+                f"a{r.attempt} p={r.p_target_after:.2f}{'' if r.success else ' x'}"
+                for r in attempts.itertuples()
+            ]
+            + [f"change a{r.attempt}" for r in attempts.itertuples()]
+            + [f"colour a{r.attempt}" for r in attempts.itertuples()]
+        )
+    h, w = rows[0][0].shape[:2]
+    gap_x, gap_y = max(2, w // 8), max(10, h // 3)  # room between panels and for each panel's title
+    columns = 1 + 3 * k
+    mosaic = np.full((len(rows) * (h + gap_y), columns * (w + gap_x), 3), 255, np.uint8)
+    fig = plt.figure(figsize=(columns * 1.3, len(rows) * 1.4 + 0.3))
+    ax = fig.add_axes((0, 0, 1, 1 - 0.3 / (len(rows) * 1.4 + 0.3)))
+    for i, (pictures, names) in enumerate(zip(rows, titles)):
+        for j, (picture, title) in enumerate(zip(pictures, names)):
+            top, left = i * (h + gap_y) + gap_y, j * (w + gap_x)
+            mosaic[top : top + h, left : left + w] = picture
+            ax.text(left + w / 2, top - 2, title, fontsize=7, ha="center", va="bottom")
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.axis("off")
     first = group.iloc[0]
     fig.suptitle(f"{first['source_class']} -> {first['target_class']}", fontsize=9)
-    fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -583,7 +583,8 @@ def test_donor_windows_find_a_tag_shape_no_gradient_points_to(donors):
     settings = Settings(attempts=1, goal=0.8, steps=150, lr=0.05, l1=0.1, prototype=0.0, donors=donors)
     model = CheckerOrBrightness()
     real = _checkered(6)
-    bank = {1: explain.donor_bank(model, PixelCodec(), real, 1, settings.goal)} if donors else None
+    codes = explain.real_codes(PixelCodec(), real)
+    bank = {1: explain.donor_bank(model, real, codes, 1, settings.goal)} if donors else None
     result = Explainer(PixelCodec(), model, settings, donors=bank)(x, target)[0]
     assert result["success"].all()
     change = (result["x_cf"] - x).abs().sum(1)
@@ -620,10 +621,33 @@ def test_the_donor_bank_holds_only_images_the_classifier_assigns_to_the_class():
     """A donor is a real image the classifier gives the target class at the goal: a paste from an image it does not
     believe could not show what it reads as that class."""
     real = torch.cat([_checkered(3), torch.full((2, 3, 32, 32), -0.5)])  # two flat images: class 0 to it
-    images, codes = explain.donor_bank(CheckerOrBrightness(), PixelCodec(), real, 1, 0.9)
-    assert len(images) == len(codes) == 3 and torch.equal(images, real[:3])
+    every = explain.real_codes(PixelCodec(), real)
+    images, codes = explain.donor_bank(CheckerOrBrightness(), real, every, 1, 0.9)
+    assert len(images) == len(codes) == 3 and torch.equal(images, real[:3]) and torch.equal(codes, every[:3])
     with pytest.raises(ValueError, match="donors"):
         Explainer(PixelCodec(), CheckerOrBrightness(), Settings(donors=2))
+
+
+def test_a_later_round_reuses_the_patch_prior_and_codes_of_the_same_images(monkeypatch):
+    """What does not depend on the classifier is computed once per process: the same images (and seed, or codec
+    weights) give a copy of the first result, other images or another codec compute afresh."""
+    monkeypatch.setattr(explain, "_REMEMBERED", {})
+    calls = []
+    make = lambda: calls.append(1) or torch.ones(2)  # noqa: E731
+    real = _checkered(3)
+    first = explain.remembered("prior", real, 0, make)
+    again = explain.remembered("prior", real.clone(), 0, make)
+    first.add_(1)  # a caller that changes its copy does not change the next caller's
+    assert len(calls) == 1 and torch.equal(again, torch.ones(2))
+    assert torch.equal(explain.remembered("prior", real, 0, make), torch.ones(2))
+    explain.remembered("prior", real, 1, make)  # another seed
+    explain.remembered("prior", real[:2], 0, make)  # other images
+    codec = torch.nn.Linear(2, 2)
+    explain.remembered("codes", real, codec, make)
+    with torch.no_grad():
+        codec.weight.add_(1)  # other weights
+    explain.remembered("codes", real, codec, make)
+    assert len(calls) == 5
 
 
 def test_the_located_edit_can_be_an_attempt_of_its_own():
