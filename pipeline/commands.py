@@ -205,6 +205,7 @@ def teach_command(args) -> None:
         conf.feedback.unrealistic,
         conf.feedback.partial,
         conf.feedback.moved_unsure,
+        conf.feedback.other_class_unsure,
     )
     print(
         f"{result['annotator']}: {result['labelled']} verdicts ({result.get('true', 0)} true, "

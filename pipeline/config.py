@@ -219,6 +219,9 @@ class FeedbackConfig:
     # the model teacher says unsure, not spurious, where the edit took the reference more than 1 / band of the way
     # (in target log-odds) to its own flip: an unbiased model that moves that far sees evidence in the change
     moved_unsure: bool = False
+    # the model teacher says unsure, not spurious, where the reference reads a third class on the edit (neither
+    # source nor target): the change moved real evidence, and a spurious verdict would teach the source label
+    other_class_unsure: bool = False
     # a simulated teacher rejects a counterfactual as unrealistic (never trained on, counted per round) when its
     # realism proxy (kNN distance ratio to real images of the target class, 1 = like them) exceeds this; 0 = never
     unrealistic: float = 0.0

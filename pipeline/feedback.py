@@ -140,6 +140,7 @@ def run(
             config.unrealistic,
             config.partial,
             config.moved_unsure,
+            config.other_class_unsure,
         )
     table, store = manifest.read_round(run_dir, round), open_store(run_dir)
     given = verdicts(store, table, round, config.min_votes, config.partial)

@@ -11,7 +11,8 @@
   intervention for the edits it is unsure of (an edit as dense on the evidence as off it: a cast of the whole
   image), so only those edits get the verdict of the classifier's own reading.
 - model oracle: the unbiased reference classifier; it flips too -> true, else spurious; it abstains where it
-  gets the original image wrong itself. With ``moved``, an edit that took it part of the way is unsure instead.
+  gets the original image wrong itself. With ``moved``, an edit that took it part of the way is unsure instead;
+  with ``other_class``, an edit it reads as a third class.
 Only counterfactuals that flipped the classifier get a verdict (with ``partial``, also those that came that share
 of the way). Each oracle reduces an edit to a score whose
 boundary is 1 (the feature's change per pixel against the image's; the reference's odds of the target class
@@ -130,22 +131,35 @@ def intervention_verdicts(
     return pd.Series(verdicts | density.to_dict(), dtype=object)
 
 
-def reference_verdict(before: float, after: float, band: float, moved: bool = False) -> str:
+def reference_verdict(
+    before: float, after: float, band: float, moved: bool = False, elsewhere: bool = False
+) -> str:
     """The model oracle's verdict from the reference's target log-odds (against its strongest other class) on the
     original (``before``, below 0: it reads the source class) and on the edit (``after``): banded odds. With
     ``moved``, an edit that took the reference more than 1 / band of the way to its own flip is unsure, not
     spurious: an unbiased reference that moves that far sees evidence in the change, too little to flip it, and a
-    spurious verdict would teach the classifier to ignore that evidence (band 1: the authors' oracle exactly)."""
+    spurious verdict would teach the classifier to ignore that evidence (band 1: the authors' oracle exactly).
+    ``elsewhere``: the reference reads a third class on the edit (``other_class_unsure``), so the change is
+    evidence, of neither class, and a spurious verdict (keep the source label) would be wrong: unsure."""
     verdict = banded(float(np.exp(after)), band)
     if moved and verdict == "spurious" and after - before > -before / band:
+        return "unsure"
+    if elsewhere and verdict == "spurious":
         return "unsure"
     return verdict
 
 
 @torch.no_grad()
 def model_verdicts(
-    table: pd.DataFrame, explain_dir: Path, reference: Path, band: float = 1.0, moved: bool = False
+    table: pd.DataFrame,
+    explain_dir: Path,
+    reference: Path,
+    band: float = 1.0,
+    moved: bool = False,
+    other_class: bool = False,
 ) -> pd.Series:
+    """The model oracle's verdicts (``reference_verdict``); with ``other_class``, an edit the reference reads as
+    neither the source nor the target class is unsure, not spurious."""
     model, card = models.load(reference)
     model, transform = models.OnPixels(model, card), models.pixel_transform(card)
     verdicts = {}
@@ -158,7 +172,9 @@ def model_verdicts(
         target = card.classes.index(row.target_class)
         # log-odds of the target against the strongest other class: after > 0 <=> the reference flips too
         before, after = _logit_margin(logits, target).tolist()
-        verdicts[row.id] = reference_verdict(before, after, band, moved)
+        reads = card.classes[int(logits[1].argmax())]
+        elsewhere = other_class and reads not in (row.source_class, row.target_class)
+        verdicts[row.id] = reference_verdict(before, after, band, moved, elsewhere)
     return pd.Series(verdicts, dtype=object)
 
 
@@ -195,6 +211,7 @@ def run(
     unrealistic: float = 0.0,
     partial: float = 1.0,
     moved: bool = False,
+    other_class: bool = False,
 ) -> dict:
     """Label every counterfactual of the round's explain folder that flipped the classifier (or, with ``partial``
     < 1, came that share of the way: ``manifest.judged``) and write the verdicts to the store."""
@@ -220,7 +237,7 @@ def run(
             raise UserError(
                 "the model oracle needs the reference classifier (reference stage or --reference)"
             )
-        verdicts = model_verdicts(table, explain_dir, reference, band, moved)
+        verdicts = model_verdicts(table, explain_dir, reference, band, moved, other_class)
     if noise > 0:
         flip = np.random.default_rng(seed).random(len(verdicts)) < noise
         # an imperfect expert swaps true and spurious; an unsure verdict stays unsure

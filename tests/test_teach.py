@@ -342,3 +342,65 @@ def test_the_density_rule_weighs_a_pixel_by_its_largest_channel_not_its_sum(tmp_
     )
     verdicts = teach.mask_verdicts(table, explain, data, band=2.0)
     assert verdicts.to_dict() == {"cast": "unsure", "square": "true", "background": "spurious"}
+
+
+@pytest.fixture(scope="module")
+def three_classes(tmp_path_factory):
+    """Unconfounded Shapes (three objects) and a reference trained on it: (root, test rows it reads right)."""
+    from pipeline import models, shapes
+    from pipeline.evaluate import evaluate
+
+    root = tmp_path_factory.mktemp("three")
+    shapes.generate(root / "data", shapes.ShapesConfig(n=300, poison=1 / 3, seed=5))
+    data = load_folder(root / "data")
+    train(
+        data,
+        ClassifierConfig(arch="small_cnn", epochs=8, batch_size=32, lr=3e-3),
+        [48, 64],
+        root / "reference",
+    )
+    _, predictions = evaluate(*models.load(root / "reference"), data)
+    read = predictions["pred"].map(data.classes.__getitem__) == predictions["label"].astype(str)
+    return root, predictions[read]
+
+
+def test_the_model_oracle_with_other_class_calls_an_edit_the_reference_reads_as_a_third_class_unsure(
+    three_classes,
+):
+    """feedback.other_class_unsure: real test images, each original replaced by another real image. One of the
+    target class: true either way. One of the third class: the authors' oracle calls it spurious (the reference
+    did not flip to the target), which would teach the source label for an image the unbiased reference reads as
+    the third class; the switch says unsure. The original itself, re-saved: spurious either way."""
+    root, read = three_classes
+    explain = root / "explain"
+    (explain / "originals").mkdir(parents=True, exist_ok=True)
+    classes = sorted(read["label"].astype(str).unique())
+    assert len(classes) == 3
+    by_class = {c: read[read["label"].astype(str) == c]["path"].tolist() for c in classes}
+    rows = []
+    for i, (source, target) in enumerate(
+        [(classes[0], classes[1]), (classes[1], classes[2]), (classes[2], classes[0])]
+    ):
+        third = next(c for c in classes if c not in (source, target))
+        original = f"originals/{i}.png"
+        Image.open(root / "data" / by_class[source][i]).save(explain / original)
+        for kind, path in (("target", by_class[target][i]), ("third", by_class[third][i]), ("same", None)):
+            cf = f"counterfactuals/{i}-{kind}.png"
+            (explain / "counterfactuals").mkdir(exist_ok=True)
+            Image.open(root / "data" / path if path else explain / original).save(explain / cf)
+            rows.append(
+                {
+                    "id": f"{i}-{kind}",
+                    "original": original,
+                    "counterfactual": cf,
+                    "source_class": source,
+                    "target_class": target,
+                }
+            )
+    table = pd.DataFrame(rows)
+    authors = teach.model_verdicts(table, explain, root / "reference")
+    switched = teach.model_verdicts(table, explain, root / "reference", other_class=True)
+    kind = pd.Series(table["id"].str.split("-").str[1].to_numpy(), index=table["id"])
+    assert (authors[kind == "target"] == "true").all() and (switched[kind == "target"] == "true").all()
+    assert (authors[kind == "third"] == "spurious").all() and (switched[kind == "third"] == "unsure").all()
+    assert (authors[kind == "same"] == "spurious").all() and (switched[kind == "same"] == "spurious").all()
