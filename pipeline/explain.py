@@ -167,8 +167,9 @@ def build_explainer(classifier, card, data, config: ExplainConfig, gen: Generato
     return explainer, agreement
 
 
-# what a later round of the same process would compute again from the same inputs (the patch prior, the real
-# images' latent codes: neither depends on the classifier): kept by a digest of those inputs
+# what a later explain stage of the same process would compute again from the same inputs (the real images'
+# latent codes; the patch prior of the same seed, as another teacher's run of the same round fits it): neither
+# depends on the classifier, so each is kept by a digest of its inputs
 _REMEMBERED: dict[tuple, object] = {}
 
 
