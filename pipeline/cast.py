@@ -74,9 +74,8 @@ def search(explainer, x: torch.Tensor, target: torch.Tensor) -> dict:
             break
         search.step(optimizer, params)
     reached = search.best_p >= level
-    x_cf, p_after = shrink(
-        explainer, x, target, best, level, reached, search.best, search.best_p, SHRINK_HALVINGS
-    )
+    halvings = SHRINK_HALVINGS if s.cast_shrink else 0
+    x_cf, p_after = shrink(explainer, x, target, best, level, reached, search.best, search.best_p, halvings)
     # the gradient model forward + backward, and the judgement
     per_step = 2 + (0 if explainer.judged_by_gradient_model() else 1)
     return {
@@ -87,7 +86,7 @@ def search(explainer, x: torch.Tensor, target: torch.Tensor) -> dict:
         "steps": search.steps,
         "no_room": torch.zeros_like(search.done),
         # the start's judgement (and the mirror's level), every step, then the shrink's judgements
-        "evaluations": 1 + int(s.mirror) + search.steps * per_step + SHRINK_HALVINGS * reached.long(),
+        "evaluations": 1 + int(s.mirror) + search.steps * per_step + halvings * reached.long(),
         "mask": ((x_cf - x).abs().sum(1, keepdim=True) > 0).float(),
     }
 

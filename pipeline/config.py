@@ -88,9 +88,11 @@ class SearchConfig:
     # valid edit wins, local or global, so a cast is shown only where it is a smaller change than any local edit
     # that flips (its image then has no room for attempt 2: a cast moves every pixel)
     cast_competes: bool = False
-    # Adam on the three log gains (0 = no change); a cast that reached its level is scaled back to the least that
-    # still does, so a long step saves evaluations without making the cast larger
-    cast_lr: float = 0.03
+    cast_lr: float = 0.01  # Adam on the three log gains (0 = no change)
+    # a cast that reached its level is scaled back to the least that still does (six classifier passes), so a long
+    # step saves evaluations without making the cast larger; the least cast also teaches a colour-cast shortcut
+    # less well than the one the search found
+    cast_shrink: bool = False
 
     @property
     def casts(self) -> bool:

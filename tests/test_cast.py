@@ -50,9 +50,11 @@ def test_a_cast_classifier_is_explained_by_a_colour_change_of_the_whole_image():
     spread = gain.flatten(2).std(2) / gain.flatten(2).mean(2)
     assert spread.max() < 1e-3
     assert (gain[:, 0].mean((1, 2)) > 1).all() and (gain[:, 2].mean((1, 2)) < 1).all()  # warmer
-    # the start's judgement, a forward and a backward pass per step (the step's logits judge it), then the
-    # shrink's judgements
-    assert torch.equal(colour["evaluations"], 1 + 2 * colour["steps"] + cast.SHRINK_HALVINGS)
+    # the start's judgement, a forward and a backward pass per step (the step's logits judge it)
+    assert torch.equal(colour["evaluations"], 1 + 2 * colour["steps"])
+    shrunk = Explainer(PixelCodec(), CastMeter(), replace(settings, cast_shrink=True))(x, target)[1]
+    # explain.search.cast_shrink: then the shrink's judgements too
+    assert torch.equal(shrunk["evaluations"], 1 + 2 * shrunk["steps"] + cast.SHRINK_HALVINGS)
     assert (colour["steps"] > 0).all() and colour["seconds"] > 0 and not colour["no_room"].any()
 
 
@@ -60,12 +62,11 @@ def _warmth_odds(x):
     return CastMeter()(x).diff(dim=1).squeeze(1)  # log-odds of class 1 (warm) against class 0
 
 
-def test_a_long_step_past_the_level_is_shrunk_back_to_the_least_cast_that_reaches_it(monkeypatch):
+def test_a_long_step_past_the_level_is_shrunk_back_to_the_least_cast_that_reaches_it():
     x, target = _cool_tiles(), torch.ones(4, dtype=torch.long)
     settings = Settings(attempts=1, goal=0.9, steps=150, lr=0.05, l1=0.1, cast=True, cast_lr=0.5)
     need = math.log(0.9 / 0.1)  # the level's log-odds
-    shrunk = Explainer(PixelCodec(), CastMeter(), settings)(x, target)[1]
-    monkeypatch.setattr(cast, "SHRINK_HALVINGS", 0)
+    shrunk = Explainer(PixelCodec(), CastMeter(), replace(settings, cast_shrink=True))(x, target)[1]
     unshrunk = Explainer(PixelCodec(), CastMeter(), settings)(x, target)[1]
     assert torch.equal(shrunk["steps"], unshrunk["steps"])  # the same search; only its last edit differs
     long, short = _warmth_odds(unshrunk["x_cf"]), _warmth_odds(shrunk["x_cf"])
@@ -81,7 +82,9 @@ def test_a_long_step_past_the_level_is_shrunk_back_to_the_least_cast_that_reache
 
 def test_a_cast_that_never_reached_its_level_is_not_shrunk():
     x, target = _cool_tiles(), torch.ones(4, dtype=torch.long)
-    settings = Settings(attempts=1, goal=0.9, steps=2, lr=0.05, l1=0.1, cast=True, cast_lr=0.01)
+    settings = Settings(
+        attempts=1, goal=0.9, steps=2, lr=0.05, l1=0.1, cast=True, cast_lr=0.01, cast_shrink=True
+    )
     colour = Explainer(PixelCodec(), CastMeter(), settings)(x, target)[1]
     assert not colour["success"].any()  # two short steps do not get there
     assert torch.equal(colour["evaluations"], 1 + 2 * colour["steps"])  # no shrink judged
