@@ -70,14 +70,11 @@ def parts(run_dir: Path) -> dict:
         mask = torch.from_numpy(
             load_mask(data / masks[row.source_path], list(x.shape[-2:]), config.data.resize)
         )
-        mask = mask.float()[None, None]
-        delta = x_cf - x
-        margins = teach._margin(
-            model,
-            torch.cat([x, x + mask * delta, x + (1 - mask) * delta, x_cf]),
-            card.classes.index(row.target_class),
+        mask, target = mask.float()[None, None], card.classes.index(row.target_class)
+        before, whole = teach._margin(model, torch.cat([x, x_cf]), target).tolist()
+        gains.append(
+            [*teach.intervention_gains(model, x, x_cf, mask, target), whole - before, float(mask.mean())]
         )
-        gains.append([*(margins[1:] - margins[0]).tolist(), float(mask.mean())])
     inside, outside, whole, area = np.median(np.array(gains), 0).tolist() if gains else [None] * 4
     checkpoint, band = teach.explained(run_dir, 1), config.feedback.band
     verdicts = teach.intervention_verdicts(table, folder, data, checkpoint, band, config.data.resize)

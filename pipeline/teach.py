@@ -86,17 +86,25 @@ def _logit_margin(logits: torch.Tensor, target: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def intervention_score(
+def intervention_gains(
     model, x: torch.Tensor, x_cf: torch.Tensor, mask: torch.Tensor, target: int
-) -> float | None:
-    """How much more of the flip the change on the feature carries than the change off it: the classifier's gain
-    in target log-odds from applying only the part of the edit inside ``mask`` over the gain from only the part
-    outside it (> 1: the evidence carries it). None when neither part alone moves the classifier toward the
-    target (the parts only work together)."""
+) -> tuple[float, float]:
+    """The classifier's gain in target log-odds from applying only the part of the edit inside ``mask``, and from
+    only the part outside it."""
     delta = x_cf - x
     parts = torch.cat([x, x + mask * delta, x + (1 - mask) * delta])
     before, inside, outside = _margin(model, parts, target).tolist()
-    gain_in, gain_out = inside - before, outside - before
+    return inside - before, outside - before
+
+
+def intervention_score(
+    model, x: torch.Tensor, x_cf: torch.Tensor, mask: torch.Tensor, target: int
+) -> float | None:
+    """How much more of the flip the change on the feature carries than the change off it: the gain from the part
+    of the edit inside ``mask`` over the gain from the part outside it (``intervention_gains``; > 1: the evidence
+    carries it). None when neither part alone moves the classifier toward the target (the parts only work
+    together)."""
+    gain_in, gain_out = intervention_gains(model, x, x_cf, mask, target)
     if gain_in <= MOVED and gain_out <= MOVED:
         return None
     return max(gain_in, MOVED) / max(gain_out, MOVED)
