@@ -62,7 +62,8 @@ def parts(run_dir: Path) -> dict:
     folder, data = run_dir / manifest.folder(1), run_dir.parent / "data" / Path(config.data.root).name
     table = manifest.judged(manifest.read(folder), config.feedback.partial)
     table = table[table["attempt"].astype(int) == config.explain.search.cast_attempt]
-    model, card = models.load(teach.explained(run_dir, 1))
+    checkpoint, band = teach.explained(run_dir, 1), config.feedback.band
+    model, card = models.load(checkpoint)
     model, transform = models.OnPixels(model, card), models.pixel_transform(card)
     masks, gains = teach.feature_masks(data), []
     for row in table.itertuples():
@@ -76,7 +77,6 @@ def parts(run_dir: Path) -> dict:
             [*teach.intervention_gains(model, x, x_cf, mask, target), whole - before, float(mask.mean())]
         )
     inside, outside, whole, area = np.median(np.array(gains), 0).tolist() if gains else [None] * 4
-    checkpoint, band = teach.explained(run_dir, 1), config.feedback.band
     verdicts = teach.intervention_verdicts(table, folder, data, checkpoint, band, config.data.resize)
     return {
         "casts": len(table),

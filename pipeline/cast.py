@@ -7,8 +7,8 @@ on reading the cast everywhere else. The search: per image three channel gains o
 log gains from 0, the identity), with the latent search's loss (tempered cross-entropy to the target plus L1 to the
 original) and its per-sample stop; nothing is confined, the edit is global by nature. With ``cast_shrink`` a cast
 that reached its level is then scaled back along its own direction to the least that still reaches it, so a long
-step costs no size. Gains keep black black and stay plausible; a full colour matrix with offsets drove tissue to colours no
-scanner makes. On greyscale data the classifier sees the channel mean, so the cast is a change of brightness.
+step costs no size. Gains keep black black and stay plausible; a full colour matrix with offsets drove tissue to
+colours no scanner makes. On greyscale data the classifier sees the channel mean, so the cast is a change of brightness.
 
 Given real images (``colour_basis``), the gains move in the metric of those images' own colour variation: the search
 steps in whitened coordinates, so a direction along which no real image's overall colour varies (green on tissue
