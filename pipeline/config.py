@@ -251,6 +251,10 @@ class DistilConfig:
     start: str = "initial"
     select: bool = True  # a closing explain + feedback judges the last classifier; the run's result is the
     # corrected classifier whose counterfactuals the teacher found most often true (feedback accuracy, label-free)
+    # ... or, when you hold a small labelled dataset you trust (folder format; images where the shortcut does not
+    # give the label away), the classifier with the best worst-group accuracy on its val split, the run's first
+    # classifier included; no closing judgement is needed then
+    trusted: str | None = None
     mix: float = 0.5  # share of counterfactuals in each training batch (the rest: original training images)
     holdout: float = 0.2  # share of a round's counterfactual images kept for model selection
     anchor: float = 0.0  # L2 pull toward the starting weights

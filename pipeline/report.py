@@ -189,12 +189,36 @@ def verdict_counts(f: dict) -> str:
     return f"{given} ({near}{f.get('not_flipped', 0)} not flipped, {f.get('abstained', 0)} abstained{stale})"
 
 
+def _result_line(selected: dict) -> str:
+    """The run's result and why it was chosen: on the trusted set's labels, or by the teacher's judgements."""
+    name = f"<code>{html.escape(selected['model'])}</code>"
+    if selected.get("by") == "trusted":
+        trusted = selected["trusted"]
+        score = trusted["scores"][selected["model"]]
+        return (
+            f"<p><b>Result:</b> {name}, the classifier with the best worst-group accuracy on the "
+            f"{trusted['images']} val images of the trusted set <code>{html.escape(str(trusted['root']))}</code> "
+            f"({score['worst_group_accuracy']:.2f}, accuracy {score['accuracy']:.2f}; the run's first classifier "
+            "competed).</p>"
+        )
+    score = selected.get("feedback_accuracy")
+    why = (
+        "the corrected classifier whose counterfactuals the teacher judged true most often, and on a tie "
+        "spurious least often per explained image"
+        if selected.get("round")
+        else "the classifier the run started from: no round changed it"
+    )
+    shown = "- (no edit judged true or spurious)" if score is None else f"{score:.2f}"
+    return f"<p><b>Result:</b> {name}, {why} (feedback accuracy {shown}; chosen without test labels).</p>"
+
+
 def _round_rows(metrics: dict) -> pd.DataFrame:
     """One row per classifier of the CFKD story: before, after each round, the DFR baseline, the reference."""
     rounds = metrics.get("rounds", [])
     # the feedback on a classifier comes from the next round (or the closing judgement)
     fed = {r["explained"]: r for r in judged(metrics)}
     chosen = (metrics.get("selected") or {}).get("model")
+    on_trusted = ((metrics.get("selected") or {}).get("trusted") or {}).get("scores")
 
     def row(name, m, stage):
         f = fed.get(stage, {})
@@ -211,7 +235,12 @@ def _round_rows(metrics: dict) -> pd.DataFrame:
             "rejected as unrealistic": f.get("unrealistic_share"),
             "expert actions": f.get("expert_actions") or None,
             "realism proxy (kNN ratio)": f.get("realism"),
-            **({"selected (feedback accuracy)": "yes" if stage == chosen else ""} if chosen else {}),
+            **(
+                {"worst group, trusted set": on_trusted.get(stage, {}).get("worst_group_accuracy")}
+                if on_trusted
+                else {}
+            ),
+            **({"selected": "yes" if stage == chosen else ""} if chosen else {}),
         }
 
     tested = [metrics["classifier"], *rounds]
@@ -322,19 +351,8 @@ def cfkd_section(root: Path, data: FolderData) -> str | None:
     table = _round_rows(metrics).to_html(index=False, float_format="%.3f", na_rep="-")
     plots = (_round_plots(metrics) + _actions_plot(metrics)) if metrics.get("rounds") else ""
     grids = "".join(g for g in (_verdict_grid(root, r) for r in judged(metrics)) if g)
-    selected = metrics.get("selected")
-    if selected:
-        score = selected.get("feedback_accuracy")
-        why = (
-            "the corrected classifier whose counterfactuals the teacher judged true most often, and on a tie "
-            "spurious least often per explained image"
-            if selected.get("round")
-            else "the classifier the run started from: no round changed it"
-        )
-        waiting += (
-            f"<p><b>Result:</b> <code>{html.escape(selected['model'])}</code>, {why} (feedback accuracy "
-            f"{'- (no edit judged true or spurious)' if score is None else f'{score:.2f}'}; chosen without test labels).</p>"
-        )
+    if metrics.get("selected"):
+        waiting += _result_line(metrics["selected"])
     return (
         "<h2>CFKD rounds</h2><p class=note>Each round explains the current classifier, the teacher labels every "
         "counterfactual that flipped it (true = real class evidence, spurious = shortcut), and the classifier is "

@@ -1,5 +1,6 @@
 """The CFKD round policy: which classifier each round explains and fine-tunes, which verdicts it learns from,
-when a round has nothing new to teach, the closing judgement, the label-free choice of the result, and the gain.
+when a round has nothing new to teach, the closing judgement, the choice of the result (label-free, or on a labelled
+set the user trusts), and the gain.
 
 Round r: explain the classifier of round r - 1 -> the teacher's verdicts -> distil -> evaluate. The runner owns
 the stages and their fingerprints; this module only decides what flows between them.
@@ -34,6 +35,11 @@ def run(r, data: FolderData, metrics: dict) -> bool:
         metrics["rounds"].append(round_metrics(r, n, described, metrics))
         write_json(r.dir.root / "metrics.json", metrics)
     if not r.config.distil.select:
+        return True
+    if r.trusted is not None:  # labels the user trusts decide; no closing judgement needed
+        metrics["selected"] = select_trusted(
+            metrics, r.score_on_trusted(candidates(metrics)), r.config.distil
+        )
         return True
     metrics["closing"] = closing(r, data, metrics["rounds"])
     if metrics["closing"] is None:
@@ -164,7 +170,39 @@ def select(metrics: dict, key=preference) -> dict:
     return {
         "model": names[best],
         "round": best,
+        "by": "feedback",
         "feedback_accuracy": judgement[best].get("feedback_accuracy") if best < len(judgement) else None,
+        "test_accuracy": chosen.get("accuracy", chosen.get("test_accuracy")),
+        "worst_group_accuracy": chosen["worst_group_accuracy"],
+    }
+
+
+def candidates(metrics: dict) -> list[str]:
+    """The classifiers a trusted set chooses from: the run's first and each round's, one name per weights."""
+    tested = [metrics["classifier"], *metrics["rounds"]]
+    names = ["classifier", *(r["model"] for r in metrics["rounds"])]
+    return [name for i, name in enumerate(names) if same_classifier(tested, i, len(names))[0] == i]
+
+
+def trusted_preference(score: dict, i: int) -> tuple:
+    """How much ``select_trusted`` prefers candidate ``i`` scoring ``score`` on the trusted set: worst group,
+    then accuracy, then the earliest (as good with less fine-tuning drift)."""
+    return (score["worst_group_accuracy"], score["accuracy"], -i)
+
+
+def select_trusted(metrics: dict, scores: dict[str, dict], config: DistilConfig) -> dict:
+    """The classifier with the best worst-group accuracy on the trusted set (``scores``: its evaluation of each
+    candidate). Unlike the label-free rule the run's first classifier competes: labels can say that no round
+    did better than it."""
+    names = ["classifier", *(r["model"] for r in metrics["rounds"])]
+    tested = [metrics["classifier"], *metrics["rounds"]]
+    best = max((trusted_preference(scores[name], i), i) for i, name in enumerate(names) if name in scores)[1]
+    chosen = tested[best]
+    return {
+        "model": names[best],
+        "round": best,
+        "by": "trusted",
+        "trusted": {"root": config.trusted, "images": scores[names[best]]["n"], "scores": scores},
         "test_accuracy": chosen.get("accuracy", chosen.get("test_accuracy")),
         "worst_group_accuracy": chosen["worst_group_accuracy"],
     }

@@ -57,6 +57,7 @@ class Run:
     def __init__(self, config: cfg.RunConfig, root: Path, redo: set[str], verbose: bool = False, log=print):
         self.config, self.dir, self.redo, self.verbose, self.log = config, RunDir(root), redo, verbose, log
         self.keys: dict[str, str] = {}
+        self.trusted: FolderData | None = None  # distil.trusted, loaded by trusted_data
 
     def _stage(self, name: str, key: str, body) -> str:
         """Run ``body(tmp_folder)`` unless a finished stage with the same key exists."""
@@ -225,8 +226,10 @@ class Run:
         c, name = self.config.distil, f"distil_r{round}"
         taught, start = rounds.taught(c, round), rounds.start(c, model)
         feedback_keys = [self.keys[f"feedback_r{r}"] for r in taught]
+        # the trusted set only chooses between the fine-tuned classifiers: setting it retrains none of them
+        settings = {k: v for k, v in cfg.to_dict(c).items() if k != "trusted"}
         key = cfg.fingerprint(
-            "distil", c, self.keys[model], self.keys[start], feedback_keys, self.keys["data"]
+            "distil", settings, self.keys[model], self.keys[start], feedback_keys, self.keys["data"]
         )
 
         cast_attempt = self.config.explain.search.cast_attempt
@@ -250,6 +253,31 @@ class Run:
 
     def card_metrics(self, stage: str) -> dict:
         return models.load_card(self.dir.path(stage)).metrics
+
+    def trusted_data(self, data: FolderData) -> FolderData | None:
+        """distil.trusted, checked before anything trains: val images, and only classes the classifier knows."""
+        root = self.config.distil.trusted
+        if not root or not (self.config.distil.enabled and self.config.distil.select):
+            return None
+        trusted = load_folder(root)
+        labels = set(trusted.split("val")["label"])
+        if not labels:
+            raise UserError(f"distil.trusted: {trusted.root} has no 'val' images to choose the result on")
+        unknown = sorted(labels - set(data.classes))
+        if unknown:
+            raise UserError(
+                f"distil.trusted: {trusted.root} has labels the classifier does not know: {', '.join(unknown)}"
+            )
+        return trusted
+
+    def score_on_trusted(self, names: list[str]) -> dict[str, dict]:
+        """Accuracy and worst-group accuracy of each named classifier on the trusted set's val split."""
+        scores = {}
+        for name in names:
+            model, card = models.load(self.dir.path(name))
+            tested, _ = evaluate.evaluate(model, card, self.trusted, "val")
+            scores[name] = {k: tested[k] for k in ("n", "accuracy", "worst_group_accuracy", "worst_group")}
+        return scores
 
 
 def _summary(folder: FolderData) -> dict:
@@ -301,6 +329,7 @@ def _run_stages(r: Run) -> Path:
     cfg.dump(config, r.dir.root / "config.yaml")
     data = r.data()
     check_teacher(config, data)
+    r.trusted = r.trusted_data(data)
     reference_data = r.reference_data()
     r.classifier("classifier", data, config.classifier.weights)
     if config.reference.enabled:

@@ -6,6 +6,7 @@ Each case builds its input in a fresh folder and returns the command line; add a
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -118,6 +119,12 @@ def _yaml(tmp: Path, text: str) -> list[str]:
     return ["run", "--config", str(tmp / "c.yaml"), "--run-dir", str(tmp / "run")]
 
 
+def _trusted(tmp: Path, square_dir: Path, csv_text) -> list[str]:
+    """A run on Square whose distil.trusted set is a copy of it with its metadata.csv rewritten."""
+    trusted = _dataset_with(tmp, square_dir, csv_text=csv_text)
+    return _yaml(tmp, f"data:\n  root: {square_dir}\n  image_size: 32\ndistil:\n  trusted: {trusted}\n")
+
+
 def _generator(tmp: Path, tiny_biased, tiny_codec, spoil) -> list[str]:
     checkpoint, data = tiny_biased
     codec = tmp / "codec"
@@ -188,6 +195,14 @@ CASES = {
         "given twice",
     ),
     "YAML syntax error": (lambda t, f: _yaml(t, "data: [1,\n  x: 2\n"), "line 3, column 1"),
+    "trusted set without val images": (
+        lambda t, f: _trusted(t, f["square_dir"], lambda p: p.read_text().replace(",val,", ",test,")),
+        "has no 'val' images",
+    ),
+    "trusted set with a label the classifier lacks": (
+        lambda t, f: _trusted(t, f["square_dir"], lambda p: re.sub(r"\.png,1,", ".png,7,", p.read_text())),
+        "labels the classifier does not know: 7",
+    ),
     "teach --noise 1.5": (
         lambda t, f: ["teach", "--run-dir", str(_run_dir(t)), "--teacher", "mask", "--noise", "1.5"],
         "feedback.noise",

@@ -3,6 +3,7 @@ after an interruption, the human teacher's pause), the metrics schema and the DF
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -266,6 +267,50 @@ def test_rounds_write_metrics_and_resume_after_an_interruption(tmp_path, tiny_co
     assert len(second) == len(first) + (second["round"] == 2).sum()
     assert all((root / path).is_file() for path in second["counterfactual"])
 
+    # distil.trusted: the same rounds, nothing retrained, the result chosen on labelled images the user trusts
+    trusted = root / "data_reference"  # unconfounded Square: its val split
+    lines.clear()
+    runner.run(replace(config, distil=replace(config.distil, trusted=str(trusted))), root, log=lines.append)
+    assert "[distil_r2] up to date, skipped" in lines and not any("running" in line for line in lines)
+    metrics = json.loads((root / "metrics.json").read_text())
+    chosen, order = metrics["selected"], ["classifier", "distil_r1", "distil_r2"]
+    scores = chosen["trusted"]["scores"]
+    assert chosen["by"] == "trusted" and "closing" not in metrics and "classifier" in scores
+    for name, score in scores.items():  # the scores are the trusted val split's evaluation of each classifier
+        tested, _ = evaluate(*models.load(root / name), load_folder(trusted), "val")
+        assert score["worst_group_accuracy"] == tested["worst_group_accuracy"] and score["n"] == tested["n"]
+    assert chosen["model"] == max(
+        scores, key=lambda n: (scores[n]["worst_group_accuracy"], scores[n]["accuracy"], -order.index(n))
+    )
+    html = (root / "report.html").read_text()
+    assert "worst group, trusted set" in html and "val images of the trusted set" in html
+
+
+def test_select_trusted_prefers_worst_group_then_accuracy_and_lets_the_first_classifier_compete():
+    metrics = {
+        "classifier": {"accuracy": 0.5, "worst_group_accuracy": 0.1},
+        "rounds": [
+            {"model": f"distil_r{i}", "test_accuracy": 0.9, "worst_group_accuracy": 0.8} for i in (1, 2)
+        ],
+    }
+    config = DistilConfig(trusted="/data/trusted")
+
+    def score(worst, acc):
+        return {"n": 40, "accuracy": acc, "worst_group_accuracy": worst, "worst_group": "label=0"}
+
+    scores = {"classifier": score(0.2, 0.6), "distil_r1": score(0.7, 0.8), "distil_r2": score(0.7, 0.9)}
+    chosen = rounds.select_trusted(metrics, scores, config)
+    assert chosen["model"] == "distil_r2" and chosen["by"] == "trusted" and chosen["trusted"]["images"] == 40
+    scores["distil_r2"] = score(0.7, 0.8)  # a full tie: the earlier round
+    assert rounds.select_trusted(metrics, scores, config)["model"] == "distil_r1"
+    scores["classifier"] = score(
+        0.75, 0.5
+    )  # no round beat the classifier on trusted labels: it is the result
+    assert rounds.select_trusted(metrics, scores, config)["model"] == "classifier"
+    # one classifier under two names (a round that changed nothing) is scored once, by its first name
+    metrics["rounds"][1]["weights"] = metrics["rounds"][0]["weights"] = "same"
+    assert rounds.candidates(metrics) == ["classifier", "distil_r1"]
+
 
 def test_human_teacher_pauses_until_enough_labels(tmp_path, tiny_codec):
     root = tmp_path / "run"
@@ -390,6 +435,7 @@ def test_select_takes_the_classifier_with_the_best_feedback_accuracy():
     assert rounds.select(metrics) == {
         "model": "distil_r1",
         "round": 1,
+        "by": "feedback",
         "feedback_accuracy": 0.8,
         "test_accuracy": 0.9,
         "worst_group_accuracy": 0.45,
@@ -495,6 +541,7 @@ def test_select_counts_the_judgements_of_one_classifier_together():
     assert rounds.select(metrics) == {
         "model": "classifier",
         "round": 0,
+        "by": "feedback",
         "feedback_accuracy": (91 + 92 + 73 + 10) / (125 + 107 + 101 + 100),
         "test_accuracy": 0.91,
         "worst_group_accuracy": 0.49,
