@@ -271,7 +271,8 @@ class DistilConfig:
     # after fine-tuning, project this many principal directions of each round's spurious edits' feature change
     # (less what the true edits changed, except in the explained classifier's own features) out of the head and
     # refit it on the training images: the verdict removes a feature from every image, not only the edited (0 = off;
-    # auto = one fewer than the classes: a shortcut that tells K classes apart spans K - 1 directions)
+    # auto = one fewer than the classes: a shortcut that tells K classes apart spans K - 1 directions; hold = as
+    # many as it takes for the refitted head to keep 90 % of the spurious edits at their source label)
     erase: int | str = 1
     # after a fine-tune, a direction lying mostly in what the true edits changed is still erased when the spurious
     # edits move along it more, in sum, than the true ones: most verdicts on that kind of change said spurious

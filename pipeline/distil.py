@@ -381,9 +381,17 @@ def run(
     backbone = backbone.cpu().eval()
     k = erase.per_round(config, len(card.classes))
     if k > 0 and cf_train["verdict"].eq("spurious").any():
-        directions = erase.spurious_directions(
-            backbone, card, cf_train, cf_folder, k, evidence, config.erase_vote, config.erase_clip
-        )
+
+        def directions_for(k: int):
+            return erase.spurious_directions(
+                backbone, card, cf_train, cf_folder, k, evidence, config.erase_vote, config.erase_clip
+            )
+
+        directions = directions_for(k)
+        if config.erase == "hold":
+            directions = erase.holding_directions(
+                backbone, card, data, cf_train, cf_folder, directions_for, seed=config.seed
+            )
         if len(directions):
             erase.project_out(backbone, card, data, directions, config.seed)
         metrics.update(erased_directions=len(directions))

@@ -54,13 +54,16 @@ def orthonormal(rows: np.ndarray) -> np.ndarray:
     return basis[:, strength > 1e-6 * strength.max()].T
 
 
+HOLD = 0.9  # erase: hold adds directions until this share of the spurious edits keeps its source label
+
+
 def per_round(config: DistilConfig, classes: int) -> int:
     """Principal directions erased per round: ``distil.erase``, or with auto one fewer than the classes (a shortcut
-    that tells K classes apart, a tag of K colours, spans K - 1 directions of the features); none after a fine-tune
-    when ``erase_finetuned`` is off."""
+    that tells K classes apart, a tag of K colours, spans K - 1 directions of the features), or with hold at least
+    one (``holding_directions`` adds more); none after a fine-tune when ``erase_finetuned`` is off."""
     if config.layers != "none" and not config.erase_finetuned:
         return 0
-    return max(classes - 1, 1) if config.erase == "auto" else config.erase
+    return {"auto": max(classes - 1, 1), "hold": 1}.get(config.erase, config.erase)
 
 
 def spurious_directions(
@@ -99,13 +102,48 @@ def evidence_directions(change: np.ndarray, energy: float = 0.9) -> np.ndarray:
     return vt[: int(np.searchsorted(share, energy)) + 1]
 
 
+def training_features(model: nn.Module, card, data: FolderData) -> tuple[np.ndarray, np.ndarray]:
+    train = ImageDataset(data, "train", card.classes, models.input_transform(card))
+    return features(model, train), np.asarray(train.targets)
+
+
+def refit(x: np.ndarray, y: np.ndarray, directions: np.ndarray, seed: int = 0) -> LogisticRegression:
+    """Class-balanced logistic regression on features with ``directions`` projected out."""
+    x = x - (x @ directions.T) @ directions
+    return LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced", random_state=seed).fit(x, y)
+
+
+def holding_directions(
+    model: nn.Module,
+    card,
+    data: FolderData,
+    table: pd.DataFrame,
+    folder: Path,
+    directions_for,
+    hold: float = HOLD,
+    seed: int = 0,
+) -> np.ndarray:
+    """``directions_for(k)`` for the smallest k per round whose refitted head keeps the source label on ``hold`` of
+    the spurious counterfactuals (the verdicts hold on the very edits they were given on), at most the k that
+    holds 99 % of what those edits changed: a direction they hardly moved is no part of the shortcut."""
+    spurious = table[table["verdict"] == "spurious"]
+    x, y = training_features(model, card, data)
+    edited = Counterfactuals(spurious, folder, card.classes, models.input_transform(card))
+    x_edited, source = features(model, edited), np.asarray(edited.targets)
+    strength = np.linalg.svd(feature_change(model, card, spurious, folder), compute_uv=False) ** 2
+    most = int(np.searchsorted(np.cumsum(strength) / max(strength.sum(), 1e-12), 0.99)) + 1
+    for k in range(1, most + 1):
+        directions = directions_for(k)
+        projected = x_edited - (x_edited @ directions.T) @ directions if len(directions) else x_edited
+        if len(directions) and (refit(x, y, directions, seed).predict(projected) == source).mean() >= hold:
+            break
+    return directions
+
+
 def project_out(model: nn.Module, card, data: FolderData, directions: np.ndarray, seed: int = 0) -> None:
     """Project ``directions`` out of the head and refit it, in place: class-balanced logistic regression on the
     training images' projected features, folded back as W (I - V^T V) so the architecture stays as it was."""
-    train = ImageDataset(data, "train", card.classes, models.input_transform(card))
-    x, y = features(model, train), np.asarray(train.targets)
-    x = x - (x @ directions.T) @ directions
-    fit = LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced", random_state=seed).fit(x, y)
+    fit = refit(*training_features(model, card, data), directions, seed)
     weight, bias = as_head(fit.coef_, fit.intercept_)
     projection = torch.eye(directions.shape[1]) - torch.from_numpy(directions.T @ directions).float()
     head = model.get_submodule(models.last_linear(model))

@@ -259,7 +259,10 @@ class Run:
         root = self.config.distil.trusted
         if not root or not (self.config.distil.enabled and self.config.distil.select):
             return None
-        trusted = load_folder(root)
+        try:
+            trusted = load_folder(root)
+        except UserError as exc:
+            raise UserError(f"distil.trusted: {exc}") from None
         labels = set(trusted.split("val")["label"])
         if not labels:
             raise UserError(f"distil.trusted: {trusted.root} has no 'val' images to choose the result on")

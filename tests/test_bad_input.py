@@ -195,6 +195,10 @@ CASES = {
         "given twice",
     ),
     "YAML syntax error": (lambda t, f: _yaml(t, "data: [1,\n  x: 2\n"), "line 3, column 1"),
+    "trusted set that is no dataset": (
+        lambda t, f: _yaml(t, f"data:\n  root: {f['square_dir']}\ndistil:\n  trusted: {t / 'nowhere'}\n"),
+        "distil.trusted: no metadata.csv",
+    ),
     "trusted set without val images": (
         lambda t, f: _trusted(t, f["square_dir"], lambda p: p.read_text().replace(",val,", ",test,")),
         "has no 'val' images",

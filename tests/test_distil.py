@@ -733,6 +733,44 @@ def test_erase_auto_takes_one_direction_fewer_than_the_classes(tiny_biased, tmp_
     assert result.card.metrics["erased_directions"] == 1
 
 
+def test_erase_hold_adds_directions_until_the_spurious_edits_keep_their_source_label(tiny_biased, tmp_path):
+    """erase: hold takes the fewest directions whose refitted head keeps HOLD of the spurious edits at their
+    source label, never more than hold 99 % of what those edits changed."""
+    ckpt, data = tiny_biased
+    folder = tmp_path / "explain"
+    cfs = _swap_background(data, "train", 24, folder).assign(round=1)
+    model, card = models.load(ckpt)
+    asked = []
+
+    def directions_for(k):
+        asked.append(k)
+        return erase.spurious_directions(model, card, cfs, folder, k)
+
+    def held(directions) -> float:
+        erased = models.load(ckpt)[0]
+        erase.project_out(erased, card, data, directions)
+        return float(
+            (
+                _logits(erased, cfs, folder, "counterfactual").argmax(1).numpy() == cfs["label"].astype(int)
+            ).mean()
+        )
+
+    # a share no head reaches: every k up to the cap (99 % of the edits' change) is tried, the cap is kept
+    capped = erase.holding_directions(model, card, data, cfs, folder, directions_for, hold=1.01)
+    tried, most = list(asked), len(asked)
+    assert tried == list(range(1, most + 1)) and len(capped) == len(directions_for(most)) < len(cfs)
+    shares = [held(directions_for(k)) for k in tried]
+    # the share asked for: the first k that reaches it, else the cap
+    asked.clear()
+    chosen = erase.holding_directions(model, card, data, cfs, folder, directions_for)
+    first = next((k for k, share in enumerate(shares, 1) if share >= erase.HOLD), most)
+    assert asked[-1] == first and len(chosen) == len(directions_for(first)), shares
+    # the round: erase hold on the head alone erases as many directions as that choice
+    config = DistilConfig(layers="none", erase="hold")
+    result = distil.run(ckpt, data, cfs, cfs.iloc[:0], folder, config, tmp_path / "out")
+    assert result.card.metrics["erased_directions"] == len(chosen)
+
+
 def test_layers_none_changes_only_the_head_by_erasing(tiny_biased, tmp_path):
     ckpt, data = tiny_biased
     cfs = _swap_background(data, "train", 24, tmp_path / "explain")
