@@ -80,3 +80,28 @@ def test_judged_same_compares_edit_sizes_per_attempt_over_edits_that_flipped_in_
     assert ratios["1"][0] == 1.1 and ratios["2"] == [0.5, 0.5]
     p = pd.Series([0.9, 0.7, 0.1, 0.6, 0.99], index)
     assert judged_same.medians(p, a.success & b.success) == {"1": 0.8, "2": 0.6}
+
+
+def test_select_trusted_replays_the_products_choice_on_a_draw_of_the_trusted_set(monkeypatch):
+    """benchmarks/select_trusted.py: a draw of the trusted set is scored per label x group cell, and the choice is
+    rounds.select_trusted's on those rows alone."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import select_trusted
+
+    rows = pd.DataFrame({"label": ["0", "0", "1", "1"], "group": ["a", "b", "a", "b"]})
+    tables = {
+        "classifier": rows.assign(pred=[0, 0, 0, 1]),  # wrong on (1, a) only
+        "distil_r1": rows.assign(pred=[0, 1, 1, 1]),  # wrong on (0, b) only
+    }
+    metrics = {
+        "classifier": {"accuracy": 0.5, "worst_group_accuracy": 0.0},
+        "rounds": [{"model": "distil_r1"}],
+    }
+    metrics["rounds"][0] |= {"test_accuracy": 0.9, "worst_group_accuracy": 0.8}
+    classes = ["0", "1"]
+    assert select_trusted.choose(metrics, tables, classes, None) == "classifier"  # a tie: the earlier
+    assert select_trusted.choose(metrics, tables, classes, [0, 2, 3]) == "distil_r1"  # no (0, b) drawn
+    assert select_trusted.choose(metrics, tables, classes, [0, 1, 3]) == "classifier"  # no (1, a) drawn
+    runs = {"suite-x-mask-t": {k: 0.5 for k in ("label_free", "last_round", "best_of_run", "trusted_all")}}
+    runs["suite-x-mask-t"] |= {"trusted_60": 0.25, "trusted_24": 0.75}
+    assert select_trusted.summary(runs) == {"mask": {"runs": 1, **runs["suite-x-mask-t"]}}
