@@ -387,11 +387,13 @@ def run(
                 backbone, card, cf_train, cf_folder, k, evidence, config.erase_vote, config.erase_clip
             )
 
-        directions = directions_for(k)
-        if config.erase == "hold":
-            directions = erase.holding_directions(
+        directions = (
+            erase.holding_directions(
                 backbone, card, data, cf_train, cf_folder, directions_for, seed=config.seed
             )
+            if config.erase == "hold"
+            else directions_for(k)
+        )
         if len(directions):
             erase.project_out(backbone, card, data, directions, config.seed)
         metrics.update(erased_directions=len(directions))

@@ -37,9 +37,10 @@ def run(r, data: FolderData, metrics: dict) -> bool:
     if not r.config.distil.select:
         return True
     if r.trusted is not None:  # labels the user trusts decide; no closing judgement needed
-        metrics["selected"] = select_trusted(
-            metrics, r.score_on_trusted(candidates(metrics)), r.config.distil
-        )
+        chosen = select_trusted(metrics, r.score_on_trusted(candidates(metrics)), r.config.distil)
+        score = chosen["trusted"]["scores"][chosen["model"]]["worst_group_accuracy"]
+        r.log(f"[select] {chosen['model']}: worst group {score:.2f} on the trusted set's val images")
+        metrics["selected"] = chosen
         return True
     metrics["closing"] = closing(r, data, metrics["rounds"])
     if metrics["closing"] is None:

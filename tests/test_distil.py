@@ -272,6 +272,7 @@ def test_rounds_write_metrics_and_resume_after_an_interruption(tmp_path, tiny_co
     lines.clear()
     runner.run(replace(config, distil=replace(config.distil, trusted=str(trusted))), root, log=lines.append)
     assert "[distil_r2] up to date, skipped" in lines and not any("running" in line for line in lines)
+    assert any(line.startswith("[select] ") and "on the trusted set" in line for line in lines)
     metrics = json.loads((root / "metrics.json").read_text())
     chosen, order = metrics["selected"], ["classifier", "distil_r1", "distil_r2"]
     scores = chosen["trusted"]["scores"]
