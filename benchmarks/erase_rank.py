@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from select_trusted import ROOT, _local
+from select_trusted import _local, matched_runs
 
 from pipeline import config as cfg
 from pipeline import distil, erase, models, quiet
@@ -42,8 +42,7 @@ def sweep(run_dir: Path) -> dict | None:
         return None
     transform = models.input_transform(card)
     change = erase.feature_change(model, card, spurious, run_dir)
-    strength = np.linalg.svd(change, compute_uv=False) ** 2
-    most = int(np.searchsorted(np.cumsum(strength) / strength.sum(), 0.99)) + 1
+    most = erase.most_directions(change)
     x_judged = features(model, Counterfactuals(judged, run_dir, card.classes, transform))
     wanted = np.array([card.classes.index(str(label)) for label in judged["label"]])
     is_spurious = (judged["verdict"] == "spurious").to_numpy()
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet.configure()
     runs = {}
-    for run_dir in sorted({d for p in args.runs for d in (ROOT / "runs" / "suite").glob(p)}):
+    for run_dir in matched_runs(args.runs):
         if (run_dir / "distil_r1").is_dir() and (found := sweep(run_dir)) is not None:
             runs[run_dir.name] = found
             print(

@@ -40,6 +40,11 @@ def _local(path: str) -> Path:
     return path if path.exists() else ROOT / "runs" / Path(*path.parts[path.parts.index("runs") + 1 :])
 
 
+def matched_runs(patterns: list[str]) -> list[Path]:
+    """Run folders under runs/suite matching any of the patterns, each once, in name order."""
+    return sorted({d for pattern in patterns for d in (ROOT / "runs" / "suite").glob(pattern)})
+
+
 def predictions(run_dir: Path, names: list[str], trusted) -> dict:
     """Each candidate's predictions on the trusted set's val split (a table per candidate)."""
     tables = {}
@@ -100,9 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(HERE / "results" / "select-trusted.json"))
     args = parser.parse_args(argv)
     quiet.configure()
-    dirs = sorted({d for pattern in args.runs for d in (ROOT / "runs" / "suite").glob(pattern)})
     runs = {}
-    for run_dir in dirs:
+    for run_dir in matched_runs(args.runs):
         if "selected" not in json.loads((run_dir / "metrics.json").read_text()):
             continue  # unfinished
         runs[run_dir.name] = replay(run_dir, seed=zlib.crc32(run_dir.name.encode()))  # draws fixed per run

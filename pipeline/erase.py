@@ -22,12 +22,20 @@ from pipeline.data import Counterfactuals, FolderData, ImageDataset
 from pipeline.dfr import as_head, features
 
 
-def feature_change(model: nn.Module, card, table: pd.DataFrame, folder: Path) -> np.ndarray:
-    """f(counterfactual) - f(original) per row of ``table``, f being the features the classifier's head reads."""
+def edited_and_original(
+    model: nn.Module, card, table: pd.DataFrame, folder: Path
+) -> tuple[np.ndarray, np.ndarray]:
+    """The features the classifier's head reads, of each row's counterfactual and of its original."""
     transform = models.input_transform(card)
     edited = features(model, Counterfactuals(table, folder, card.classes, transform))
     originals = table.assign(counterfactual=table["original"])
-    return edited - features(model, Counterfactuals(originals, folder, card.classes, transform))
+    return edited, features(model, Counterfactuals(originals, folder, card.classes, transform))
+
+
+def feature_change(model: nn.Module, card, table: pd.DataFrame, folder: Path) -> np.ndarray:
+    """f(counterfactual) - f(original) per row of ``table``, f being the features the classifier's head reads."""
+    edited, original = edited_and_original(model, card, table, folder)
+    return edited - original
 
 
 def principal(change: np.ndarray, table: pd.DataFrame, k: int, clip: bool = False) -> np.ndarray:
@@ -128,16 +136,21 @@ def holding_directions(
     holds 99 % of what those edits changed: a direction they hardly moved is no part of the shortcut."""
     spurious = table[table["verdict"] == "spurious"]
     x, y = training_features(model, card, data)
-    edited = Counterfactuals(spurious, folder, card.classes, models.input_transform(card))
-    x_edited, source = features(model, edited), np.asarray(edited.targets)
-    strength = np.linalg.svd(feature_change(model, card, spurious, folder), compute_uv=False) ** 2
-    most = int(np.searchsorted(np.cumsum(strength) / max(strength.sum(), 1e-12), 0.99)) + 1
-    for k in range(1, most + 1):
+    x_edited, x_original = edited_and_original(model, card, spurious, folder)
+    source = np.array([card.classes.index(label) for label in spurious["label"]])
+    for k in range(1, most_directions(x_edited - x_original) + 1):
         directions = directions_for(k)
         projected = x_edited - (x_edited @ directions.T) @ directions if len(directions) else x_edited
         if len(directions) and (refit(x, y, directions, seed).predict(projected) == source).mean() >= hold:
             break
     return directions
+
+
+def most_directions(change: np.ndarray, energy: float = 0.99) -> int:
+    """The number of principal directions holding ``energy`` of the changes: more would erase what they hardly
+    moved."""
+    strength = np.linalg.svd(change, compute_uv=False) ** 2
+    return int(np.searchsorted(np.cumsum(strength) / max(strength.sum(), 1e-12), energy)) + 1
 
 
 def project_out(model: nn.Module, card, data: FolderData, directions: np.ndarray, seed: int = 0) -> None:
