@@ -63,6 +63,8 @@ CASES = {
     # the texture faint: the biased classifier reads the watermark alone (unconfounded test accuracy near a third),
     # so the smallest edit that flips it is the glyph's
     "stamp-alone": Case("stamp", 1.0, 1 / 3, n=2000, extra={"contrast": 0.15}),
+    # a shortcut present or absent (not one of several values), anywhere along the edge
+    "ruler": Case("ruler", 1.0, 0.5),
 }
 
 

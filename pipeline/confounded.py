@@ -9,6 +9,10 @@ datasets do not need one) beside ``feature_mask`` (the real class evidence) and 
 - **stain**: histology-like tiles, pink tissue with purple nuclei whose shape (round or elongated) is the class;
   the slide's colour cast (warm or cool, as two scanners or staining protocols give) is the confounder: a global
   colour shortcut. Its ``shortcut_mask`` is the tissue around the nuclei, where the cast is the only signal.
+- **ruler**: skin-lesion-like images, a brown lesion on skin whose border (regular or irregular) is the class; a
+  ruler lying along any of the four edges, present or absent, is the confounder (as rulers in dermoscopy photos):
+  a shortcut of presence, not of one value among several, at no fixed place. ``shortcut_mask`` is the ruler's band,
+  or in an image without one the edge band a ruler could lie in.
 
 In train/val a share ``poison`` of the images carries the confounder value of their own class, the rest another
 one; the test split is unconfounded. Every size (crop, glyph, nucleus, blur) is a share of the image side.
@@ -218,6 +222,104 @@ def generate_stain(out: str | Path, c: StainConfig = StainConfig()) -> pd.DataFr
                 "label": NUCLEI[label],
                 "split": split,
                 "group": CASTS[source],
+                "feature_mask": mask,
+                "shortcut_mask": short,
+            }
+        )
+    return _write(out, rows)
+
+
+# -- ruler ---------------------------------------------------------------------------------------------------
+BORDERS = ("regular", "irregular")
+RULERS = ("none", "ruler")
+
+
+@dataclass(frozen=True)
+class RulerConfig:
+    n: int = 900
+    poison: float = (
+        1.0  # share of train/val images with a ruler exactly when the border is irregular (0.5 = none)
+    )
+    size: int = 64
+    frame: float = 0.12  # the edge band a ruler lies in, share of the side (the lesion never reaches it)
+    irregularity: float = 0.3  # an irregular border's radial wobble, share of the lesion's radius
+    noise: float = 0.02  # pixel noise std on the [0, 1] scale
+    seed: int = 0
+
+
+def _skin(size: int, rng: np.random.Generator) -> np.ndarray:
+    """Skin of a random tone with smooth blotches (noise blurred over an eighth of the side)."""
+    noise = Image.fromarray((rng.random((size, size)) * 255).astype(np.uint8))
+    blotch = np.asarray(noise.filter(ImageFilter.GaussianBlur(size / 8)), np.float32) / 255
+    tone = np.array([0.88, 0.68, 0.58], np.float32) * rng.uniform(0.85, 1.05)
+    return np.clip(tone + (blotch - blotch.mean())[..., None] * 2.5 * np.array([0.10, 0.08, 0.07]), 0, 1)
+
+
+def _lesion(irregular: bool, size: int, amplitude: float, rng: np.random.Generator) -> np.ndarray:
+    """A lesion near the centre: an ellipse (regular) or a border whose radius wobbles with the angle (irregular),
+    never farther than 0.38 of the side from the centre."""
+    yy, xx = np.mgrid[:size, :size].astype(np.float32) + 0.5
+    cy, cx = rng.uniform(0.44, 0.56, 2) * size
+    angle = np.arctan2(yy - cy, xx - cx)
+    radius = rng.uniform(0.17, 0.22) * size
+    stretch = rng.uniform(1.0, 1.25)
+    tilt = rng.uniform(0, np.pi)
+    r = radius / np.sqrt((np.cos(angle - tilt) * stretch) ** 2 + np.sin(angle - tilt) ** 2) * stretch**0.5
+    if irregular:
+        lobes = rng.choice(np.arange(3, 8), 2, replace=False)
+        wobble = sum(np.cos(k * angle + rng.uniform(0, 2 * np.pi)) for k in lobes) / 2
+        r = r * (1 + amplitude * wobble)
+    return np.hypot(yy - cy, xx - cx) <= r
+
+
+def _ruler(size: int, frame: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A ruler along a random edge, at a random place within the edge band: (its band, its tick marks)."""
+    width = max(3, round(0.07 * size))
+    length = round(rng.uniform(0.55, 0.8) * size)
+    start = int(rng.integers(0, size - length + 1))
+    offset = int(rng.integers(1, max(2, round(frame * size) - width)))
+    band, ticks = np.zeros((size, size), bool), np.zeros((size, size), bool)
+    band[offset : offset + width, start : start + length] = True
+    step = max(2, round(0.06 * size))
+    for x in range(start + 1, start + length - 1, step):
+        ticks[offset : offset + (width if (x - start) // step % 2 else width // 2 + 1), x] = True
+    turns = int(rng.integers(4))  # which edge: the band rotated to it
+    return np.rot90(band, turns), np.rot90(ticks, turns)
+
+
+def generate_ruler(out: str | Path, c: RulerConfig = RulerConfig()) -> pd.DataFrame:
+    out = Path(out)
+    _folders(out)
+    rng = np.random.default_rng(c.seed)
+    edge = max(1, round(c.frame * c.size))
+    frame = np.ones((c.size, c.size), bool)
+    frame[edge:-edge, edge:-edge] = False
+    rows = []
+    for i, split in enumerate(splits(c.n)):
+        label = int(rng.integers(len(BORDERS)))
+        present = confounder(label, split, c.poison, len(RULERS), rng)
+        image = _skin(c.size, rng)
+        lesion = _lesion(label == 1, c.size, c.irregularity, rng) & ~frame
+        image[lesion] = np.array([0.42, 0.26, 0.19]) * rng.uniform(0.8, 1.1) + rng.normal(
+            0, 0.03, (lesion.sum(), 3)
+        )
+        shortcut = frame  # where a ruler could lie: the shortcut's region in an image without one
+        if present:
+            band, ticks = _ruler(c.size, c.frame, rng)
+            image[band] = rng.uniform(0.85, 0.95)
+            image[ticks] = 0.15
+            shortcut = band
+        image = image + rng.normal(0, c.noise, image.shape)
+        path, mask, short = f"images/{i:05d}.png", f"masks/{i:05d}.png", f"shortcut/{i:05d}.png"
+        _save(out, path, (np.clip(image, 0, 1) * 255).round().astype(np.uint8))
+        _save(out, mask, np.where(lesion, 255, 0).astype(np.uint8))
+        _save(out, short, np.where(shortcut, 255, 0).astype(np.uint8))
+        rows.append(
+            {
+                "path": path,
+                "label": BORDERS[label],
+                "split": split,
+                "group": RULERS[present],
                 "feature_mask": mask,
                 "shortcut_mask": short,
             }

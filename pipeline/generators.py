@@ -19,4 +19,9 @@ GENERATORS = {
         confounded.generate_stain,
         "histology-like tiles, 2 classes, a scanner colour-cast shortcut",
     ),
+    "ruler": (
+        confounded.RulerConfig,
+        confounded.generate_ruler,
+        "skin-lesion-like images, 2 classes, a ruler present or absent at any edge",
+    ),
 }

@@ -12,6 +12,7 @@ from pipeline.data import load_folder
 GENERATORS = {
     "stamp": lambda out, **k: confounded.generate_stamp(out, confounded.StampConfig(**k)),
     "stain": lambda out, **k: confounded.generate_stain(out, confounded.StainConfig(**k)),
+    "ruler": lambda out, **k: confounded.generate_ruler(out, confounded.RulerConfig(**k)),
     "shapes": lambda out, **k: shapes.generate(out, shapes.ShapesConfig(**k)),
     "square": lambda out, **k: square.generate(out, SquareConfig(size=32, **k)),
 }
@@ -41,19 +42,20 @@ def test_the_shortcut_mask_is_where_the_confounder_is_and_not_the_evidence(tmp_p
             assert 0.005 < shortcut.mean() < 0.08
 
 
-@pytest.mark.parametrize("name", ["stamp", "stain"])
+@pytest.mark.parametrize("name", ["stamp", "stain", "ruler"])
 def test_poison_confounds_train_and_val_and_leaves_test_alone(tmp_path, name):
     table = GENERATORS[name](tmp_path, n=600, seed=0, poison=0.9)
     classes, values = sorted(set(table["label"])), sorted(set(table["group"]))
     own = {
         "stamp": dict(zip(confounded.TEXTURES, confounded.GLYPHS)),
         "stain": dict(zip(confounded.NUCLEI, confounded.CASTS)),
+        "ruler": dict(zip(confounded.BORDERS, confounded.RULERS)),
     }[name]
     aligned = table["group"] == table["label"].map(own)
     fitted = table["split"] != "test"
     assert abs(aligned[fitted].mean() - 0.9) < 0.05
     assert abs(aligned[~fitted].mean() - 1 / len(values)) < 0.12
-    assert len(classes) == {"stamp": 3, "stain": 2}[name]
+    assert len(classes) == {"stamp": 3, "stain": 2, "ruler": 2}[name]
 
 
 def test_the_stamp_shortcut_is_the_watermark_square_not_only_its_strokes(tmp_path):
@@ -78,7 +80,26 @@ def test_the_stain_shortcut_is_a_colour_cast_of_the_whole_tile(tmp_path):
     assert min(tissue["warm"]) > max(tissue["cool"])  # red against blue separates the two scanners
 
 
-@pytest.mark.parametrize("name", ["stamp", "stain"])
+def test_the_ruler_is_present_or_absent_anywhere_along_the_edge(tmp_path):
+    """The confounder is a ruler's presence: where there is one, its band (a few per cent of the image, bright with
+    dark ticks) is the shortcut's region; where there is none, the edge band it could lie in. Rulers lie along all
+    four edges, so no fixed place gives the shortcut away."""
+    table = GENERATORS["ruler"](tmp_path, n=80, seed=0)
+    edges = set()
+    for row in table.itertuples():
+        rgb = np.asarray(Image.open(tmp_path / row.path), float) / 255
+        shortcut = _mask(tmp_path, row.shortcut_mask)
+        if row.group == "ruler":
+            assert 0.02 < shortcut.mean() < 0.08 and rgb[shortcut].std() > 0.2  # ticks on a light band
+            rows, cols = np.nonzero(shortcut)
+            edges.add("horizontal" if np.ptp(cols) > np.ptp(rows) else "vertical")
+            edges.add(int(np.argmin([rows.min(), cols.min(), 63 - rows.max(), 63 - cols.max()])))
+        else:
+            assert shortcut[0].all() and shortcut[:, -1].all() and not shortcut[32, 32]
+    assert edges == {"horizontal", "vertical", 0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("name", ["stamp", "stain", "ruler"])
 def test_cfkd_data_writes_them(tmp_path, capsys, name):
     assert (
         cli.main(
