@@ -35,7 +35,8 @@ from pipeline.data import load_folder, load_mask
 from pipeline.evaluate import evaluate
 
 HERE = Path(__file__).resolve().parent
-LOCAL = ("shapes", "stamp", "stamp-partial", "stamp-alone")  # shortcut regions of a few per cent of the image
+# shortcut regions of a few per cent of the image
+LOCAL = ("shapes", "stamp", "stamp-partial", "stamp-alone", "ruler")
 GLOBAL = ("stain",)  # a colour cast over the whole image
 
 
@@ -47,9 +48,10 @@ def pixels(path: Path, card: models.ModelCard) -> np.ndarray:
 
 
 def region_swap(data, card: models.ModelCard, row, donor) -> tuple[np.ndarray, np.ndarray]:
-    """The original and its shortcut region (its own and the donor's) taken from the donor."""
-    region = load_mask(data.root / row.shortcut_mask, card.image_size, card.resize)
-    region |= load_mask(data.root / donor.shortcut_mask, card.image_size, card.resize)
+    """The original and its shortcut region (its own and the donor's) taken from the donor. A region over a third
+    of the image marks where a shortcut could lie in an image without one (ruler's edge band), not where one is."""
+    masks = [load_mask(data.root / r.shortcut_mask, card.image_size, card.resize) for r in (row, donor)]
+    region = np.any([m for m in masks if m.mean() < 1 / 3] or [np.zeros_like(masks[0])], axis=0)
     x, cf = pixels(data.root / row.path, card), pixels(data.root / row.path, card)
     cf[region] = pixels(data.root / donor.path, card)[region]
     return x, cf

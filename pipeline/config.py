@@ -77,6 +77,10 @@ class SearchConfig:
     # of the target class nearest the original; the window is the one whose paste a first-order estimate rates best,
     # and the valid edit with the smallest L1 (after confinement) wins (0 = off; 3 + 2 evaluations per donor)
     donors: int = 0
+    # with donors: attempt 2 is, per image, the donor paste that lost attempt 1 where it went farther toward the goal
+    # than attempt 2's own search (a near-flip judged like any other): a mark carrying most of a shortcut (a ruler,
+    # a tag) that a larger edit of the whole image beat in attempt 1 still gets a verdict
+    donor_attempt: bool = False
     # grow the used region by this share of the image side before blocking it (3 px at 64 px; "threshold" only)
     dilate: float = 0.05
     filter_timestep: int = 0  # gradient filtering through the UNet at this timestep (0 = off)

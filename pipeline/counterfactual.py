@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline import cast, confinement, donors
+from pipeline import cast, confinement, donors, manifest
 from pipeline.config import SearchConfig as Settings
 from pipeline.generator import pooled
 from pipeline.progress import Progress, log_odds
@@ -59,6 +59,27 @@ def valid_l1(x: torch.Tensor, result: dict) -> torch.Tensor:
     """Per sample the mean absolute change of a result's edit, infinite where it did not flip: the smallest wins."""
     l1 = (result["x_cf"] - x).abs().flatten(1).mean(1)
     return torch.where(result["success"], l1, torch.full_like(l1, float("inf")))
+
+
+def way(result: dict, goal: float) -> torch.Tensor:
+    """Per sample the share of the way to the goal a result went in target log-odds, as the manifest records it
+    (1 for a flip): the figure ``feedback.partial`` judges near-flips by."""
+    share = manifest.progress(
+        *(result[k].detach().float().cpu().numpy() for k in ("p_before", "p_after")), goal
+    )
+    share = torch.from_numpy(share).to(result["p_after"].device)
+    return torch.where(result["success"], torch.ones_like(share), share)
+
+
+def pick(take: torch.Tensor, first: dict, second: dict) -> dict:
+    """Per sample ``second``'s result where ``take``, else ``first``'s; both searches are paid for."""
+    merged = {}
+    for key, value in first.items():
+        if key in ("steps", "evaluations"):
+            merged[key] = value + second[key]
+        else:
+            merged[key] = torch.where(take.view(-1, *([1] * (value.dim() - 1))), second[key], value)
+    return merged
 
 
 class Explainer(nn.Module):
@@ -310,29 +331,35 @@ class Explainer(nn.Module):
         """Per sample the valid result with the smaller L1 of the two (``found`` where neither is valid); both
         searches are paid for."""
 
-        take = valid_l1(x, other) < valid_l1(x, found)
-        merged = {}
-        for key, value in found.items():
-            if key in ("steps", "evaluations"):
-                merged[key] = value + other[key]
-            else:
-                pick = take.view(-1, *([1] * (value.dim() - 1)))
-                merged[key] = torch.where(pick, other[key], value)
-        return merged
+        return pick(valid_l1(x, other) < valid_l1(x, found), found, other)
 
-    def first_attempt(self, x, target, free, generator) -> list[dict]:
+    def first_attempt(self, x, target, free, generator) -> tuple[list[dict], dict | None]:
         """Attempt 1, with ``donors`` against the smallest valid donor window (pipeline/donors.py) and with
-        ``cast_competes`` against the smallest valid colour cast (pipeline/cast.py)."""
-        found = self.searched_first(x, target, free, generator)
+        ``cast_competes`` against the smallest valid colour cast (pipeline/cast.py). Also, with ``donor_attempt``,
+        the paste where it lost (None otherwise): attempt 2's rival."""
+        found, runner_up = self.searched_first(x, target, free, generator), None
         if self.settings.donors > 0:
-            pasted = self._confined(
-                x, target, donors.search(self, x, target), near_flips=False
-            )  # only a flip wins
-            found[0] = self.smaller(x, found[0], pasted)
+            pasted = donors.search(self, x, target)
+            if self.settings.donor_attempt:
+                runner_up = {k: v.clone() for k, v in pasted.items()}
+            pasted = self._confined(x, target, pasted, near_flips=False)  # only a flip wins
+            won = valid_l1(x, pasted) < valid_l1(x, found[0])
+            found[0] = pick(won, found[0], pasted)
+            if runner_up is not None:
+                runner_up["lost"] = ~won
         if self.settings.cast_competes:
             colour = cast.search(self, x, target)
             found[0] = self.smaller(x, found[0], colour | {"used": torch.ones_like(colour["mask"])})
-        return found
+        return found, runner_up
+
+    def rival(self, x, target, second: dict, runner_up: dict) -> dict:
+        """Attempt 2, or per sample the donor paste that lost attempt 1 where it went at least half the way to the
+        goal (a judged near-flip): a real mark that carries most of a shortcut (a ruler, a tag), but not enough to
+        win attempt 1 against an edit of the whole image, is shown and judged on its own."""
+        lost = runner_up.pop("lost")
+        runner_up["evaluations"] = torch.zeros_like(runner_up["evaluations"])  # paid for in attempt 1
+        paste = self._confined(x, target, runner_up)  # a near-flip is confined to what moved the decision
+        return pick(lost & (way(paste, self.settings.goal) >= 0.5), second, paste)
 
     def searched_first(self, x, target, free, generator) -> list[dict]:
         """Attempt 1's search over the whole image and, with ``windows``, inside each located window; per sample
@@ -397,13 +424,15 @@ class Explainer(nn.Module):
         generator = torch.Generator(device=x.device).manual_seed(seed)
         x = x.contiguous(memory_format=torch.channels_last)
         free = torch.ones_like(x[:, :1])
-        results = []
+        results, runner_up = [], None
         while len(results) < self.settings.attempts:
             started = time.perf_counter()
             if results:
                 found = [self._confined(x, target, self.attempt(x, target, free, generator))]
+                if runner_up is not None and len(results) == 1:
+                    found[0] = self.rival(x, target, found[0], runner_up)
             else:
-                found = self.first_attempt(x, target, free, generator)
+                found, runner_up = self.first_attempt(x, target, free, generator)
             seconds = (time.perf_counter() - started) / len(found)
             for result in found[: self.settings.attempts - len(results)]:
                 used = result.pop("used")

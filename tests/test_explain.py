@@ -10,7 +10,7 @@ from pipeline import confinement, explain, generator, models
 from pipeline import donors as donor_windows
 from pipeline import manifest as manifest_files
 from pipeline.config import ExplainConfig, GeneratorConfig
-from pipeline.counterfactual import Explainer, PixelCodec, Settings
+from pipeline.counterfactual import Explainer, PixelCodec, Settings, way
 from pipeline.data import ImageDataset, make_transform
 from pipeline.errors import UserError
 from pipeline.progress import Progress, log_odds, makes_progress
@@ -615,6 +615,41 @@ def test_a_paste_that_does_not_flip_is_not_confined():
     as_near_flip = explainer._confined(x, target, dict(pasted))
     assert (kept_only_if_flips["evaluations"] == 3 + 2 * settings.donors + 1).all()
     assert (as_near_flip["evaluations"] > kept_only_if_flips["evaluations"]).all()
+
+
+@pytest.mark.parametrize("donor_attempt", [False, True])
+def test_a_paste_that_lost_attempt_1_but_moved_the_decision_is_attempt_2(donor_attempt):
+    """explain.search.donor_attempt: a pasted tag that moves the classifier most of the way, short of the goal, loses
+    attempt 1 to a brightening of the whole image; it is then attempt 2, a near-flip a teacher judges, instead of a
+    search in what attempt 1 left free (here nothing)."""
+    x = torch.full((3, 3, 32, 32), -0.5)
+    target = torch.ones(3, dtype=torch.long)
+    faint = _checkered(4)
+    faint[:, :, :4, :4] *= 0.18  # p(class 1) about 0.67 pasted: 0.7 of the way to the goal in log-odds
+    settings = Settings(
+        attempts=2,
+        goal=0.8,
+        steps=150,
+        lr=0.05,
+        l1=0.1,
+        prototype=0.0,
+        donors=2,
+        donor_attempt=donor_attempt,
+        cast=False,
+    )
+    model = CheckerOrBrightness()
+    bank = {1: (faint, explain.real_codes(PixelCodec(), faint))}
+    first, second = Explainer(PixelCodec(), model, settings, donors=bank)(x, target)
+    assert first["success"].all()
+    whole = (first["x_cf"] - x).abs().sum(1)
+    assert (whole[:, :8, :8].flatten(1).sum(1) / whole.flatten(1).sum(1) < 0.5).all()  # the brightening won
+    change = (second["x_cf"] - x).abs().sum(1)
+    if donor_attempt:
+        assert not second["success"].any()
+        assert (way(second, settings.goal) >= 0.5).all()  # judged as a near-flip
+        assert (change[:, :8, :8].flatten(1).sum(1) / change.flatten(1).sum(1) > 0.95).all()  # the tag alone
+    else:
+        assert second["no_room"].all() and not change.any()  # attempt 1 used the whole image
 
 
 def test_the_donor_bank_holds_only_images_the_classifier_assigns_to_the_class():
