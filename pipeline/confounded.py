@@ -59,6 +59,15 @@ def _folders(out: Path) -> None:
         (out / folder).mkdir(parents=True, exist_ok=True)
 
 
+def _record(out: Path, i: int, image: np.ndarray, feature: np.ndarray, shortcut: np.ndarray, **row) -> dict:
+    """Image ``i`` (RGB in [0, 1]) and its two masks saved; its metadata row (``row``: label, split, group)."""
+    path, mask, short = f"images/{i:05d}.png", f"masks/{i:05d}.png", f"shortcut/{i:05d}.png"
+    _save(out, path, (np.clip(image, 0, 1) * 255).round().astype(np.uint8))
+    _save(out, mask, np.where(feature, 255, 0).astype(np.uint8))
+    _save(out, short, np.where(shortcut, 255, 0).astype(np.uint8))
+    return {"path": path, **row, "feature_mask": mask, "shortcut_mask": short}
+
+
 # -- stamp ---------------------------------------------------------------------------------------------------
 TEXTURES = ("brick", "grass", "gravel")
 GLYPHS = ("ring", "cross", "triangle")
@@ -138,20 +147,11 @@ def generate_stamp(out: str | Path, c: StampConfig = StampConfig()) -> pd.DataFr
         glyph = _glyph(mark, c.size, side, int(rng.integers(4)), rng)
         image[glyph] = (1 - c.opacity) * image[glyph] + c.opacity  # a light, semi-transparent mark
         image += rng.normal(0, c.noise, image.shape)
-        path, mask, short = f"images/{i:05d}.png", f"masks/{i:05d}.png", f"shortcut/{i:05d}.png"
-        mark_box = _box(glyph)
-        _save(out, path, (np.clip(image, 0, 1) * 255).round().astype(np.uint8))
-        _save(out, mask, np.where(mark_box, 0, 255).astype(np.uint8))  # the texture is the evidence
-        _save(out, short, np.where(mark_box, 255, 0).astype(np.uint8))
+        mark_box = _box(glyph)  # the texture around it is the evidence
         rows.append(
-            {
-                "path": path,
-                "label": TEXTURES[label],
-                "split": split,
-                "group": GLYPHS[mark],
-                "feature_mask": mask,
-                "shortcut_mask": short,
-            }
+            _record(
+                out, i, image, ~mark_box, mark_box, label=TEXTURES[label], split=split, group=GLYPHS[mark]
+            )
         )
     return _write(out, rows)
 
@@ -212,19 +212,8 @@ def generate_stain(out: str | Path, c: StainConfig = StainConfig()) -> pd.DataFr
         sign = 1 if source == 0 else -1
         gain = 1 + sign * c.cast * rng.uniform(0.8, 1.2) * np.array([1.0, 0.0, -1.0])
         image = image * gain + rng.normal(0, 0.015, image.shape)
-        path, mask, short = f"images/{i:05d}.png", f"masks/{i:05d}.png", f"shortcut/{i:05d}.png"
-        _save(out, path, (np.clip(image, 0, 1) * 255).round().astype(np.uint8))
-        _save(out, mask, np.where(nuclei, 255, 0).astype(np.uint8))
-        _save(out, short, np.where(nuclei, 0, 255).astype(np.uint8))
         rows.append(
-            {
-                "path": path,
-                "label": NUCLEI[label],
-                "split": split,
-                "group": CASTS[source],
-                "feature_mask": mask,
-                "shortcut_mask": short,
-            }
+            _record(out, i, image, nuclei, ~nuclei, label=NUCLEI[label], split=split, group=CASTS[source])
         )
     return _write(out, rows)
 
@@ -310,18 +299,7 @@ def generate_ruler(out: str | Path, c: RulerConfig = RulerConfig()) -> pd.DataFr
             image[ticks] = 0.15
             shortcut = band
         image = image + rng.normal(0, c.noise, image.shape)
-        path, mask, short = f"images/{i:05d}.png", f"masks/{i:05d}.png", f"shortcut/{i:05d}.png"
-        _save(out, path, (np.clip(image, 0, 1) * 255).round().astype(np.uint8))
-        _save(out, mask, np.where(lesion, 255, 0).astype(np.uint8))
-        _save(out, short, np.where(shortcut, 255, 0).astype(np.uint8))
         rows.append(
-            {
-                "path": path,
-                "label": BORDERS[label],
-                "split": split,
-                "group": RULERS[present],
-                "feature_mask": mask,
-                "shortcut_mask": short,
-            }
+            _record(out, i, image, lesion, shortcut, label=BORDERS[label], split=split, group=RULERS[present])
         )
     return _write(out, rows)
