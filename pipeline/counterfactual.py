@@ -16,7 +16,7 @@ For a batch of images x (in [-1, 1]) and target classes, each attempt k = 1..K:
   8. optional donor windows: attempt 1 also tries pasting one window of a real image the classifier assigns to the
      target class (a tag, stamp or patch transplanted from where the donor has it), and again the smallest valid
      edit wins: a flip carried by a small mark's shape, which no gradient at the original points to
-     (pipeline/donors.py).
+     (pipeline/donors.py). With ``donor_attempt`` a paste that lost but went half the way is attempt 2.
 Between 5 and 6 each attempt is confined (pipeline/confinement.py) to the smallest part of its edit that still flips.
 With ``cast`` one more attempt follows: the channel gains of the whole image that flip it (pipeline/cast.py); with
 ``cast_competes`` that cast is one more candidate of attempt 1 instead, and the smallest valid edit wins.
