@@ -81,7 +81,12 @@ class SearchConfig:
     # than attempt 2's own search (a near-flip judged like any other): a mark carrying most of a shortcut (a ruler,
     # a tag) that a larger edit of the whole image beat in attempt 1 still gets a verdict
     donor_attempt: bool = False
-    # grow the used region by this share of the image side before blocking it (3 px at 64 px; "threshold" only)
+    # with donors: a paste that went at least half the way to the goal without flipping is finished by a search from
+    # the pasted image, inside the pasted window grown by ``dilate``, and then competes like any paste: a real mark the
+    # classifier reads short of the goal (a ruler beside the evidence) is not beaten by a repaint of the whole image
+    donor_finish: bool = False
+    # grow the used region by this share of the image side before blocking it (3 px at 64 px; "threshold" only), and
+    # the pasted window donor_finish searches in
     dilate: float = 0.05
     filter_timestep: int = 0  # gradient filtering through the UNet at this timestep (0 = off)
     # one more attempt after the others: channel gains of the whole image (pipeline/cast.py), the edit that shows a

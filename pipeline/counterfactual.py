@@ -16,7 +16,8 @@ For a batch of images x (in [-1, 1]) and target classes, each attempt k = 1..K:
   8. optional donor windows: attempt 1 also tries pasting one window of a real image the classifier assigns to the
      target class (a tag, stamp or patch transplanted from where the donor has it), and again the smallest valid
      edit wins: a flip carried by a small mark's shape, which no gradient at the original points to
-     (pipeline/donors.py). With ``donor_attempt`` a paste that lost but went half the way is attempt 2.
+     (pipeline/donors.py). With ``donor_finish`` a paste that went half the way without flipping is searched on
+     inside its window first; with ``donor_attempt`` a paste that lost but went half the way is attempt 2.
 Between 5 and 6 each attempt is confined (pipeline/confinement.py) to the smallest part of its edit that still flips.
 With ``cast`` one more attempt follows: the channel gains of the whole image that flip it (pipeline/cast.py); with
 ``cast_competes`` that cast is one more candidate of attempt 1 instead, and the smallest valid edit wins.
@@ -340,6 +341,8 @@ class Explainer(nn.Module):
         found, runner_up = self.searched_first(x, target, free, generator), None
         if self.settings.donors > 0:
             pasted = donors.search(self, x, target)
+            if self.settings.donor_finish:
+                pasted = self.finished(x, target, pasted, generator)
             if self.settings.donor_attempt:
                 runner_up = {k: v.clone() for k, v in pasted.items()}
             pasted = self._confined(x, target, pasted, near_flips=False)  # only a flip wins
@@ -351,6 +354,19 @@ class Explainer(nn.Module):
             colour = cast.search(self, x, target)
             found[0] = self.smaller(x, found[0], colour | {"used": torch.ones_like(colour["mask"])})
         return found, runner_up
+
+    def finished(self, x, target, pasted: dict, generator) -> dict:
+        """The donor pastes that went at least half the way to the goal but did not flip, each searched on from the
+        pasted image inside its window grown by ``dilate``; per sample the finished paste where it flips."""
+        short = ~pasted["success"] & (way(pasted, self.settings.goal) >= 0.5)
+        if not short.any():
+            return pasted
+        window = ((pasted["x_cf"] - x).abs().sum(1, keepdim=True) > 0).to(x.dtype)
+        free = dilate(window, self.settings.dilate) * short.view(-1, 1, 1, 1).to(x.dtype)
+        on = self.attempt(pasted["x_cf"], target, free, generator)  # rows not short have no room: no steps
+        paid = pasted["evaluations"] + torch.where(short, on["evaluations"], 0)
+        taken = pick(short & on["success"], pasted, on | {"p_before": pasted["p_before"]})
+        return taken | {"evaluations": paid, "steps": on["steps"]}
 
     def rival(self, x, target, second: dict, runner_up: dict) -> dict:
         """Attempt 2, or per sample the donor paste that lost attempt 1 where it went at least half the way to the

@@ -652,6 +652,58 @@ def test_a_paste_that_lost_attempt_1_but_moved_the_decision_is_attempt_2(donor_a
         assert second["no_room"].all() and not change.any()  # attempt 1 used the whole image
 
 
+@pytest.mark.parametrize("donor_finish", [False, True])
+def test_a_paste_short_of_the_goal_is_finished_inside_its_window(donor_finish):
+    """explain.search.donor_finish: a pasted faint tag moves the classifier most of the way, short of the goal; a
+    search from the pasted image, inside its window, strengthens the tag until it flips, and that edit, far smaller
+    than a brightening of the whole image, wins attempt 1."""
+    x = torch.full((3, 3, 32, 32), -0.5)
+    target = torch.ones(3, dtype=torch.long)
+    faint = _checkered(4)
+    faint[:, :, :4, :4] *= 0.18  # p(class 1) about 0.67 pasted: 0.7 of the way to the goal in log-odds
+    settings = Settings(
+        attempts=1,
+        goal=0.8,
+        steps=150,
+        lr=0.05,
+        l1=0.1,
+        prototype=0.0,
+        donors=2,
+        donor_finish=donor_finish,
+        cast=False,
+    )
+    bank = {1: (faint, explain.real_codes(PixelCodec(), faint))}
+    explainer = Explainer(PixelCodec(), CheckerOrBrightness(), settings, donors=bank)
+    (first,) = explainer(x, target)
+    assert first["success"].all()
+    change = (first["x_cf"] - x).abs().sum(1)
+    near_tag = change[:, :8, :8].flatten(1).sum(1) / change.flatten(1).sum(1)
+    if donor_finish:
+        assert (near_tag > 0.95).all()  # the strengthened tag, nothing else
+        # the finishing search is paid for beside the paste's judgements and the whole-image search
+        pasted_only = 3 + 2 * settings.donors
+        assert (first["evaluations"] > first["steps"] * 4 + pasted_only).all()
+    else:
+        assert (near_tag < 0.5).all()  # the brightening won
+
+
+def test_a_paste_that_flips_or_barely_moves_is_not_finished():
+    """Only a paste that went at least half the way without flipping is searched on; the others keep their paste
+    and cost nothing more."""
+    x = torch.full((2, 3, 32, 32), -0.5)
+    target = torch.ones(2, dtype=torch.long)
+    settings = Settings(attempts=1, goal=0.8, prototype=0.0, donors=2, donor_finish=True, cast=False)
+    for scale in (1.0, 0.02):  # a full tag flips; a barely visible one goes almost nowhere
+        faint = _checkered(4)
+        faint[:, :, :4, :4] *= scale
+        bank = {1: (faint, explain.real_codes(PixelCodec(), faint))}
+        explainer = Explainer(PixelCodec(), CheckerOrBrightness(), settings, donors=bank)
+        pasted = donor_windows.search(explainer, x, target)
+        finished = explainer.finished(x, target, dict(pasted), torch.Generator().manual_seed(0))
+        assert torch.equal(finished["x_cf"], pasted["x_cf"])
+        assert torch.equal(finished["evaluations"], pasted["evaluations"])
+
+
 def test_the_donor_bank_holds_only_images_the_classifier_assigns_to_the_class():
     """A donor is a real image the classifier gives the target class at the goal: a paste from an image it does not
     believe could not show what it reads as that class."""
