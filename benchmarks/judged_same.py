@@ -89,9 +89,10 @@ def main() -> None:
     parser.add_argument("--teacher", default="mask", choices=["mask", "model"])
     # a later round's edits were searched on classifiers distilled from each run's own verdicts
     parser.add_argument("--round", type=int, default=1, help="whose explain: round 1 (default), 2, 3 or 4")
+    parser.add_argument("--only", nargs="*", choices=list(suite.CASES), help="datasets (default: all)")
     args = parser.parse_args()
     out = {}
-    for name in suite.CASES:
+    for name in args.only or suite.CASES:
         base, other = (
             WORK / "-".join(["suite", name, args.teacher, *([t] if t else [])]) for t in (args.base, args.tag)
         )
