@@ -617,29 +617,24 @@ def test_a_paste_that_does_not_flip_is_not_confined():
     assert (as_near_flip["evaluations"] > kept_only_if_flips["evaluations"]).all()
 
 
+def _short_paste(**search) -> tuple:
+    """Three flat images, their target, settings and a donor bank whose pasted faint tag moves the classifier
+    (``CheckerOrBrightness``) 0.7 of the way to the goal in log-odds (p about 0.67), short of it."""
+    x = torch.full((3, 3, 32, 32), -0.5)
+    target = torch.ones(3, dtype=torch.long)
+    faint = _checkered(4)
+    faint[:, :, :4, :4] *= 0.18
+    settings = Settings(goal=0.8, steps=150, lr=0.05, l1=0.1, prototype=0.0, donors=2, cast=False, **search)
+    return x, target, settings, {1: (faint, explain.real_codes(PixelCodec(), faint))}
+
+
 @pytest.mark.parametrize("donor_attempt", [False, True])
 def test_a_paste_that_lost_attempt_1_but_moved_the_decision_is_attempt_2(donor_attempt):
     """explain.search.donor_attempt: a pasted tag that moves the classifier most of the way, short of the goal, loses
     attempt 1 to a brightening of the whole image; it is then attempt 2, a near-flip a teacher judges, instead of a
     search in what attempt 1 left free (here nothing)."""
-    x = torch.full((3, 3, 32, 32), -0.5)
-    target = torch.ones(3, dtype=torch.long)
-    faint = _checkered(4)
-    faint[:, :, :4, :4] *= 0.18  # p(class 1) about 0.67 pasted: 0.7 of the way to the goal in log-odds
-    settings = Settings(
-        attempts=2,
-        goal=0.8,
-        steps=150,
-        lr=0.05,
-        l1=0.1,
-        prototype=0.0,
-        donors=2,
-        donor_attempt=donor_attempt,
-        cast=False,
-    )
-    model = CheckerOrBrightness()
-    bank = {1: (faint, explain.real_codes(PixelCodec(), faint))}
-    first, second = Explainer(PixelCodec(), model, settings, donors=bank)(x, target)
+    x, target, settings, bank = _short_paste(attempts=2, donor_attempt=donor_attempt)
+    first, second = Explainer(PixelCodec(), CheckerOrBrightness(), settings, donors=bank)(x, target)
     assert first["success"].all()
     whole = (first["x_cf"] - x).abs().sum(1)
     assert (whole[:, :8, :8].flatten(1).sum(1) / whole.flatten(1).sum(1) < 0.5).all()  # the brightening won
@@ -657,24 +652,8 @@ def test_a_paste_short_of_the_goal_is_finished_inside_its_window(donor_finish):
     """explain.search.donor_finish: a pasted faint tag moves the classifier most of the way, short of the goal; a
     search from the pasted image, inside its window, strengthens the tag until it flips, and that edit, far smaller
     than a brightening of the whole image, wins attempt 1."""
-    x = torch.full((3, 3, 32, 32), -0.5)
-    target = torch.ones(3, dtype=torch.long)
-    faint = _checkered(4)
-    faint[:, :, :4, :4] *= 0.18  # p(class 1) about 0.67 pasted: 0.7 of the way to the goal in log-odds
-    settings = Settings(
-        attempts=1,
-        goal=0.8,
-        steps=150,
-        lr=0.05,
-        l1=0.1,
-        prototype=0.0,
-        donors=2,
-        donor_finish=donor_finish,
-        cast=False,
-    )
-    bank = {1: (faint, explain.real_codes(PixelCodec(), faint))}
-    explainer = Explainer(PixelCodec(), CheckerOrBrightness(), settings, donors=bank)
-    (first,) = explainer(x, target)
+    x, target, settings, bank = _short_paste(attempts=1, donor_finish=donor_finish)
+    (first,) = Explainer(PixelCodec(), CheckerOrBrightness(), settings, donors=bank)(x, target)
     assert first["success"].all()
     change = (first["x_cf"] - x).abs().sum(1)
     near_tag = change[:, :8, :8].flatten(1).sum(1) / change.flatten(1).sum(1)
