@@ -45,6 +45,10 @@ from pipeline.regions import (
     roughness,
 )
 
+# the share of the way to the goal (target log-odds) a paste that did not flip must have gone to be searched on
+# (donor_finish) or judged as attempt 2 (donor_attempt): half, as feedback.partial's default judges near-flips
+HALF_WAY = 0.5
+
 
 def copies_of(settings: Settings) -> int:
     """Latent copies per sample and step (SmoothGrad's noisy copies, or the latent alone)."""
@@ -358,7 +362,7 @@ class Explainer(nn.Module):
     def finished(self, x, target, pasted: dict, generator) -> dict:
         """The donor pastes that went at least half the way to the goal but did not flip, each searched on from the
         pasted image inside its window grown by ``dilate``; per sample the finished paste where it flips."""
-        short = ~pasted["success"] & (way(pasted, self.settings.goal) >= 0.5)
+        short = ~pasted["success"] & (way(pasted, self.settings.goal) >= HALF_WAY)
         if not short.any():
             return pasted
         window = ((pasted["x_cf"] - x).abs().sum(1, keepdim=True) > 0).to(x.dtype)
@@ -375,7 +379,7 @@ class Explainer(nn.Module):
         lost = runner_up.pop("lost")
         runner_up["evaluations"] = torch.zeros_like(runner_up["evaluations"])  # paid for in attempt 1
         paste = self._confined(x, target, runner_up)  # a near-flip is confined to what moved the decision
-        return pick(lost & (way(paste, self.settings.goal) >= 0.5), second, paste)
+        return pick(lost & (way(paste, self.settings.goal) >= HALF_WAY), second, paste)
 
     def searched_first(self, x, target, free, generator) -> list[dict]:
         """Attempt 1's search over the whole image and, with ``windows``, inside each located window; per sample
