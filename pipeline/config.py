@@ -85,6 +85,10 @@ class SearchConfig:
     # the pasted image, inside the pasted window grown by ``dilate``, and then competes like any paste: a real mark the
     # classifier reads short of the goal (a ruler beside the evidence) is not beaten by a repaint of the whole image
     donor_finish: bool = False
+    # with donors, where the training data has feature masks: a paste leaves the donor's own evidence (its feature
+    # mask) out, so it moves what lies around the evidence (a tag, a ruler, a background) and never carries the
+    # donor's object into the image, where a teacher would call a second object a shortcut
+    leave_evidence: bool = False
     # grow the used region by this share of the image side before blocking it (3 px at 64 px; "threshold" only), and
     # the pasted window donor_finish searches in
     dilate: float = 0.05

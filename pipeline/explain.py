@@ -34,6 +34,12 @@ from pipeline.rundir import write_json  # noqa: E402
 from pipeline.train import make_trainer, predict, uses_gpu  # noqa: E402
 
 
+def feature_mask(images: ImageDataset, row: int, size: tuple[int, int], resize: str) -> torch.Tensor | None:
+    """A row's feature mask as a (1, H, W) float tensor fitted as its image is, or None where it has none."""
+    rel = images.rows["feature_mask"][row] if "feature_mask" in images.rows else ""
+    return torch.from_numpy(load_mask(images.root / rel, size, resize))[None].float() if rel else None
+
+
 class Requests(Dataset):
     """(image in [-1, 1], target class, row in the split, feature mask or zeros, has-mask flag, request index)."""
 
@@ -47,16 +53,13 @@ class Requests(Dataset):
     def __getitem__(self, i):
         row = self.rows[i]
         x, _, _ = self.images[row]
-        rel = self.images.rows["feature_mask"][row] if "feature_mask" in self.images.rows else ""
-        mask = torch.zeros(1, *self.size)
-        if rel:
-            mask = torch.from_numpy(load_mask(self.images.root / rel, self.size, self.resize))[None].float()
+        mask = feature_mask(self.images, row, self.size, self.resize)
         return {
             "x": x,
             "target": self.targets[i],
             "row": row,
-            "mask": mask,
-            "has_mask": bool(rel),
+            "mask": torch.zeros(1, *self.size) if mask is None else mask,
+            "has_mask": mask is not None,
             "index": i,
         }
 
@@ -161,7 +164,10 @@ def build_explainer(classifier, card, data, config: ExplainConfig, gen: Generato
     prior = None
     if s.needs_prior:
         prior = remembered("prior", every, config.seed, lambda: PatchPrior.fit(every, seed=config.seed))
-    bank = {t: donor_bank(model, reals[t], codes[t], t, s.goal) for t in classes} if s.donors > 0 else None
+    bank = None
+    if s.donors > 0:
+        masks = {t: class_masks(train, t, card) if s.leave_evidence else None for t in classes}
+        bank = {t: donor_bank(model, reals[t], codes[t], t, s.goal, masks[t]) for t in classes}
     colours = cast.colour_basis(every) if s.casts else None
     explainer = Explainer(codec, model, config.search, smooth, denoiser, prototypes, prior, bank, colours)
     return explainer, agreement
@@ -192,20 +198,39 @@ def remembered(kind: str, images: torch.Tensor, owner, make):
 
 @torch.no_grad()
 def donor_bank(
-    model, images: torch.Tensor, codes: torch.Tensor, target: int, goal: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+    model,
+    images: torch.Tensor,
+    codes: torch.Tensor,
+    target: int,
+    goal: float,
+    masks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
     """The real images of one class the classifier assigns to it at the goal probability (all of them if none is
-    that sure), and their pooled latent codes (``codes``: of every image): where a donor window
-    (pipeline/donors.py) comes from."""
+    that sure), their pooled latent codes (``codes``: of every image) and, if given, their feature masks: where a
+    donor window (pipeline/donors.py) comes from."""
     p = torch.cat([torch.softmax(model(part), -1)[:, target] for part in images.split(128)])
     sure = p >= goal if bool((p >= goal).any()) else torch.ones_like(p, dtype=torch.bool)
-    return images[sure], codes[sure]
+    return (images[sure], codes[sure]) + (() if masks is None else (masks[sure],))
+
+
+def class_rows(images: ImageDataset, target: int, limit: int = 400) -> list[int]:
+    """The first ``limit`` rows of one class in a split."""
+    return [i for i, t in enumerate(images.targets) if t == target][:limit]
 
 
 def class_images(images: ImageDataset, target: int, limit: int = 400) -> torch.Tensor:
     """Up to ``limit`` real images of one class, stacked: the reference set for realism and prototypes."""
-    rows = [i for i, t in enumerate(images.targets) if t == target][:limit]
-    return torch.stack([images[i][0] for i in rows])
+    return torch.stack([images[i][0] for i in class_rows(images, target, limit)])
+
+
+def class_masks(images: ImageDataset, target: int, card: models.ModelCard, limit: int = 400) -> torch.Tensor:
+    """The feature masks of ``class_images``' images as (N, 1, H, W) floats, fitted as the images are; empty
+    (zeros) where an image has none."""
+    size, masks = hw(card.image_size), []
+    for i in class_rows(images, target, limit):
+        mask = feature_mask(images, i, size, card.resize)
+        masks.append(torch.zeros(1, *size) if mask is None else mask)
+    return torch.stack(masks)
 
 
 def real_codes(codec, images: torch.Tensor, batch: int = 128) -> torch.Tensor:

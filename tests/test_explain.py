@@ -598,6 +598,56 @@ def test_donor_windows_find_a_tag_shape_no_gradient_points_to(donors):
         assert (near_tag < 0.5).all()
 
 
+@pytest.mark.parametrize("leave_evidence", [False, True])
+def test_a_paste_leaves_the_donors_evidence_behind(leave_evidence):
+    """explain.search.leave_evidence: each donor carries, beside its checkered tag, a bright object its feature mask
+    marks. The object moves the brightness-reading classifier most to first order, but alone not to the goal, so
+    without the switch the paste that flips is the large window holding both; with it the object is never pasted
+    and the tag's window alone flips, a smaller edit."""
+    x = torch.full((3, 3, 32, 32), -0.5)
+    target = torch.ones(3, dtype=torch.long)
+    real = _checkered(4)
+    real[:, :, 10:14, 10:14] = 1.0
+    masks = torch.zeros(4, 1, 32, 32)
+    masks[:, :, 10:14, 10:14] = 1.0
+    settings = Settings(goal=0.8, prototype=0.0, donors=2, cast=False, leave_evidence=leave_evidence)
+    bank = {1: (real, explain.real_codes(PixelCodec(), real), masks)}
+    pasted = donor_windows.search(
+        Explainer(PixelCodec(), CheckerOrBrightness(), settings, donors=bank), x, target
+    )
+    assert pasted["success"].all()
+    change = (pasted["x_cf"] - x).abs().sum(1)
+    assert (change[:, :4, :4] > 0).all()  # the tag is pasted either way
+    if leave_evidence:
+        assert not change[:, masks[0, 0].bool()].any()  # nothing of the object
+    else:
+        assert (change[:, 10:14, 10:14] > 0).all()
+
+
+def test_the_donor_bank_holds_the_donors_feature_masks(tiny_biased, tiny_codec):
+    """With leave_evidence the bank built from a folder dataset holds each donor's feature mask (Square's: the
+    square), fitted to the classifier's image size; without it, none."""
+    ckpt, data = tiny_biased
+    classifier, card = models.load(ckpt)
+    gen = GeneratorConfig(source=str(tiny_codec))
+    for leave in (False, True):
+        search = Settings(attempts=1, donors=2, cast=False, prototype=0.0, leave_evidence=leave)
+        explainer, _ = explain.build_explainer(
+            classifier, card, data, dataclasses.replace(_config(), surrogate=False, search=search), gen
+        )
+        for images, *masks in ((v[0], *v[2:]) for v in explainer.donors.values()):
+            assert len(masks) == int(leave)
+            if leave:
+                (mask,) = masks
+                assert mask.shape == (len(images), 1, 32, 32)
+                area = mask.flatten(1).mean(1)
+                assert ((area > 0) & (area < 0.5)).all()  # a square, on every donor
+                inside = (images * mask).sum((2, 3)) / mask.sum((2, 3))
+                outside = (images * (1 - mask)).sum((2, 3)) / (1 - mask).sum((2, 3))
+                # where the image differs from its background: its square (a few squares are faint)
+                assert ((inside - outside).abs().amax(1) > 0.1).float().mean() > 0.8
+
+
 def test_a_paste_that_does_not_flip_is_not_confined():
     """A pasted window is kept only if it flips, so one that merely moves the classifier is not bisected: it costs
     the donors' encode, the gradient's two passes, its judgements and one more, no confinement."""
