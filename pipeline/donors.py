@@ -9,8 +9,9 @@ explanations"). Per image: the ``donors`` real target-class images nearest to it
 the window of side ``window`` or twice that, anywhere, whose paste raises the target log-probability most to first
 order (input gradient x (donor - original), summed over the window: one backward pass rates every window); each
 paste judged on the classifier. With ``leave_evidence`` a window leaves out the donor's own evidence (its feature
-mask), so a paste cannot carry the donor's object into the image. The Explainer confines the smallest valid paste like any attempt and lets it
-compete with the searched edit on L1. The donor bank is built in pipeline/explain.py (``donor_bank``).
+mask), so a paste cannot carry the donor's object into the image. The Explainer confines the smallest valid paste
+like any attempt and lets it compete with the searched edit on L1. The donor bank is built in pipeline/explain.py
+(``donor_bank``).
 """
 
 from __future__ import annotations
