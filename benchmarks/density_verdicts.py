@@ -1,6 +1,6 @@
-"""Round 1's judged edits per attempt as the mask teacher's density rule calls them (true: more change per pixel on
-the feature mask than off it), read from each suite run's manifest: what a search setting hands the teacher,
-without a fine-tune.
+"""Round 1's judged edits per attempt as the mask teacher's density rule calls them (``teach.mask_verdicts``, with
+each run's own ``feedback.band``, ``partial`` and resize policy), read from each suite run's explain folder: what a
+search setting hands the teacher, without a fine-tune.
 
     .venv/bin/python benchmarks/density_verdicts.py ex-leave dattempt-all --only square stamp
 
@@ -14,24 +14,37 @@ import json
 from pathlib import Path
 
 import suite
+import yaml
 
-from pipeline import manifest
+from pipeline import config as cfg
+from pipeline import manifest, teach
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 
 
-def counts(run_dir: Path, partial: float = 0.5) -> dict:
-    """Per attempt: judged edits (flips and near-flips past ``partial``), flips, true and spurious by density."""
-    table = manifest.read_round(run_dir, 1)
-    judged = table[manifest.is_judged(table, partial)]
+def data_root(configured: str) -> Path:
+    """The run's dataset folder; a suite run from a snapshot names it under the snapshot's link to ``runs/``."""
+    path = Path(configured)
+    return path if path.exists() else ROOT / "runs" / configured.split("/runs/", 1)[1]
+
+
+def counts(run_dir: Path) -> dict:
+    """Per attempt: judged edits (flips and near-flips past ``partial``), flips, and the teacher's verdicts."""
+    config = cfg.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    explain_dir = run_dir / manifest.folder(1)
+    table = manifest.read(explain_dir)
+    judged = manifest.judged(table, config.feedback.partial)
+    verdicts = teach.mask_verdicts(
+        judged, explain_dir, data_root(config.data.root), config.feedback.band, config.data.resize
+    )
+    judged = judged.assign(verdict=judged["id"].map(verdicts))
     out = {"evaluations_per_counterfactual": round(float(table["evaluations"].mean()), 1)}
     for attempt, rows in judged.groupby("attempt"):
-        true = int((rows["feature_density"] > 1).sum())
         out[str(attempt)] = {
             "judged": len(rows),
             "flips": int(rows["success"].sum()),
-            "true": true,
-            "spurious": len(rows) - true,
+            **{v: int((rows["verdict"] == v).sum()) for v in ("true", "spurious", "unsure")},
         }
     return out
 
