@@ -128,9 +128,20 @@ class SearchConfig:
 # pull toward other images (prototype: 0), a stalled sample given up after 12 steps (patience: no evaluations
 # spent on a search that no longer moves; pace: nor on one too slow to become even a judged near-flip), and a window
 # pasted from one of 4 real target-class images competing with the search's edit (donors: a mark's shape, which no
-# gradient points to). The search's own dataclass keeps its primitive defaults for ablations.
+# gradient points to), the paste that lost but moved the classifier farther judged as attempt 2 (donor_attempt: a
+# mark read short of the goal still gets a verdict), and no paste carrying the donor's own evidence
+# (leave_evidence). The search's own dataclass keeps its primitive defaults for ablations.
 RECOMMENDED_SEARCH = SearchConfig(
-    tv=10.0, prototype=0.0, project=True, confine="regions", mirror=True, patience=12, pace=0.5, donors=4
+    tv=10.0,
+    prototype=0.0,
+    project=True,
+    confine="regions",
+    mirror=True,
+    patience=12,
+    pace=0.5,
+    donors=4,
+    donor_attempt=True,
+    leave_evidence=True,
 )
 
 
