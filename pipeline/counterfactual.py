@@ -372,14 +372,18 @@ class Explainer(nn.Module):
         taken = pick(short & on["success"], pasted, on | {"p_before": pasted["p_before"]})
         return taken | {"evaluations": paid, "steps": on["steps"]}
 
-    def rival(self, x, target, second: dict, runner_up: dict) -> dict:
+    def second_attempt(self, x, target, free, generator, runner_up: dict) -> dict:
         """Attempt 2, or per sample the donor paste that lost attempt 1 where it went at least half the way to the
         goal (a judged near-flip): a real mark that carries most of a shortcut (a ruler, a tag), but not enough to
-        win attempt 1 against an edit of the whole image, is shown and judged on its own."""
+        win attempt 1 against an edit of the whole image, is shown and judged on its own. The search runs only
+        where the paste is not taken (its result would be dropped)."""
         lost = runner_up.pop("lost")
         runner_up["evaluations"] = torch.zeros_like(runner_up["evaluations"])  # paid for in attempt 1
         paste = self._confined(x, target, runner_up)  # a near-flip is confined to what moved the decision
-        return pick(lost & (way(paste, self.settings.goal) >= HALF_WAY), second, paste)
+        take = lost & (way(paste, self.settings.goal) >= HALF_WAY)
+        free = free * (~take).view(-1, 1, 1, 1).to(free.dtype)  # no room: those rows take no step
+        searched = self._confined(x, target, self.attempt(x, target, free, generator))
+        return pick(take, searched, paste)
 
     def searched_first(self, x, target, free, generator) -> list[dict]:
         """Attempt 1's search over the whole image and, with ``windows``, inside each located window; per sample
@@ -447,10 +451,10 @@ class Explainer(nn.Module):
         results, runner_up = [], None
         while len(results) < self.settings.attempts:
             started = time.perf_counter()
-            if results:
+            if results and runner_up is not None and len(results) == 1:
+                found = [self.second_attempt(x, target, free, generator, runner_up)]
+            elif results:
                 found = [self._confined(x, target, self.attempt(x, target, free, generator))]
-                if runner_up is not None and len(results) == 1:
-                    found[0] = self.rival(x, target, found[0], runner_up)
             else:
                 found, runner_up = self.first_attempt(x, target, free, generator)
             seconds = (time.perf_counter() - started) / len(found)

@@ -697,6 +697,32 @@ def test_a_paste_that_lost_attempt_1_but_moved_the_decision_is_attempt_2(donor_a
         assert second["no_room"].all() and not change.any()  # attempt 1 used the whole image
 
 
+class LeftBrightnessOrTag(CheckerOrBrightness):
+    """``CheckerOrBrightness`` that reads brightness on the left half only: attempt 1's brightening leaves the right
+    half free, where a search for attempt 2 finds no gradient and runs until it gives up."""
+
+    def forward(self, x):
+        return super().forward(torch.cat([x[..., :16], torch.full_like(x[..., 16:], -0.5)], -1))
+
+
+def test_where_the_paste_is_attempt_2_no_search_runs_for_it():
+    """With ``donor_attempt``, attempt 2 is the losing paste where it went half the way; the search in what attempt
+    1 left free would be dropped there, so it is not run (no steps, no evaluations beyond the paste's own)."""
+    x, target, settings, bank = _short_paste(attempts=2, donor_attempt=True, patience=10)
+    explainer = Explainer(PixelCodec(), LeftBrightnessOrTag(), settings, donors=bank)
+    first, second = explainer(x, target)
+    assert first["success"].all() and not first["no_room"].any()
+    assert (first["x_cf"] - x)[..., 20:].abs().amax() == 0  # attempt 1 left the right half free
+    change = (second["x_cf"] - x).abs().sum(1)
+    assert (change[:, :8, :8].flatten(1).sum(1) / change.flatten(1).sum(1) > 0.95).all()  # the tag alone
+    assert (second["steps"] == 0).all()
+    # without the paste the search runs in the free right half until its patience runs out
+    plain = dataclasses.replace(settings, donor_attempt=False)
+    _, searched = Explainer(PixelCodec(), LeftBrightnessOrTag(), plain, donors=bank)(x, target)
+    assert (searched["steps"] >= settings.patience).all() and not searched["no_room"].any()
+    assert (second["evaluations"] < searched["evaluations"]).all()
+
+
 @pytest.mark.parametrize("donor_finish", [False, True])
 def test_a_paste_short_of_the_goal_is_finished_inside_its_window(donor_finish):
     """explain.search.donor_finish: a pasted faint tag moves the classifier most of the way, short of the goal; a
