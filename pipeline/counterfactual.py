@@ -349,7 +349,7 @@ class Explainer(nn.Module):
                 pasted = self.finished(x, target, pasted, generator)
             if self.settings.donor_attempt:
                 runner_up = {k: v.clone() for k, v in pasted.items()}
-            pasted = self._confined(x, target, pasted, near_flips=False)  # only a flip wins
+            pasted = self._confined(x, target, pasted, rows=pasted["success"])  # only a flip wins
             won = valid_l1(x, pasted) < valid_l1(x, found[0])
             found[0] = pick(won, found[0], pasted)
             if runner_up is not None:
@@ -379,7 +379,8 @@ class Explainer(nn.Module):
         where the paste is not taken (its result would be dropped)."""
         lost = runner_up.pop("lost")
         runner_up["evaluations"] = torch.zeros_like(runner_up["evaluations"])  # paid for in attempt 1
-        paste = self._confined(x, target, runner_up)  # a near-flip is confined to what moved the decision
+        # a near-flip is confined to what moved the decision; where the paste won attempt 1 it is not attempt 2
+        paste = self._confined(x, target, runner_up, rows=lost)
         take = lost & (way(paste, self.settings.goal) >= HALF_WAY)
         free = free * (~take).view(-1, 1, 1, 1).to(free.dtype)  # no room: those rows take no step
         searched = self._confined(x, target, self.attempt(x, target, free, generator))
@@ -425,16 +426,17 @@ class Explainer(nn.Module):
         need = torch.where(end > start, near, nan)
         return torch.where(result["success"], torch.full_like(near, self.settings.goal), need)
 
-    def _confined(self, x, target, result: dict, near_flips: bool = True) -> dict:
-        """An attempt's result confined (sparsity) with its change mask and the region later attempts avoid;
-        without ``near_flips`` only flips are confined (a candidate that is kept only if it flips)."""
+    def _confined(self, x, target, result: dict, rows: torch.Tensor | None = None) -> dict:
+        """An attempt's result confined (sparsity) with its change mask and the region later attempts avoid; with
+        ``rows`` (a per-sample mask) only those rows are confined: a candidate kept only if it flips, or only where
+        it lost attempt 1, costs no confinement elsewhere."""
         if self.settings.sparsity:
             confine = (
                 confinement.by_regions if self.settings.confine == "regions" else confinement.by_threshold
             )
             need = self.needed(result)
-            if not near_flips:
-                need = torch.where(result["success"], need, torch.full_like(need, float("nan")))
+            if rows is not None:
+                need = torch.where(rows, need, torch.full_like(need, float("nan")))
             confined = confine(self.p_class, self.settings, x, result["x_cf"], target, need)
             result["evaluations"] = result.get("evaluations", 0) + confined.pop("evaluations")
             result.update(confined)

@@ -598,6 +598,40 @@ def test_donor_windows_find_a_tag_shape_no_gradient_points_to(donors):
         assert (near_tag < 0.5).all()
 
 
+def test_where_the_paste_won_attempt_1_attempt_2_is_the_search_alone():
+    """With ``donor_attempt``, a paste that won attempt 1 is not attempt 2 too: attempt 2 is the search in what
+    attempt 1 left free, as without the switch, and the winning paste is not confined a second time (only its one
+    judgement is paid)."""
+    x = torch.full((4, 3, 32, 32), -0.5)
+    target = torch.ones(4, dtype=torch.long)
+    model, real = LeftBrightnessOrTag(), _checkered(6)
+    bank = {1: explain.donor_bank(model, real, explain.real_codes(PixelCodec(), real), 1, 0.8)}
+    found = {}
+    for donor_attempt in (False, True):
+        settings = Settings(
+            attempts=2,
+            goal=0.8,
+            steps=60,
+            lr=0.05,
+            l1=0.1,
+            prototype=0.0,
+            donors=2,
+            cast=False,
+            patience=10,
+            donor_attempt=donor_attempt,
+        )
+        found[donor_attempt] = Explainer(PixelCodec(), model, settings, donors=bank)(x, target)
+    first, second = found[True]
+    change = (first["x_cf"] - x).abs().sum(1)
+    assert (
+        first["success"].all()
+        and (change[:, :8, :8].flatten(1).sum(1) / change.flatten(1).sum(1) > 0.95).all()
+    )
+    plain = found[False][1]
+    assert torch.equal(second["x_cf"], plain["x_cf"]) and (second["steps"] == plain["steps"]).all()
+    assert (second["evaluations"] == plain["evaluations"] + 1).all()
+
+
 @pytest.mark.parametrize("leave_evidence", [False, True])
 def test_a_paste_leaves_the_donors_evidence_behind(leave_evidence):
     """explain.search.leave_evidence: each donor carries, beside its checkered tag, a bright object its feature mask
@@ -661,7 +695,7 @@ def test_a_paste_that_does_not_flip_is_not_confined():
     explainer = Explainer(PixelCodec(), model, settings, donors=bank)
     pasted = donor_windows.search(explainer, x, target)
     assert not pasted["success"].any() and (pasted["p_after"] > pasted["p_before"]).all()
-    kept_only_if_flips = explainer._confined(x, target, dict(pasted), near_flips=False)
+    kept_only_if_flips = explainer._confined(x, target, dict(pasted), rows=pasted["success"])
     as_near_flip = explainer._confined(x, target, dict(pasted))
     assert (kept_only_if_flips["evaluations"] == 3 + 2 * settings.donors + 1).all()
     assert (as_near_flip["evaluations"] > kept_only_if_flips["evaluations"]).all()
