@@ -602,24 +602,11 @@ def test_where_the_paste_won_attempt_1_attempt_2_is_the_search_alone():
     """With ``donor_attempt``, a paste that won attempt 1 is not attempt 2 too: attempt 2 is the search in what
     attempt 1 left free, as without the switch, and the winning paste is not confined a second time (only its one
     judgement is paid)."""
-    x = torch.full((4, 3, 32, 32), -0.5)
-    target = torch.ones(4, dtype=torch.long)
     model, real = LeftBrightnessOrTag(), _checkered(6)
     bank = {1: explain.donor_bank(model, real, explain.real_codes(PixelCodec(), real), 1, 0.8)}
     found = {}
     for donor_attempt in (False, True):
-        settings = Settings(
-            attempts=2,
-            goal=0.8,
-            steps=60,
-            lr=0.05,
-            l1=0.1,
-            prototype=0.0,
-            donors=2,
-            cast=False,
-            patience=10,
-            donor_attempt=donor_attempt,
-        )
+        x, target, settings, _ = _short_paste(attempts=2, patience=10, donor_attempt=donor_attempt)
         found[donor_attempt] = Explainer(PixelCodec(), model, settings, donors=bank)(x, target)
     first, second = found[True]
     change = (first["x_cf"] - x).abs().sum(1)
