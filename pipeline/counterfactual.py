@@ -453,7 +453,7 @@ class Explainer(nn.Module):
         results, runner_up = [], None
         while len(results) < self.settings.attempts:
             started = time.perf_counter()
-            if results and runner_up is not None and len(results) == 1:
+            if len(results) == 1 and runner_up is not None:
                 found = [self.second_attempt(x, target, free, generator, runner_up)]
             elif results:
                 found = [self._confined(x, target, self.attempt(x, target, free, generator))]
