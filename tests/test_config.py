@@ -1,7 +1,9 @@
+import re
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline import config
 from pipeline.errors import UserError
@@ -158,3 +160,23 @@ def test_every_yaml_block_of_the_readme_is_a_config_that_loads(tmp_path):
         feedback=replace(d.feedback, oracle="density+intervention"),
     )
     assert cast[0] == expected
+
+
+def test_the_readme_config_reference_gives_the_dataclass_defaults():
+    """Each row of the README's configuration reference (`| \\`section.key\\` | default | ... |`) names a setting
+    that exists and gives its library default, so the document cannot drift from the method it describes."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = re.findall(r"^\| `([a-z_]+(?:\.[a-z_]+)+)` \| ([^|]*) \|", readme, flags=re.M)
+    assert len(rows) >= 50
+    defaults = config.to_dict(config.RunConfig())
+    wrong = []
+    for key, cell in rows:
+        node = defaults
+        for part in key.split("."):
+            node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
+        written = re.sub(r"\s*\(demo: [^)]*\)$", "", cell.strip()).strip("`")
+        if node is KeyError or yaml.safe_load(written) != node:
+            wrong.append(
+                f"{key}: README {cell.strip()!r}, library {'no such key' if node is KeyError else node!r}"
+            )
+    assert not wrong, "\n".join(wrong)
