@@ -1,6 +1,8 @@
 """Round 1's judged edits per attempt as the mask teacher's density rule calls them (``teach.mask_verdicts``, with
 each run's own ``feedback.band``, ``partial`` and resize policy), read from each suite run's explain folder: what a
-search setting hands the teacher, without a fine-tune.
+search setting hands the teacher, without a fine-tune. Where the run's store holds the teacher's round-1 verdicts,
+the edits the density rule is unsure of are also counted by the verdict the run gave them (``unsure_judged``: what
+``feedback.oracle: density+intervention`` settled by intervention).
 
     .venv/bin/python benchmarks/density_verdicts.py ex-leave dattempt-all --only square stamp
 
@@ -13,11 +15,13 @@ import argparse
 import json
 from pathlib import Path
 
+import pandas as pd
 import suite
 import yaml
 
 from pipeline import config as cfg
 from pipeline import manifest, teach
+from pipeline.store import FeedbackStore
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -29,7 +33,15 @@ def data_root(configured: str) -> Path:
     return path if path.exists() else ROOT / "runs" / configured.split("/runs/", 1)[1]
 
 
-def counts(run_dir: Path) -> dict:
+def given(run_dir: Path, teacher: str) -> pd.Series:
+    """The teacher's round-1 verdict per counterfactual id, as the run's store holds it (empty without a store)."""
+    if not (run_dir / "feedback.sqlite").exists():
+        return pd.Series(dtype=str)
+    labels = FeedbackStore(run_dir / "feedback.sqlite").labels(1)
+    return labels[labels["annotator"] == f"teacher:{teacher}"].set_index("cf_id")["label"]
+
+
+def counts(run_dir: Path, teacher: str = "mask") -> dict:
     """Per attempt: judged edits (flips and near-flips past ``partial``), flips, and the teacher's verdicts."""
     config = cfg.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     explain_dir = run_dir / manifest.folder(1)
@@ -38,7 +50,9 @@ def counts(run_dir: Path) -> dict:
     verdicts = teach.mask_verdicts(
         judged, explain_dir, data_root(config.data.root), config.feedback.band, config.data.resize
     )
-    judged = judged.assign(verdict=judged["id"].map(verdicts))
+    judged = judged.assign(
+        verdict=judged["id"].map(verdicts), given=judged["id"].map(given(run_dir, teacher))
+    )
     out = {"evaluations_per_counterfactual": round(float(table["evaluations"].mean()), 1)}
     for attempt, rows in judged.groupby("attempt"):
         out[str(attempt)] = {
@@ -46,6 +60,9 @@ def counts(run_dir: Path) -> dict:
             "flips": int(rows["success"].sum()),
             **{v: int((rows["verdict"] == v).sum()) for v in ("true", "spurious", "unsure")},
         }
+        unsure = rows.loc[(rows["verdict"] == "unsure") & rows["given"].notna(), "given"]
+        if len(unsure):
+            out[str(attempt)]["unsure_judged"] = unsure.value_counts().to_dict()
     return out
 
 
@@ -59,7 +76,9 @@ def main() -> None:
     for tag in args.tags:
         for name, run_dir in suite.tagged_runs(tag, args.only):
             if name.endswith(f"-{args.teacher}"):
-                result.setdefault(name.removesuffix(f"-{args.teacher}"), {})[tag] = counts(run_dir)
+                result.setdefault(name.removesuffix(f"-{args.teacher}"), {})[tag] = counts(
+                    run_dir, args.teacher
+                )
     out = HERE / "results" / f"density-verdicts-{'-'.join(args.tags)}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
