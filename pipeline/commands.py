@@ -206,6 +206,7 @@ def teach_command(args) -> None:
         conf.feedback.partial,
         conf.feedback.moved_unsure,
         conf.feedback.other_class_unsure,
+        conf.feedback.intervention_true,
     )
     print(
         f"{result['annotator']}: {result['labelled']} verdicts ({result.get('true', 0)} true, "

@@ -242,6 +242,9 @@ class FeedbackConfig:
     # the flip decides, the density rule where only both together move it) or density+intervention (the density
     # rule, intervention for the edits it is unsure of)
     oracle: str = "density"
+    # density+intervention may settle an unsure edit as true; off, only as spurious: a flip carried by the part off
+    # the feature mask convicts a shortcut, while one carried by the part on it may be any small change there
+    intervention_true: bool = True
     # the model teacher says unsure, not spurious, where the edit took the reference more than 1 / band of the way
     # (in target log-odds) to its own flip: an unbiased model that moves that far sees evidence in the change
     moved_unsure: bool = False

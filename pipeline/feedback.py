@@ -141,6 +141,7 @@ def run(
             config.partial,
             config.moved_unsure,
             config.other_class_unsure,
+            config.intervention_true,
         )
     table, store = manifest.read_round(run_dir, round), open_store(run_dir)
     given = verdicts(store, table, round, config.min_votes, config.partial)

@@ -220,9 +220,12 @@ def run(
     partial: float = 1.0,
     moved: bool = False,
     other_class: bool = False,
+    intervention_true: bool = True,
 ) -> dict:
     """Label every counterfactual of the round's explain folder that flipped the classifier (or, with ``partial``
-    < 1, came that share of the way: ``manifest.judged``) and write the verdicts to the store."""
+    < 1, came that share of the way: ``manifest.judged``) and write the verdicts to the store. Without
+    ``intervention_true``, ``density+intervention`` takes only the spurious verdicts of intervention: an edit the
+    density rule is unsure of and whose part on the mask carries the flip stays unsure."""
     if teacher not in TEACHERS:
         raise UserError(f"unknown teacher '{teacher}' (choose {', '.join(TEACHERS)})")
     if oracle not in ORACLES:
@@ -239,7 +242,8 @@ def run(
         if oracle == "density+intervention" and (verdicts == "unsure").any():
             unsure = table[table["id"].isin(verdicts.index[verdicts == "unsure"])]
             checkpoint = explained(run_dir, round)
-            verdicts.update(intervention_verdicts(unsure, explain_dir, data_root, checkpoint, band, resize))
+            settled = intervention_verdicts(unsure, explain_dir, data_root, checkpoint, band, resize)
+            verdicts.update(settled if intervention_true else settled[settled != "true"])
     else:
         if reference is None or not (reference / "card.json").exists():
             raise UserError(

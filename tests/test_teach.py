@@ -135,6 +135,16 @@ def test_density_then_intervention_asks_the_classifier_only_where_density_is_uns
         k: v for k, v in truth.items() if k not in mixed
     }
     assert {k: labels[k] for k in mixed} == by_intervention[mixed].to_dict()
+    # intervention_true off: its true verdicts leave the edit unsure, its spurious ones stand
+    assert (by_intervention[mixed] == "true").any()
+    teach.run(
+        tmp_path, "mask", unbiased / "data", band=2.0, oracle="density+intervention", intervention_true=False
+    )
+    labels = FeedbackStore(tmp_path / "feedback.sqlite").labels().set_index("cf_id")["label"]
+    assert {k: labels[k] for k in mixed} == by_intervention[mixed].replace("true", "unsure").to_dict()
+    assert {k: labels[k] for k in truth if k not in mixed} == {
+        k: v for k, v in truth.items() if k not in mixed
+    }
     with pytest.raises(UserError, match="unknown mask oracle"):
         teach.run(tmp_path, "mask", unbiased / "data", oracle="vote")
 
