@@ -2,7 +2,9 @@
 each run's own ``feedback.band``, ``partial`` and resize policy), read from each suite run's explain folder: what a
 search setting hands the teacher, without a fine-tune. Where the run's store holds the teacher's round-1 verdicts,
 the edits the density rule is unsure of are also counted by the verdict the run gave them (``unsure_judged``: what
-``feedback.oracle: density+intervention`` settled by intervention).
+``feedback.oracle: density+intervention`` settled by intervention). With ``--intervention`` those edits are also
+judged by intervention here, with the classifier round 1 explained (``unsure_by_intervention``), whatever teacher
+the run had: where ``feedback.intervention_true`` acts.
 
     .venv/bin/python benchmarks/density_verdicts.py ex-leave dattempt-all --only square stamp
 
@@ -41,7 +43,7 @@ def given(run_dir: Path, teacher: str) -> pd.Series:
     return labels[labels["annotator"] == f"teacher:{teacher}"].set_index("cf_id")["label"]
 
 
-def counts(run_dir: Path, teacher: str = "mask") -> dict:
+def counts(run_dir: Path, teacher: str = "mask", intervention: bool = False) -> dict:
     """Per attempt: judged edits (flips and near-flips past ``partial``), flips, and the teacher's verdicts."""
     config = cfg.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     explain_dir = run_dir / manifest.folder(1)
@@ -53,6 +55,17 @@ def counts(run_dir: Path, teacher: str = "mask") -> dict:
     judged = judged.assign(
         verdict=judged["id"].map(verdicts), given=judged["id"].map(given(run_dir, teacher))
     )
+    if intervention:
+        unsure = judged[judged["verdict"] == "unsure"]
+        settled = teach.intervention_verdicts(
+            unsure,
+            explain_dir,
+            data_root(config.data.root),
+            teach.explained(run_dir, 1),
+            config.feedback.band,
+            config.data.resize,
+        )
+        judged["by_intervention"] = judged["id"].map(settled)
     out = {"evaluations_per_counterfactual": round(float(table["evaluations"].mean()), 1)}
     for attempt, rows in judged.groupby("attempt"):
         out[str(attempt)] = {
@@ -63,6 +76,9 @@ def counts(run_dir: Path, teacher: str = "mask") -> dict:
         unsure = rows.loc[(rows["verdict"] == "unsure") & rows["given"].notna(), "given"]
         if len(unsure):
             out[str(attempt)]["unsure_judged"] = unsure.value_counts().to_dict()
+        if intervention:
+            settled = rows["by_intervention"].dropna().value_counts().to_dict()
+            out[str(attempt)]["unsure_by_intervention"] = settled
     return out
 
 
@@ -71,15 +87,17 @@ def main() -> None:
     p.add_argument("tags", nargs="+")
     p.add_argument("--only", nargs="*", choices=list(suite.CASES))
     p.add_argument("--teacher", default="mask", choices=["mask", "model"])
+    p.add_argument("--intervention", action="store_true", help="judge the unsure edits by intervention too")
     args = p.parse_args()
     result = {}
     for tag in args.tags:
         for name, run_dir in suite.tagged_runs(tag, args.only):
             if name.endswith(f"-{args.teacher}"):
                 result.setdefault(name.removesuffix(f"-{args.teacher}"), {})[tag] = counts(
-                    run_dir, args.teacher
+                    run_dir, args.teacher, args.intervention
                 )
-    out = HERE / "results" / f"density-verdicts-{'-'.join(args.tags)}.json"
+    suffix = f"-{args.teacher}" if args.teacher != "mask" else ""
+    out = HERE / "results" / f"density-verdicts-{'-'.join(args.tags)}{suffix}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
