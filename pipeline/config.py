@@ -291,6 +291,9 @@ class DistilConfig:
     # ... but never past where the image's overall colour (per-channel mean) leaves the range real training images
     # show: a whole-image edit (a colour cast) made stronger than any real image is one a fine-tune tells apart
     stretch_within: bool = False
+    # a spurious verdict on an image with a feature mask teaches only the edit's part off the mask: the change on
+    # the evidence is not made ignorable (a colour cast that also recolours the evidence, a tag edit that touched it)
+    spurious_off_mask: bool = False
     # the colour-cast attempt's verdicts (explain.search.cast) are taught only while the teacher judged most casts
     # spurious (of those judged true, spurious or unsure): where a cast of the whole image can change the class it
     # is evidence in this data, and even a correct spurious verdict on one cast teaches the classifier to ignore it

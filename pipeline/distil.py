@@ -23,13 +23,14 @@ import pandas as pd
 import torch
 import torchmetrics
 from lightning.pytorch.callbacks import BaseFinetuning
+from PIL import Image
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
 from pipeline import erase, feedback, manifest, models
 from pipeline.config import DistilConfig
-from pipeline.data import Counterfactuals, FolderData, ImageDataset
+from pipeline.data import Counterfactuals, FolderData, ImageDataset, load_mask, read_rgb
 from pipeline.errors import UserError
 from pipeline.train import ClassifierSystem, KeepBest, make_trainer, predict, uses_gpu
 
@@ -43,7 +44,7 @@ def training_set(table: pd.DataFrame, consensus: pd.DataFrame, use_true: bool) -
     keep = table["verdict"].eq("spurious") | (use_true & table["verdict"].eq("true") & table["success"])
     table = table[keep]
     label = table["source_class"].where(table["verdict"] == "spurious", table["target_class"])
-    columns = ["id", "sample", "attempt", "counterfactual", "original", "verdict", "label"]
+    columns = ["id", "sample", "source_path", "attempt", "counterfactual", "original", "verdict", "label"]
     table = table.assign(label=label)
     return table[[c for c in columns if c in table]].reset_index(drop=True)  # a hand-made table: no attempt
 
@@ -97,6 +98,37 @@ def taught_verdicts(
     return labelled
 
 
+def off_mask(table: pd.DataFrame, data: FolderData) -> pd.DataFrame:
+    """``table`` with a ``feature_mask`` column: the mask of each spurious row's source image (empty for true rows
+    and images without one), the part of the edit that ``spurious_off_mask`` leaves out of training."""
+    masks = (
+        data.table.set_index("path")["feature_mask"] if "feature_mask" in data.table else pd.Series(dtype=str)
+    )
+    mask = table["source_path"].map(masks).fillna("") if "source_path" in table else ""
+    return table.assign(
+        feature_mask=pd.Series(mask, index=table.index).where(table["verdict"] == "spurious", "")
+    )
+
+
+def off_mask_parts(
+    table: pd.DataFrame, run_dir: Path, data: FolderData, resize: str, folder: Path
+) -> pd.DataFrame:
+    """Each row with a ``feature_mask`` gets its edit's part off that mask (original + change outside it), written
+    to ``folder``; the table points there. The mask is fitted to the image as the image was (``resize``)."""
+    rows = table[table.get("feature_mask", pd.Series("", index=table.index)).astype(bool)]
+    if rows.empty:
+        return table
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = table["counterfactual"].astype(object).copy()
+    for i, row in rows.iterrows():
+        cf, original = (read_rgb(run_dir / p) for p in (row["counterfactual"], row["original"]))
+        outside = ~load_mask(data.root / row["feature_mask"], list(cf.shape[:2]), resize)[..., None]
+        part = np.clip(original + (cf - original) * outside, 0, 255).round().astype(np.uint8)
+        Image.fromarray(part).save(folder / f"{row['id']}.png")
+        paths[i] = str((folder / f"{row['id']}.png").resolve())
+    return table.assign(counterfactual=paths)
+
+
 def split_holdout(table: pd.DataFrame, share: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Hold out the counterfactuals of a share of the source images (never half of one image's attempts)."""
     samples = table["sample"].unique()
@@ -118,14 +150,18 @@ def stage(
     out: Path,
     verbose: bool = False,
     cast_attempt: int | None = None,
+    resize: str = "pad",
 ) -> None:
     """The distil stage of round ``taught[-1]``: its training set from the verdicts of the rounds ``taught``,
     fine-tuning of the ``start`` classifier, or, when this round brought nothing new to teach, the ``explained``
     classifier unchanged. Counterfactuals are held out only where model selection uses them (keep: best).
-    ``cast_attempt``: the attempt number of the colour-cast edits (explain.search.cast), for ``cast_vote``."""
+    ``cast_attempt``: the attempt number of the colour-cast edits (explain.search.cast), for ``cast_vote``;
+    ``resize``: how the data's images were fitted to the classifier (their feature masks follow)."""
     if config.layers == "staged":  # round 1 erases alone, later rounds fine-tune every layer
         config = replace(config, layers="none" if taught[-1] == 1 else "all")
     labelled = taught_verdicts(run_dir, taught, config, cast_attempt)
+    if config.spurious_off_mask:
+        labelled = off_mask(labelled, data)
     spurious = labelled["verdict"] == "spurious"
     table = labelled if config.use_true else labelled[spurious].reset_index(drop=True)
     share = config.holdout if config.keep == "best" else 0.0
@@ -133,6 +169,8 @@ def stage(
     pd.concat([fit.assign(use="train"), held.assign(use="select")]).to_csv(
         out / "training_set.csv", index=False
     )
+    if config.spurious_off_mask:  # train (and erase) on the parts; training_set.csv names the edits judged
+        fit, held = (off_mask_parts(t, Path(run_dir), data, resize, out / "off_mask") for t in (fit, held))
     # Nothing new to teach (this round's counterfactuals were all judged true or unsure): the classifier goes on
     # unchanged; fitting again on earlier rounds' verdicts only overfits them.
     if fit.empty or not table["round"].eq(taught[-1]).any():

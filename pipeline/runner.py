@@ -245,6 +245,7 @@ class Run:
                 tmp,
                 self.verbose,
                 cast_attempt,
+                self.config.data.resize,
             )
             evaluate.run(tmp, data, tmp / "evaluation", title=f"after round {round}")
 

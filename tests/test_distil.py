@@ -974,3 +974,80 @@ def test_cast_vote_teaches_cast_verdicts_only_while_most_casts_were_judged_spuri
         len(distil.taught_verdicts(tmp_path, [1, 2, 3], DistilConfig(cast_vote=False), cast_attempt=3)) == 11
     )
     assert len(distil.taught_verdicts(tmp_path, [1, 2, 3], on, cast_attempt=None)) == 11
+
+
+def test_spurious_off_mask_teaches_only_the_part_of_a_spurious_edit_off_the_feature_mask(
+    tiny_biased, tmp_path, monkeypatch
+):
+    """distil.spurious_off_mask: a spurious edit that brightened square and background alike is taught (and erased)
+    as its background part only, the square as it was; a true edit and an image without a mask keep the whole edit.
+    Off, every verdict trains on the edit as judged."""
+    ckpt, data = tiny_biased
+    explain = tmp_path / "run" / manifest_module.folder(1)
+    explain.mkdir(parents=True)
+    rows, verdicts = [], []
+    train = data.split("train").head(6)
+    for i, row in enumerate(train.itertuples()):
+        x = np.asarray(Image.open(data.root / row.path).convert("RGB"), np.float32)
+        Image.fromarray(x.astype(np.uint8)).save(explain / f"o{i}.png")
+        Image.fromarray(np.clip(x + 60, 0, 255).astype(np.uint8)).save(explain / f"c{i}.png")
+        source = row.path if i < 5 else "images/elsewhere.png"  # the last image has no feature mask
+        rows.append(
+            {
+                "id": f"e{i}",
+                "sample": f"s{i}",
+                "source_path": source,
+                "attempt": 1,
+                "counterfactual": f"c{i}.png",
+                "original": f"o{i}.png",
+                "source_class": row.label,
+                "target_class": str(1 - int(row.label)),
+                "success": True,
+            }
+        )
+        verdicts.append({"cf_id": f"e{i}", "label": "true" if i == 4 else "spurious"})
+    pd.DataFrame(rows).to_csv(explain / manifest_module.NAME, index=False)
+    feedback.verdicts_path(tmp_path / "run", 1).parent.mkdir()
+    pd.DataFrame(verdicts).to_csv(feedback.verdicts_path(tmp_path / "run", 1), index=False)
+
+    parts = []
+    real = distil.fine_tune  # the stage's fine-tune sees the parts; recorded, then run for real
+    monkeypatch.setattr(distil, "fine_tune", lambda *a, **k: parts.append(a[3].copy()) or real(*a, **k))
+    config = DistilConfig(spurious_off_mask=True, layers="all", epochs=1, passes=0, batch_size=8, keep="last")
+    (tmp_path / "out").mkdir(), (tmp_path / "off").mkdir()  # the runner gives a stage its folder
+    distil.stage(tmp_path / "run", [1], ckpt, ckpt, data, config, tmp_path / "out")
+    taught = parts[0].set_index("id")
+    assert sorted(taught.index) == ["e0", "e1", "e2", "e3", "e5"]  # the spurious verdicts
+    for i, row in enumerate(train.head(4).itertuples()):
+        part = np.asarray(Image.open(taught.loc[f"e{i}", "counterfactual"]), np.float32)
+        original, edited = (np.asarray(Image.open(explain / f"{n}{i}.png"), np.float32) for n in "oc")
+        square = np.asarray(Image.open(data.root / row.feature_mask)) > 127
+        assert square.any() and (~square).any()
+        assert np.array_equal(part[square], original[square])  # the evidence as it was
+        assert np.array_equal(part[~square], edited[~square])  # the shortcut's change kept
+        assert Path(taught.loc[f"e{i}", "counterfactual"]).parent == (tmp_path / "out" / "off_mask").resolve()
+    assert (
+        taught.loc["e5", "counterfactual"] == f"{manifest_module.folder(1)}/c5.png"
+    )  # no mask: the whole edit
+    recorded = pd.read_csv(tmp_path / "out" / "training_set.csv", keep_default_na=False).set_index("id")
+    assert recorded.loc["e0", "counterfactual"] == f"{manifest_module.folder(1)}/c0.png"  # the edit judged
+    assert (
+        recorded.loc["e0", "feature_mask"] == train.iloc[0]["feature_mask"]
+        and recorded.loc["e5", "feature_mask"] == ""
+    )
+    assert (tmp_path / "out" / models.CARD).is_file()
+
+    parts.clear()
+    distil.stage(
+        tmp_path / "run",
+        [1],
+        ckpt,
+        ckpt,
+        data,
+        replace(config, spurious_off_mask=False),
+        tmp_path / "off",
+    )
+    assert set(parts[0]["counterfactual"]) == {
+        f"{manifest_module.folder(1)}/c{i}.png" for i in (0, 1, 2, 3, 5)
+    }
+    assert not (tmp_path / "off" / "off_mask").exists()
