@@ -240,11 +240,11 @@ class FeedbackConfig:
     # how the mask teacher judges: density (where the change lies against the feature mask) or intervention (the
     # explained classifier sees the edit's part on the mask and its part off it separately; the part that carries
     # the flip decides, the density rule where only both together move it) or density+intervention (the density
-    # rule, intervention for the edits it is unsure of)
-    oracle: str = "density"
+    # rule, intervention for the edits it is unsure of, such as a colour cast that changed every pixel)
+    oracle: str = "density+intervention"
     # density+intervention may settle an unsure edit as true; off, only as spurious: a flip carried by the part off
     # the feature mask convicts a shortcut, while one carried by the part on it may be any small change there
-    intervention_true: bool = True
+    intervention_true: bool = False
     # the model teacher says unsure, not spurious, where the edit took the reference more than 1 / band of the way
     # (in target log-odds) to its own flip: an unbiased model that moves that far sees evidence in the change
     moved_unsure: bool = False
@@ -290,7 +290,7 @@ class DistilConfig:
     stretch: float = 3.0
     # ... but never past where the image's overall colour (per-channel mean) leaves the range real training images
     # show: a whole-image edit (a colour cast) made stronger than any real image is one a fine-tune tells apart
-    stretch_within: bool = False
+    stretch_within: bool = True
     # a spurious verdict on an image with a feature mask teaches only the edit's part off the mask: the change on
     # the evidence is not made ignorable (a colour cast that also recolours the evidence, a tag edit that touched it)
     spurious_off_mask: bool = False
