@@ -241,7 +241,7 @@ class FeedbackConfig:
     # explained classifier sees the edit's part on the mask and its part off it separately; the part that carries
     # the flip decides, the density rule where only both together move it) or density+intervention (the density
     # rule, intervention for the edits it is unsure of, such as a colour cast that changed every pixel)
-    oracle: str = "density+intervention"
+    oracle: str = "density"
     # density+intervention may settle an unsure edit as true; off, only as spurious: a flip carried by the part off
     # the feature mask convicts a shortcut, while one carried by the part on it may be any small change there
     intervention_true: bool = False
@@ -290,7 +290,7 @@ class DistilConfig:
     stretch: float = 3.0
     # ... but never past where the image's overall colour (per-channel mean) leaves the range real training images
     # show: a whole-image edit (a colour cast) made stronger than any real image is one a fine-tune tells apart
-    stretch_within: bool = True
+    stretch_within: bool = False
     # a spurious verdict on an image with a feature mask teaches only the edit's part off the mask: the change on
     # the evidence is not made ignorable (a colour cast that also recolours the evidence, a tag edit that touched it)
     spurious_off_mask: bool = False

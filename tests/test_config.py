@@ -1,4 +1,5 @@
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -139,13 +140,26 @@ def test_search_confinement_keys_are_checked(tmp_path):
 
 
 def test_every_yaml_block_of_the_readme_is_a_config_that_loads(tmp_path):
-    """The README's YAML is what users copy: each block must load as written."""
+    """The README's YAML is what users copy: each block must load as written, and the mask teacher's colour-cast
+    settings must set what the text says they set."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     blocks = [b.split("```", 1)[0] for b in readme.split("```yaml\n")[1:]]
     assert len(blocks) >= 3
+    loaded = []
     for i, block in enumerate(blocks):
         (tmp_path / f"{i}.yaml").write_text(block)
-        config.load(tmp_path / f"{i}.yaml")
+        loaded.append(config.load(tmp_path / f"{i}.yaml"))
+    cast = [c for c in loaded if c.feedback.oracle == "density+intervention"]
+    assert len(cast) == 1
+    # the two settings the text names, and everything else the recommended method (the cast attempt included)
+    d = config.RunConfig()
+    assert d.explain.search.cast and d.distil.cast_vote
+    expected = replace(
+        d,
+        distil=replace(d.distil, stretch_within=True),
+        feedback=replace(d.feedback, oracle="density+intervention"),
+    )
+    assert cast[0] == expected
 
 
 def test_the_readme_config_reference_gives_the_dataclass_defaults():
