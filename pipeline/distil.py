@@ -113,9 +113,9 @@ def off_mask(table: pd.DataFrame, data: FolderData) -> pd.DataFrame:
 def off_mask_parts(
     table: pd.DataFrame, run_dir: Path, data: FolderData, resize: str, folder: Path
 ) -> pd.DataFrame:
-    """Each row with a ``feature_mask`` gets its edit's part off that mask (original + change outside it), written
-    to ``folder``; the table points there. The mask is fitted to the image as the image was (``resize``)."""
-    rows = table[table.get("feature_mask", pd.Series("", index=table.index)).astype(bool)]
+    """Each row with a ``feature_mask`` (``off_mask``) gets its edit's part off that mask (original + change outside
+    it), written to ``folder``; the table points there. The mask is fitted to the image as the image was (``resize``)."""
+    rows = table[table["feature_mask"].astype(bool)]
     if rows.empty:
         return table
     folder.mkdir(parents=True, exist_ok=True)
