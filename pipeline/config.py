@@ -307,6 +307,9 @@ class DistilConfig:
     # after a fine-tune, a direction lying mostly in what the true edits changed is still erased when the spurious
     # edits move along it more, in sum, than the true ones: most verdicts on that kind of change said spurious
     erase_vote: bool = True
+    # after a fine-tune, the erase spares what the edits judged true moved (off: erased whole, as round 1 does): a
+    # biased classifier's edits judged true often move the shortcut too, and sparing them spares it
+    erase_spare: bool = True
     # each round's spurious edits are shortened to their median length in feature space before the principal
     # directions are taken: every verdict counts about once, and a few edits that moved every feature do not decide
     erase_clip: bool = False

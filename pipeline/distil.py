@@ -181,7 +181,8 @@ def stage(
         # the classifier the edits were searched on: there every flip moves along that classifier's decision
         # direction, true or spurious alike, so sharing it says nothing about what is evidence
         searched_on = config.layers == "none" and start == explained
-        evidence = labelled[labelled["verdict"] == "true"] if config.erase and not searched_on else None
+        spare = config.erase and config.erase_spare and not searched_on
+        evidence = labelled[labelled["verdict"] == "true"] if spare else None
         soft_from = explained if config.originals == "explained" else None
         run(start, data, fit, held, Path(run_dir), config, out, verbose, evidence, soft_from)
 

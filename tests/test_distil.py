@@ -804,20 +804,40 @@ def test_erase_alone_does_not_spare_true_edits_in_the_features_they_flipped(tiny
     true or spurious alike: the erase-alone round (layers none, the explained weights) erases what twenty spurious
     edits moved although four edits judged true moved it too; erasing in other weights spares it."""
     ckpt, data = tiny_biased
-    run = tmp_path / "run"
-    cfs = _swap_background(data, "train", 24, run / "explain")
-    cfs.drop(columns=["label", "verdict"]).assign(success=True).to_csv(run / "explain" / "manifest.csv")
-    (run / "feedback_r1").mkdir()
-    verdicts = ["true"] * 4 + ["spurious"] * 20
-    pd.DataFrame({"cf_id": cfs["id"], "label": verdicts}).to_csv(run / "feedback_r1" / "verdicts.csv")
-    other = tmp_path / "other"  # the same weights, explained elsewhere: no longer the searched-on features
-    shutil.copytree(ckpt, other)
+    run, other = _four_true_twenty_spurious(ckpt, data, tmp_path)
     config = DistilConfig(layers="none", erase_vote=False)
     for explained, erased in ((ckpt, 1), (other, 0)):
         out = tmp_path / f"out-{erased}"
         out.mkdir()
         distil.stage(run, [1], ckpt, explained, data, config, out)
         assert models.load_card(out).metrics["erased_directions"] == erased
+
+
+def test_erase_spare_off_erases_what_true_edits_moved_too(tiny_biased, tmp_path):
+    """distil.erase_spare: false: outside the searched-on features, the direction twenty spurious edits moved is
+    erased although four edits judged true moved it too (on: spared, nothing erased)."""
+    ckpt, data = tiny_biased
+    run, other = _four_true_twenty_spurious(ckpt, data, tmp_path)
+    for spare, erased in ((True, 0), (False, 1)):
+        out = tmp_path / f"out-{spare}"
+        out.mkdir()
+        config = DistilConfig(layers="none", erase_vote=False, erase_spare=spare)
+        distil.stage(run, [1], ckpt, other, data, config, out)
+        assert models.load_card(out).metrics["erased_directions"] == erased
+
+
+def _four_true_twenty_spurious(ckpt, data, tmp_path):
+    """A run whose round 1 holds 24 background swaps, four judged true and twenty spurious, and a copy of the
+    classifier: the same weights, explained elsewhere (no longer the features the edits were searched on)."""
+    run = tmp_path / "run"
+    cfs = _swap_background(data, "train", 24, run / "explain")
+    cfs.drop(columns=["label", "verdict"]).assign(success=True).to_csv(run / "explain" / "manifest.csv")
+    (run / "feedback_r1").mkdir()
+    verdicts = ["true"] * 4 + ["spurious"] * 20
+    pd.DataFrame({"cf_id": cfs["id"], "label": verdicts}).to_csv(run / "feedback_r1" / "verdicts.csv")
+    other = tmp_path / "other"
+    shutil.copytree(ckpt, other)
+    return run, other
 
 
 def test_erase_clip_lets_many_small_edits_outweigh_a_few_huge_ones():
