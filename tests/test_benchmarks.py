@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 
@@ -105,3 +106,14 @@ def test_select_trusted_replays_the_products_choice_on_a_draw_of_the_trusted_set
     runs = {"suite-x-mask-t": {k: 0.5 for k in ("label_free", "last_round", "best_of_run", "trusted_all")}}
     runs["suite-x-mask-t"] |= {"trusted_60": 0.25, "trusted_24": 0.75}
     assert select_trusted.summary(runs) == {"mask": {"runs": 1, **runs["suite-x-mask-t"]}}
+
+
+def test_erase_geometry_measures_what_an_erase_leaves_readable(monkeypatch):
+    """benchmarks/erase_geometry.py: the share of the changes' energy left after projecting directions out."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import erase_geometry
+
+    change = np.array([[3.0, 4.0, 0.0], [0.0, 0.0, 0.0]])
+    assert erase_geometry.residual(change, np.zeros((0, 3))) == 1.0
+    assert np.isclose(erase_geometry.residual(change, np.array([[1.0, 0.0, 0.0]])), 16 / 25)
+    assert np.isclose(erase_geometry.residual(change, np.array([[0.6, 0.8, 0.0]])), 0.0)
