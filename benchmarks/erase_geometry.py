@@ -34,13 +34,13 @@ def residual(change: np.ndarray, directions: np.ndarray) -> float:
 
 
 def geometry(run_dir: Path, n: int) -> dict:
-    config = cfg.load(run_dir / "config.yaml").distil
+    config = cfg.load(run_dir / "config.yaml")
     stage = run_dir / f"distil_r{n}"
     backbone, card = models.load(stage)
     table = pd.read_csv(stage / "training_set.csv", dtype={"label": str})
     spurious = table[(table["use"] == "train") & (table["verdict"] == "spurious")]
-    cast_attempt = cfg.load(run_dir / "config.yaml").explain.search.cast_attempt
-    labelled = distil.taught_verdicts(run_dir, list(range(1, n + 1)), config, cast_attempt)
+    cast_attempt = config.explain.search.cast_attempt
+    labelled = distil.taught_verdicts(run_dir, list(range(1, n + 1)), config.distil, cast_attempt)
     true = labelled[labelled["verdict"] == "true"]
     change = erase.feature_change(backbone.eval(), card, spurious, run_dir)
     top = erase.principal(change, spurious, 1)
