@@ -302,7 +302,8 @@ class DistilConfig:
     # (less what the true edits changed, except in the explained classifier's own features) out of the head and
     # refit it on the training images: the verdict removes a feature from every image, not only the edited (0 = off;
     # auto = one fewer than the classes: a shortcut that tells K classes apart spans K - 1 directions; hold = as
-    # many as it takes for the refitted head to keep 90 % of the spurious edits at their source label)
+    # many as it takes for the refitted head to keep 90 % of the spurious edits at their source label; verdicts = as
+    # hold, but the true edits must keep reaching their target too, and only in a round that fine-tunes nothing)
     erase: int | str = 1
     # after a fine-tune, a direction lying mostly in what the true edits changed is still erased when the spurious
     # edits move along it more, in sum, than the true ones: most verdicts on that kind of change said spurious

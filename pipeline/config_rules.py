@@ -93,8 +93,8 @@ CHECKS: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "distil.anchor": (lambda v: v >= 0, "a number >= 0"),
     "distil.stretch": (lambda v: 1.0 <= v <= 10.0, "a number in [1, 10]"),
     "distil.erase": (
-        lambda v: v in ("auto", "hold") or (isinstance(v, int) and 0 <= v <= 64),
-        "auto, hold or an integer in [0, 64]",
+        lambda v: v in ("auto", "hold", "verdicts") or (isinstance(v, int) and 0 <= v <= 64),
+        "auto, hold, verdicts or an integer in [0, 64]",
     ),
     "distil.flip": (lambda v: v in ("none", "horizontal", "both"), "none, horizontal or both"),
     "distil.shift": (lambda v: 0.0 <= v < 0.5, "a share in [0, 0.5)"),

@@ -184,7 +184,8 @@ def stage(
         spare = config.erase and config.erase_spare and not searched_on
         evidence = labelled[labelled["verdict"] == "true"] if spare else None
         soft_from = explained if config.originals == "explained" else None
-        run(start, data, fit, held, Path(run_dir), config, out, verbose, evidence, soft_from)
+        true_edits = labelled[labelled["verdict"] == "true"]
+        run(start, data, fit, held, Path(run_dir), config, out, verbose, evidence, soft_from, true_edits)
 
 
 FLIPS = {
@@ -403,10 +404,12 @@ def run(
     verbose: bool = False,
     evidence: pd.DataFrame | None = None,
     soft_from: Path | None = None,
+    true_edits: pd.DataFrame | None = None,
 ) -> DistilResult:
     """Distil the verdicts into the classifier at ``checkpoint`` (fine-tune unless ``layers: none``, the originals
     fitted to the probabilities of the classifier at ``soft_from`` when given, then erase what the spurious edits
-    moved, less what the ``evidence`` edits, judged true, moved); write the weights and card to ``out``."""
+    moved, less what the ``evidence`` edits, judged true, moved); write the weights and card to ``out``.
+    ``true_edits``: the counterfactuals judged true, which ``erase: verdicts`` keeps at their target."""
     if cf_train.empty:
         raise UserError("no counterfactual has a usable verdict in this round: nothing to distil")
     L.seed_everything(config.seed, workers=True, verbose=False)
@@ -426,11 +429,15 @@ def run(
                 backbone, card, cf_train, cf_folder, k, evidence, config.erase_vote, config.erase_clip
             )
 
+        # verdicts: the rank is searched only where nothing was fine-tuned; after a fine-tune 99 % of the edits'
+        # feature change spans dozens of directions, so the search's cap no longer bounds it
+        searched = config.erase == "hold" or (config.erase == "verdicts" and config.layers == "none")
+        guard = true_edits if config.erase == "verdicts" else None
         directions = (
             erase.holding_directions(
-                backbone, card, data, cf_train, cf_folder, directions_for, seed=config.seed
+                backbone, card, data, cf_train, cf_folder, directions_for, seed=config.seed, true_edits=guard
             )
-            if config.erase == "hold"
+            if searched
             else directions_for(k)
         )
         if len(directions):

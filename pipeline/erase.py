@@ -63,15 +63,17 @@ def orthonormal(rows: np.ndarray) -> np.ndarray:
 
 
 HOLD = 0.9  # erase: hold adds directions until this share of the spurious edits keeps its source label
+# erase: verdicts passes over a rank at which the true edits lose more than a third of their reach
+KEEP = 2 / 3
 
 
 def per_round(config: DistilConfig, classes: int) -> int:
     """Principal directions erased per round: ``distil.erase``, or with auto one fewer than the classes (a shortcut
-    that tells K classes apart, a tag of K colours, spans K - 1 directions of the features), or with hold at least
-    one (``holding_directions`` adds more); none after a fine-tune when ``erase_finetuned`` is off."""
+    that tells K classes apart, a tag of K colours, spans K - 1 directions of the features), or with hold (and with verdicts
+    in a round that fine-tunes nothing) at least one (``holding_directions`` adds more); none after a fine-tune when ``erase_finetuned`` is off."""
     if config.layers != "none" and not config.erase_finetuned:
         return 0
-    return {"auto": max(classes - 1, 1), "hold": 1}.get(config.erase, config.erase)
+    return {"auto": max(classes - 1, 1), "hold": 1, "verdicts": 1}.get(config.erase, config.erase)
 
 
 def spurious_directions(
@@ -96,7 +98,7 @@ def spurious_directions(
     if evidence is not None and not evidence.empty:
         true_change = feature_change(model, card, evidence, folder)
         real = evidence_directions(true_change)
-        spared = top - (top @ real.T) @ real
+        spared = without(top, real)
         kept = np.linalg.norm(spared, axis=1) >= 0.5
         outvoted = vote & (((change @ top.T) ** 2).sum(0) > ((true_change @ top.T) ** 2).sum(0))
         top = np.concatenate([spared[kept], top[~kept & outvoted]])
@@ -117,8 +119,9 @@ def training_features(model: nn.Module, card, data: FolderData) -> tuple[np.ndar
 
 def refit(x: np.ndarray, y: np.ndarray, directions: np.ndarray, seed: int = 0) -> LogisticRegression:
     """Class-balanced logistic regression on features with ``directions`` projected out."""
-    x = x - (x @ directions.T) @ directions
-    return LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced", random_state=seed).fit(x, y)
+    return LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced", random_state=seed).fit(
+        without(x, directions), y
+    )
 
 
 def holding_directions(
@@ -130,20 +133,46 @@ def holding_directions(
     directions_for,
     hold: float = HOLD,
     seed: int = 0,
+    true_edits: pd.DataFrame | None = None,
+    keep: float = KEEP,
 ) -> np.ndarray:
     """``directions_for(k)`` for the smallest k per round whose refitted head keeps the source label on ``hold`` of
     the spurious counterfactuals (the verdicts hold on the very edits they were given on), at most the k that
-    holds 99 % of what those edits changed: a direction they hardly moved is no part of the shortcut."""
+    holds 99 % of what those edits changed: a direction they hardly moved is no part of the shortcut, and with no
+    such k, the cap. With ``true_edits`` (counterfactuals judged true) the verdicts hold both ways: a k is passed
+    over where fewer of those reach their target than ``keep`` x the share they reach with one direction (the
+    extra directions are the evidence's), and with no k that holds both, one direction."""
     spurious = table[table["verdict"] == "spurious"]
     x, y = training_features(model, card, data)
     x_edited, x_original = edited_and_original(model, card, spurious, folder)
-    source = np.array([card.classes.index(label) for label in spurious["label"]])
+    source = class_indices(spurious, card)
+    guard = true_edits is not None and not true_edits.empty
+    if guard:
+        transform = models.input_transform(card)
+        x_true = features(model, Counterfactuals(true_edits, folder, card.classes, transform))
+        target, reached_with_one = class_indices(true_edits, card), None
     for k in range(1, most_directions(x_edited - x_original) + 1):
         directions = directions_for(k)
-        projected = x_edited - (x_edited @ directions.T) @ directions if len(directions) else x_edited
-        if len(directions) and (refit(x, y, directions, seed).predict(projected) == source).mean() >= hold:
-            break
-    return directions
+        if not len(directions):
+            continue
+        head = refit(x, y, directions, seed)
+        held = (head.predict(without(x_edited, directions)) == source).mean() >= hold
+        if guard:
+            reached = (head.predict(without(x_true, directions)) == target).mean()
+            reached_with_one = reached if reached_with_one is None else reached_with_one
+        if held and (not guard or reached >= keep * reached_with_one):
+            return directions
+    return directions_for(1) if guard else directions
+
+
+def class_indices(table: pd.DataFrame, card) -> np.ndarray:
+    """Each row's training label as a class index: the source class of a spurious edit, the target of a true one."""
+    return np.array([card.classes.index(str(label)) for label in table["label"]])
+
+
+def without(x: np.ndarray, directions: np.ndarray) -> np.ndarray:
+    """``x`` with the orthonormal ``directions`` (rows) projected out."""
+    return x - (x @ directions.T) @ directions
 
 
 def most_directions(change: np.ndarray, energy: float = 0.99) -> int:

@@ -117,3 +117,29 @@ def test_erase_geometry_measures_what_an_erase_leaves_readable(monkeypatch):
     assert erase_geometry.residual(change, np.zeros((0, 3))) == 1.0
     assert np.isclose(erase_geometry.residual(change, np.array([[1.0, 0.0, 0.0]])), 16 / 25)
     assert np.isclose(erase_geometry.residual(change, np.array([[0.6, 0.8, 0.0]])), 0.0)
+
+
+def test_erase_rank_replays_the_hold_and_verdicts_choices_on_a_sweep(monkeypatch):
+    """benchmarks/erase_rank.py: hold takes the first rank holding 90 % of the spurious edits (else the cap);
+    verdicts passes over a rank where the true edits keep less than two thirds of their reach with one direction
+    (else one direction), and is hold where no edit was judged true."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import erase_rank
+
+    def sweep(held, reached, true=8):  # ranks past the fifth as the fifth (the script sweeps eight)
+        held, reached = held + held[-1:] * 3, reached + reached[-1:] * 3
+        ranks = {
+            str(k): {"worst_group": k / 10, "spurious_held": h, "true_reached": r}
+            for k, (h, r) in enumerate(zip(held, reached), 1)
+        }
+        return {"true": true, "spurious": 20, "cap": 4, "ranks": ranks}
+
+    object_lost = sweep([0.3, 0.5, 0.92, 0.95, 1.0], [0.99, 0.85, 0.5, 0.5, 0.5])
+    assert erase_rank.chooses(object_lost) == {"hold": 3, "verdicts": 1}
+    kept_enough = sweep([0.3, 0.5, 0.92, 0.95, 1.0], [0.9, 0.3, 0.5, 0.61, 0.7])
+    assert erase_rank.chooses(kept_enough) == {"hold": 3, "verdicts": 4}
+    never_held = sweep([0.3, 0.5, 0.6, 0.7, 0.95], [1.0] * 5, true=0)  # rank 5 is past the cap
+    assert erase_rank.chooses(never_held) == {"hold": 4, "verdicts": 4}
+    sums = erase_rank.summary({"a": object_lost, "b": kept_enough})
+    assert sums["sum_worst_group_hold"] == 0.6 and sums["sum_worst_group_verdicts"] == 0.5
+    assert object_lost["verdicts_chooses"] == 1 and sums["sum_worst_group"][2] == 0.4

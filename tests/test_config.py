@@ -110,14 +110,17 @@ def test_cfkd_sections_are_checked():
         {"distil": {"erase_finetuned": False}}
     ).distil.erase_finetuned  # staged erases
     assert config.from_dict({"distil": {"erase": "hold"}}).distil.erase == "hold"
-    with pytest.raises(UserError, match=r"distil.erase: got 'most', expected auto, hold or an integer"):
+    assert config.from_dict({"distil": {"erase": "verdicts"}}).distil.erase == "verdicts"
+    with pytest.raises(
+        UserError, match=r"distil.erase: got 'most', expected auto, hold, verdicts or an integer"
+    ):
         config.from_dict({"distil": {"erase": "most"}})
     # with nothing erased the vote has nothing to decide: no error
     plain = config.from_dict({"distil": {"layers": "all", "erase": 0}}).distil
     assert plain.erase_vote and plain.erase == 0
     for bad in (-1, "all"):
         with pytest.raises(
-            UserError, match=f"distil.erase: got {bad!r}, expected auto, hold or an integer in"
+            UserError, match=f"distil.erase: got {bad!r}, expected auto, hold, verdicts or an integer in"
         ):
             config.from_dict({"distil": {"erase": bad}})
     assert config.from_dict({"distil": {"erase": "auto"}}).distil.erase == "auto"

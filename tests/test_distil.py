@@ -772,6 +772,105 @@ def test_erase_hold_adds_directions_until_the_spurious_edits_keep_their_source_l
     assert result.card.metrics["erased_directions"] == len(chosen)
 
 
+def _swap_square(data, split: str, n: int, out):
+    """Counterfactuals of the real evidence, judged true: the last ``n`` images' red square a -> 255 - a."""
+    (out / "counterfactuals").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for row in data.split(split).tail(n).itertuples():
+        x = np.asarray(Image.open(data.root / row.path), np.float32)
+        square = np.asarray(Image.open(data.root / row.feature_mask)) > 127
+        x[square, 0] = 255.0 - x[square, 0]
+        cf_id = f"{split}-{row.Index:05d}-to-{1 - int(row.label)}-a2"
+        Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).save(out / "counterfactuals" / f"{cf_id}.png")
+        Image.open(data.root / row.path).save(out / "counterfactuals" / f"{cf_id}-original.png")
+        target = str(1 - int(row.label))
+        rows.append(
+            {
+                "id": cf_id,
+                "sample": f"{split}-{row.Index:05d}",
+                "counterfactual": f"counterfactuals/{cf_id}.png",
+                "original": f"counterfactuals/{cf_id}-original.png",
+                "source_class": row.label,
+                "target_class": target,
+                "label": target,  # the teacher's verdict 'true' teaches the target label
+                "verdict": "true",
+                "round": 1,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def test_erase_verdicts_holds_the_true_edits_too(tiny_biased, tmp_path, monkeypatch):
+    """erase: verdicts takes the fewest directions whose refitted head keeps ``hold`` of the spurious edits at their
+    source label while the true edits keep ``keep`` of the share reaching their target with one direction; with no
+    such k, one direction. It searches only in a round that fine-tunes nothing."""
+    ckpt, data = tiny_biased
+    folder = tmp_path / "explain"
+    spurious = _swap_background(data, "train", 24, folder).assign(round=1)
+    true = _swap_square(data, "train", 8, folder)
+    model, card = models.load(ckpt)
+
+    def directions_for(k):
+        return erase.spurious_directions(model, card, spurious, folder, k)
+
+    def shares(k) -> tuple[float, float]:
+        erased = models.load(ckpt)[0]
+        erase.project_out(erased, card, data, directions_for(k))
+        return tuple(
+            float(
+                (
+                    _logits(erased, t, folder, "counterfactual").argmax(1).numpy() == t["label"].astype(int)
+                ).mean()
+            )
+            for t in (spurious, true)
+        )
+
+    most = erase.most_directions(erase.feature_change(model, card, spurious, folder))
+    (held_1, reached_1), (held_most, reached_most) = shares(1), shares(most)
+    assert most > 1 and held_most > held_1 and reached_1 > 0  # more directions hold more spurious edits
+
+    def chosen(**rule) -> int:
+        found = erase.holding_directions(
+            model, card, data, spurious, folder, directions_for, true_edits=true, **rule
+        )
+        return len(found)
+
+    # held at the cap only: taken while the true edits keep their reach, one direction where they would not
+    assert chosen(hold=held_most, keep=0.0) == len(directions_for(most))
+    assert chosen(hold=held_most, keep=reached_most / reached_1 + 0.01) == len(directions_for(1))
+    assert chosen(hold=1.01) == len(directions_for(1))  # nothing holds: one direction (hold alone: the cap)
+    # the round: erase alone searches with the true edits as the guard ...
+    config = DistilConfig(layers="none", erase="verdicts")
+    result = distil.run(
+        ckpt, data, spurious, spurious.iloc[:0], folder, config, tmp_path / "out", true_edits=true
+    )
+    assert result.card.metrics["erased_directions"] == chosen()
+    # ... and after a fine-tune it erases one direction per round without a search
+    monkeypatch.setattr(
+        erase, "holding_directions", lambda *a, **k: pytest.fail("searched after a fine-tune")
+    )
+    config = replace(config, layers="all", epochs=1, passes=0)
+    result = distil.run(
+        ckpt, data, spurious, spurious.iloc[:0], folder, config, tmp_path / "ft", true_edits=true
+    )
+    assert result.card.metrics["erased_directions"] == 1
+
+
+def test_the_distil_stage_hands_the_rounds_true_edits_to_the_erase(tiny_biased, tmp_path, monkeypatch):
+    ckpt, data = tiny_biased
+    run, other = _four_true_twenty_spurious(ckpt, data, tmp_path)
+    seen = []
+
+    def holding(*args, true_edits=None, **kwargs):
+        seen.append(sorted(true_edits["verdict"]))
+        return np.zeros((0, 1))
+
+    monkeypatch.setattr(erase, "holding_directions", holding)
+    (tmp_path / "out").mkdir()
+    distil.stage(run, [1], ckpt, ckpt, data, DistilConfig(layers="none", erase="verdicts"), tmp_path / "out")
+    assert seen == [["true"] * 4]
+
+
 def test_layers_none_changes_only_the_head_by_erasing(tiny_biased, tmp_path):
     ckpt, data = tiny_biased
     cfs = _swap_background(data, "train", 24, tmp_path / "explain")
