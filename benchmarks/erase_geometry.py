@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 
 def residual(change: np.ndarray, directions: np.ndarray) -> float:
     """The share of ``change``'s energy left after projecting ``directions`` (orthonormal rows) out."""
-    left = change - (change @ directions.T) @ directions if len(directions) else change
+    left = erase.without(change, directions) if len(directions) else change
     return float(np.linalg.norm(left) ** 2 / max(np.linalg.norm(change) ** 2, 1e-12))
 
 
@@ -54,7 +54,7 @@ def geometry(run_dir: Path, n: int) -> dict:
         out |= {
             "evidence_dimensions": len(real),
             "spurious_share_in_evidence": 1.0 - residual(change, erase.orthonormal(real)),
-            "left_after_sparing": np.linalg.norm(top - (top @ real.T) @ real, axis=1).round(3).tolist(),
+            "left_after_sparing": np.linalg.norm(erase.without(top, real), axis=1).round(3).tolist(),
         }
     out |= {
         "readable_after_spared_erase": residual(change, spared),

@@ -56,9 +56,9 @@ def sweep(run_dir: Path) -> dict | None:
     for k in RANKS:
         directions = erase.orthonormal(erase.principal(change, spurious, k))
         fit = erase.refit(x_train, y_train, directions, config.distil.seed)
-        agree = fit.predict(x_judged - (x_judged @ directions.T) @ directions) == wanted
+        agree = fit.predict(erase.without(x_judged, directions)) == wanted
         tested = metrics_from_predictions(
-            test.rows.assign(pred=fit.predict(x_test - (x_test @ directions.T) @ directions)), card.classes
+            test.rows.assign(pred=fit.predict(erase.without(x_test, directions))), card.classes
         )
         out["ranks"][str(k)] = {
             "worst_group": round(tested["worst_group_accuracy"], 4),

@@ -77,31 +77,48 @@ def test_holdout_keeps_an_images_attempts_together():
 def _swap_background(data, split: str, n: int, out):
     """Ground-truth counterfactuals of the confounder: background brightness b -> 255 - b, square and noise kept.
     Training on them must teach a shortcut classifier to ignore the background (the distil stage's job)."""
-    (out / "counterfactuals").mkdir(parents=True)
     background = pd.read_csv(data.root / "metadata.csv").set_index("path")["background"]
-    rows = []
-    for row in data.split(split).head(n).itertuples():
-        x = np.asarray(Image.open(data.root / row.path), np.float32)
-        square = np.asarray(Image.open(data.root / row.feature_mask)) > 127
+
+    def swap(x, square, row):
         x[~square] += 255.0 - 2 * background[row.path]
-        cf_id = f"{split}-{row.Index:05d}-to-{1 - int(row.label)}-a1"
+
+    return _edited(data, data.split(split).head(n), split, out, swap, "spurious")
+
+
+def _swap_square(data, split: str, n: int, out):
+    """Counterfactuals of the real evidence, judged true: the last ``n`` images' red square a -> 255 - a."""
+
+    def swap(x, square, row):
+        x[square, 0] = 255.0 - x[square, 0]
+
+    return _edited(data, data.split(split).tail(n), split, out, swap, "true").assign(round=1)
+
+
+def _edited(data, rows, split: str, out, edit, verdict: str) -> pd.DataFrame:
+    """Counterfactuals of ``rows`` made by ``edit(x, square_mask, row)`` in place, saved with their originals (for
+    stretch) under out/counterfactuals; a spurious verdict keeps the source label, a true one teaches the target."""
+    (out / "counterfactuals").mkdir(parents=True, exist_ok=True)
+    table = []
+    for row in rows.itertuples():
+        x = np.asarray(Image.open(data.root / row.path), np.float32)
+        edit(x, np.asarray(Image.open(data.root / row.feature_mask)) > 127, row)
+        target = str(1 - int(row.label))
+        cf_id = f"{split}-{row.Index:05d}-to-{target}-a{1 if verdict == 'spurious' else 2}"
         Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).save(out / "counterfactuals" / f"{cf_id}.png")
-        Image.open(data.root / row.path).save(
-            out / "counterfactuals" / f"{cf_id}-original.png"
-        )  # for stretch
-        rows.append(
+        Image.open(data.root / row.path).save(out / "counterfactuals" / f"{cf_id}-original.png")
+        table.append(
             {
                 "id": cf_id,
                 "sample": f"{split}-{row.Index:05d}",
                 "counterfactual": f"counterfactuals/{cf_id}.png",
                 "original": f"counterfactuals/{cf_id}-original.png",
                 "source_class": row.label,
-                "target_class": str(1 - int(row.label)),
-                "label": row.label,  # the teacher's verdict 'spurious' keeps the source label
-                "verdict": "spurious",
+                "target_class": target,
+                "label": row.label if verdict == "spurious" else target,
+                "verdict": verdict,
             }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(table)
 
 
 def test_a_distil_round_raises_worst_group_accuracy(tiny_biased, tmp_path):
@@ -770,34 +787,6 @@ def test_erase_hold_adds_directions_until_the_spurious_edits_keep_their_source_l
     config = DistilConfig(layers="none", erase="hold")
     result = distil.run(ckpt, data, cfs, cfs.iloc[:0], folder, config, tmp_path / "out")
     assert result.card.metrics["erased_directions"] == len(chosen)
-
-
-def _swap_square(data, split: str, n: int, out):
-    """Counterfactuals of the real evidence, judged true: the last ``n`` images' red square a -> 255 - a."""
-    (out / "counterfactuals").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for row in data.split(split).tail(n).itertuples():
-        x = np.asarray(Image.open(data.root / row.path), np.float32)
-        square = np.asarray(Image.open(data.root / row.feature_mask)) > 127
-        x[square, 0] = 255.0 - x[square, 0]
-        cf_id = f"{split}-{row.Index:05d}-to-{1 - int(row.label)}-a2"
-        Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).save(out / "counterfactuals" / f"{cf_id}.png")
-        Image.open(data.root / row.path).save(out / "counterfactuals" / f"{cf_id}-original.png")
-        target = str(1 - int(row.label))
-        rows.append(
-            {
-                "id": cf_id,
-                "sample": f"{split}-{row.Index:05d}",
-                "counterfactual": f"counterfactuals/{cf_id}.png",
-                "original": f"counterfactuals/{cf_id}-original.png",
-                "source_class": row.label,
-                "target_class": target,
-                "label": target,  # the teacher's verdict 'true' teaches the target label
-                "verdict": "true",
-                "round": 1,
-            }
-        )
-    return pd.DataFrame(rows)
 
 
 def test_erase_verdicts_holds_the_true_edits_too(tiny_biased, tmp_path, monkeypatch):
