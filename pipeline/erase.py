@@ -69,8 +69,9 @@ KEEP = 2 / 3
 
 def per_round(config: DistilConfig, classes: int) -> int:
     """Principal directions erased per round: ``distil.erase``, or with auto one fewer than the classes (a shortcut
-    that tells K classes apart, a tag of K colours, spans K - 1 directions of the features), or with hold (and with verdicts
-    in a round that fine-tunes nothing) at least one (``holding_directions`` adds more); none after a fine-tune when ``erase_finetuned`` is off."""
+    that tells K classes apart, a tag of K colours, spans K - 1 directions of the features), or with hold and
+    verdicts at least one (``holding_directions`` adds more; with verdicts only in a round that fine-tunes
+    nothing); none after a fine-tune when ``erase_finetuned`` is off."""
     if config.layers != "none" and not config.erase_finetuned:
         return 0
     return {"auto": max(classes - 1, 1), "hold": 1, "verdicts": 1}.get(config.erase, config.erase)
