@@ -22,7 +22,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 from select_trusted import _local, matched_runs
 
 from pipeline import config as cfg
@@ -47,7 +46,7 @@ def sweep(run_dir: Path) -> dict | None:
     change = erase.feature_change(model, card, spurious, run_dir)
     most = erase.most_directions(change)
     x_judged = features(model, Counterfactuals(judged, run_dir, card.classes, transform))
-    wanted = np.array([card.classes.index(str(label)) for label in judged["label"]])
+    wanted = erase.class_indices(judged, card)
     is_spurious = (judged["verdict"] == "spurious").to_numpy()
     x_train, y_train = erase.training_features(model, card, data)
     test = ImageDataset(data, "test", card.classes, transform)
