@@ -305,6 +305,10 @@ class DistilConfig:
     # many as it takes for the refitted head to keep 90 % of the spurious edits at their source label; verdicts = as
     # hold, but the true edits must keep reaching their target too, and only in a round that fine-tunes nothing)
     erase: int | str = 1
+    # with erase: verdicts, after a fine-tune each earlier round whose erase searched its rank has as many directions
+    # of its spurious edits erased again, not one, and whole (its search already kept its true edits at their
+    # target): a shortcut that took several directions to hold stays erased
+    erase_ranks: bool = False
     # after a fine-tune, a direction lying mostly in what the true edits changed is still erased when the spurious
     # edits move along it more, in sum, than the true ones: most verdicts on that kind of change said spurious
     erase_vote: bool = True

@@ -185,7 +185,21 @@ def stage(
         evidence = labelled[labelled["verdict"] == "true"] if spare else None
         soft_from = explained if config.originals == "explained" else None
         true_edits = labelled[labelled["verdict"] == "true"]
-        run(start, data, fit, held, Path(run_dir), config, out, verbose, evidence, soft_from, true_edits)
+        ranks = erase.searched_ranks(Path(run_dir), taught[:-1]) if config.erase_ranks else None
+        run(
+            start,
+            data,
+            fit,
+            held,
+            Path(run_dir),
+            config,
+            out,
+            verbose,
+            evidence,
+            soft_from,
+            true_edits,
+            ranks,
+        )
 
 
 FLIPS = {
@@ -405,11 +419,14 @@ def run(
     evidence: pd.DataFrame | None = None,
     soft_from: Path | None = None,
     true_edits: pd.DataFrame | None = None,
+    ranks: dict[int, int] | None = None,
 ) -> DistilResult:
     """Distil the verdicts into the classifier at ``checkpoint`` (fine-tune unless ``layers: none``, the originals
     fitted to the probabilities of the classifier at ``soft_from`` when given, then erase what the spurious edits
     moved, less what the ``evidence`` edits, judged true, moved); write the weights and card to ``out``.
-    ``true_edits``: the counterfactuals judged true, which ``erase: verdicts`` keeps at their target."""
+    ``true_edits``: the counterfactuals judged true, which ``erase: verdicts`` keeps at their target; ``ranks``:
+    {earlier round: the rank its erase searched}, erased again, whole, for that round's edits after a
+    fine-tune."""
     if cf_train.empty:
         raise UserError("no counterfactual has a usable verdict in this round: nothing to distil")
     L.seed_everything(config.seed, workers=True, verbose=False)
@@ -423,23 +440,27 @@ def run(
     backbone = backbone.cpu().eval()
     k = erase.per_round(config, len(card.classes))
     if k > 0 and cf_train["verdict"].eq("spurious").any():
+        # erase_ranks: an earlier round whose search needed several directions to hold gets them again here, whole
+        # (that search already kept its true edits at their target)
+        rank = {r: ranks.get(int(r), k) for r in cf_train["round"].unique()} if ranks else k
+        whole = tuple(ranks or ())
 
-        def directions_for(k: int):
+        def directions_for(k: int | dict[int, int]):
             return erase.spurious_directions(
-                backbone, card, cf_train, cf_folder, k, evidence, config.erase_vote, config.erase_clip
+                backbone, card, cf_train, cf_folder, k, evidence, config.erase_vote, config.erase_clip, whole
             )
 
         # verdicts: the rank is searched only where nothing was fine-tuned; after a fine-tune 99 % of the edits'
         # feature change spans dozens of directions, so the search's cap no longer bounds it
         searched = config.erase == "hold" or (config.erase == "verdicts" and config.layers == "none")
         guard = true_edits if config.erase == "verdicts" else None
-        directions = (
-            erase.holding_directions(
+        if searched:
+            directions, rank = erase.holding_directions(
                 backbone, card, data, cf_train, cf_folder, directions_for, seed=config.seed, true_edits=guard
             )
-            if searched
-            else directions_for(k)
-        )
+            metrics.update(erased_rank=rank)
+        else:
+            directions = directions_for(rank)
         if len(directions):
             erase.project_out(backbone, card, data, directions, config.seed)
         metrics.update(erased_directions=len(directions))

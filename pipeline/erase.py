@@ -38,14 +38,23 @@ def feature_change(model: nn.Module, card, table: pd.DataFrame, folder: Path) ->
     return edited - original
 
 
-def principal(change: np.ndarray, table: pd.DataFrame, k: int, clip: bool = False) -> np.ndarray:
-    """The k principal directions of each round's changes, stacked (rows without a round count as one round); with
-    ``clip``, of the changes shortened to the round's median length."""
+def principal(
+    change: np.ndarray, table: pd.DataFrame, k: int | dict[int, int], clip: bool = False
+) -> np.ndarray:
+    """The k principal directions of each round's changes, stacked (rows without a round count as one round; a
+    dict gives each round its own k); with ``clip``, of the changes shortened to the round's median length."""
     rounds = table["round"].to_numpy() if "round" in table else np.zeros(len(table))
-    parts = [change[rounds == r] for r in np.unique(rounds)]
-    return np.concatenate(
-        [np.linalg.svd(clipped(rows) if clip else rows, full_matrices=False)[2][:k] for rows in parts]
-    )
+    parts = {r: change[rounds == r] for r in np.unique(rounds)}
+    directions = [
+        np.linalg.svd(clipped(rows) if clip else rows, full_matrices=False)[2][: rank_of(k, r)]
+        for r, rows in parts.items()
+    ]
+    return np.concatenate(directions) if directions else np.zeros((0, change.shape[1]))
+
+
+def rank_of(k: int | dict[int, int], round: int) -> int:
+    """The directions erased of round ``round``'s edits: ``k`` itself, or its entry for that round (else 1)."""
+    return k.get(int(round), 1) if isinstance(k, dict) else k
 
 
 def clipped(rows: np.ndarray) -> np.ndarray:
@@ -82,20 +91,24 @@ def spurious_directions(
     card,
     table: pd.DataFrame,
     folder: Path,
-    k: int,
+    k: int | dict[int, int],
     evidence: pd.DataFrame | None = None,
     vote: bool = False,
     clip: bool = False,
+    whole: tuple[int, ...] = (),
 ) -> np.ndarray:
     """Orthonormal directions (n, d) of what the spurious counterfactuals of ``table`` changed in the head's
     features: the k principal ones of each round's edits, so each round adds what the classifier it explained
     still used. With ``evidence`` (counterfactuals judged true) each direction loses its part in the subspace of
     what the true edits changed, and one that lay mostly there (less than half left) is not erased at all, unless
     ``vote`` and the spurious edits move along it more than the true ones (then it is erased whole). ``clip``:
-    the principal directions are those of the spurious changes shortened to their median length."""
+    the principal directions are those of the spurious changes shortened to their median length. The rounds
+    ``whole`` are erased whole, not spared: their rank search already kept their true edits reaching the target."""
     spurious = table[table["verdict"] == "spurious"]
     change = feature_change(model, card, spurious, folder)
-    top = principal(change, spurious, k, clip)
+    rounds = spurious["round"] if "round" in spurious else pd.Series(0, index=spurious.index)
+    searched = rounds.isin(whole).to_numpy()
+    top = principal(change[~searched], spurious[~searched], k, clip)
     if evidence is not None and not evidence.empty:
         true_change = feature_change(model, card, evidence, folder)
         real = evidence_directions(true_change)
@@ -103,7 +116,7 @@ def spurious_directions(
         kept = np.linalg.norm(spared, axis=1) >= 0.5
         outvoted = vote & (((change @ top.T) ** 2).sum(0) > ((true_change @ top.T) ** 2).sum(0))
         top = np.concatenate([spared[kept], top[~kept & outvoted]])
-    return orthonormal(top)
+    return orthonormal(np.concatenate([top, principal(change[searched], spurious[searched], k, clip)]))
 
 
 def evidence_directions(change: np.ndarray, energy: float = 0.9) -> np.ndarray:
@@ -136,13 +149,14 @@ def holding_directions(
     seed: int = 0,
     true_edits: pd.DataFrame | None = None,
     keep: float = KEEP,
-) -> np.ndarray:
+) -> tuple[np.ndarray, int]:
     """``directions_for(k)`` for the smallest k per round whose refitted head keeps the source label on ``hold`` of
     the spurious counterfactuals (the verdicts hold on the very edits they were given on), at most the k that
     holds 99 % of what those edits changed: a direction they hardly moved is no part of the shortcut, and with no
     such k, the cap. With ``true_edits`` (counterfactuals judged true) the verdicts hold both ways: a k is passed
     over where fewer of those reach their target than ``keep`` x the share they reach with one direction (the
-    extra directions are the evidence's), and with no k that holds both, one direction."""
+    extra directions are the evidence's), and with no k that holds both, one direction. Returns the directions and
+    the k they were taken with."""
     spurious = table[table["verdict"] == "spurious"]
     x, y = training_features(model, card, data)
     x_edited, x_original = edited_and_original(model, card, spurious, folder)
@@ -162,8 +176,20 @@ def holding_directions(
             reached = (head.predict(without(x_true, directions)) == target).mean()
             reached_with_one = reached if reached_with_one is None else reached_with_one
         if held and (not guard or reached >= keep * reached_with_one):
-            return directions
-    return directions_for(1) if guard else directions
+            return directions, k
+    return (directions_for(1), 1) if guard else (directions, k)
+
+
+def searched_ranks(run_dir: Path, rounds: list[int]) -> dict[int, int]:
+    """{round: the rank its own erase searched} of those of ``rounds`` whose distil card records one."""
+    ranks = {}
+    for r in rounds:
+        metrics = (
+            models.load_card(run_dir / f"distil_r{r}").metrics if (run_dir / f"distil_r{r}").is_dir() else {}
+        )
+        if "erased_rank" in metrics:
+            ranks[r] = int(metrics["erased_rank"])
+    return ranks
 
 
 def class_indices(table: pd.DataFrame, card) -> np.ndarray:

@@ -774,19 +774,21 @@ def test_erase_hold_adds_directions_until_the_spurious_edits_keep_their_source_l
         )
 
     # a share no head reaches: every k up to the cap (99 % of the edits' change) is tried, the cap is kept
-    capped = erase.holding_directions(model, card, data, cfs, folder, directions_for, hold=1.01)
+    capped, rank = erase.holding_directions(model, card, data, cfs, folder, directions_for, hold=1.01)
     tried, most = list(asked), len(asked)
     assert tried == list(range(1, most + 1)) and len(capped) == len(directions_for(most)) < len(cfs)
+    assert rank == most
     shares = [held(directions_for(k)) for k in tried]
     # the share asked for: the first k that reaches it, else the cap
     asked.clear()
-    chosen = erase.holding_directions(model, card, data, cfs, folder, directions_for)
+    chosen, rank = erase.holding_directions(model, card, data, cfs, folder, directions_for)
     first = next((k for k, share in enumerate(shares, 1) if share >= erase.HOLD), most)
-    assert asked[-1] == first and len(chosen) == len(directions_for(first)), shares
+    assert asked[-1] == rank == first and len(chosen) == len(directions_for(first)), shares
     # the round: erase hold on the head alone erases as many directions as that choice
     config = DistilConfig(layers="none", erase="hold")
     result = distil.run(ckpt, data, cfs, cfs.iloc[:0], folder, config, tmp_path / "out")
     assert result.card.metrics["erased_directions"] == len(chosen)
+    assert result.card.metrics["erased_rank"] == first
 
 
 def test_erase_verdicts_holds_the_true_edits_too(tiny_biased, tmp_path, monkeypatch):
@@ -819,9 +821,10 @@ def test_erase_verdicts_holds_the_true_edits_too(tiny_biased, tmp_path, monkeypa
     assert most > 1 and held_most > held_1 and reached_1 > 0  # more directions hold more spurious edits
 
     def chosen(**rule) -> int:
-        found = erase.holding_directions(
+        found, rank = erase.holding_directions(
             model, card, data, spurious, folder, directions_for, true_edits=true, **rule
         )
+        assert len(found) == len(directions_for(rank))
         return len(found)
 
     # held at the cap only: taken while the true edits keep their reach, one direction where they would not
@@ -852,12 +855,58 @@ def test_the_distil_stage_hands_the_rounds_true_edits_to_the_erase(tiny_biased, 
 
     def holding(*args, true_edits=None, **kwargs):
         seen.append(sorted(true_edits["verdict"]))
-        return np.zeros((0, 1))
+        return np.zeros((0, 1)), 1
 
     monkeypatch.setattr(erase, "holding_directions", holding)
     (tmp_path / "out").mkdir()
     distil.stage(run, [1], ckpt, ckpt, data, DistilConfig(layers="none", erase="verdicts"), tmp_path / "out")
     assert seen == [["true"] * 4]
+
+
+def test_erase_ranks_erases_again_the_rank_an_earlier_round_searched(tiny_biased, tmp_path, monkeypatch):
+    """distil.erase_ranks: after a fine-tune, round 1's spurious edits lose as many directions as round 1's own
+    search took (read from its distil card), the round's own edits one; without it, one direction per round."""
+    ckpt, data = tiny_biased
+    folder = tmp_path / "explain"
+    cfs = _swap_background(data, "train", 24, folder)
+    two_rounds = cfs.assign(round=[1] * 12 + [2] * 12)
+    config = DistilConfig(erase="verdicts", erase_ranks=True, layers="all", epochs=1, passes=0)
+    erased = {
+        label: distil.run(
+            ckpt, data, two_rounds, cfs.iloc[:0], folder, config, tmp_path / label, ranks=ranks
+        ).card.metrics["erased_directions"]
+        for label, ranks in (("ranks", {1: 3}), ("none", None))
+    }
+    assert erased == {"ranks": 4, "none": 2}
+    # a round whose rank was searched is erased whole: that search already kept its true edits at their target
+    evidence, model, card = cfs.assign(verdict="true", round=1), *models.load(ckpt)
+    spared = erase.spurious_directions(model, card, two_rounds, folder, {1: 3}, evidence)
+    whole = erase.spurious_directions(model, card, two_rounds, folder, {1: 3}, evidence, whole=(1,))
+    second = two_rounds[two_rounds["round"] == 2]
+    assert len(whole) == 3 + len(erase.spurious_directions(model, card, second, folder, 1, evidence))
+    assert len(whole) > len(spared)
+    # the stage reads the ranks of the earlier rounds' cards (a round whose card records none: nothing to carry)
+    run, _ = _four_true_twenty_spurious(ckpt, data, tmp_path)
+    shutil.copytree(run / "explain", run / "explain_r2")
+    shutil.copytree(run / "feedback_r1", run / "feedback_r2")
+    card = models.load_card(ckpt)
+    models.save(models.load(ckpt)[0], replace(card, metrics={"erased_rank": 3}), run / "distil_r1")
+    assert erase.searched_ranks(run, [1, 2]) == {1: 3}
+    seen = []
+    monkeypatch.setattr(distil, "run", lambda *a, **k: seen.append(a[11] if len(a) > 11 else k.get("ranks")))
+    (tmp_path / "out").mkdir()
+    for ranks_on in (True, False):
+        distil.stage(run, [1, 2], ckpt, ckpt, data, replace(config, erase_ranks=ranks_on), tmp_path / "out")
+    assert seen == [{1: 3}, None]
+
+
+def test_erase_ranks_gives_each_round_its_own_number_of_principal_directions():
+    rng = np.random.default_rng(0)
+    change = rng.standard_normal((30, 8))
+    table = pd.DataFrame({"round": [1] * 15 + [2] * 15})
+    assert len(erase.principal(change, table, {1: 3})) == 4  # round 2 has no entry: one
+    assert len(erase.principal(change, table, {1: 2, 2: 5})) == 7
+    assert np.allclose(erase.principal(change, table, {1: 2, 2: 2}), erase.principal(change, table, 2))
 
 
 def test_layers_none_changes_only_the_head_by_erasing(tiny_biased, tmp_path):
