@@ -182,14 +182,9 @@ def holding_directions(
 
 def searched_ranks(run_dir: Path, rounds: list[int]) -> dict[int, int]:
     """{round: the rank its own erase searched} of those of ``rounds`` whose distil card records one."""
-    ranks = {}
-    for r in rounds:
-        metrics = (
-            models.load_card(run_dir / f"distil_r{r}").metrics if (run_dir / f"distil_r{r}").is_dir() else {}
-        )
-        if "erased_rank" in metrics:
-            ranks[r] = int(metrics["erased_rank"])
-    return ranks
+    cards = {r: run_dir / f"distil_r{r}" for r in rounds}
+    metrics = {r: models.load_card(card).metrics for r, card in cards.items() if card.is_dir()}
+    return {r: int(m["erased_rank"]) for r, m in metrics.items() if "erased_rank" in m}
 
 
 def class_indices(table: pd.DataFrame, card) -> np.ndarray:
