@@ -21,7 +21,7 @@ For a batch of images x (in [-1, 1]) and target classes, each attempt k = 1..K:
 Between 5 and 6 each attempt is confined (pipeline/confinement.py) to the smallest part of its edit that still flips.
 With ``cast`` one more attempt follows: the channel gains of the whole image that flip it (pipeline/cast.py); with
 ``cast_competes`` that cast is one more candidate of attempt 1 instead, and the smallest valid edit wins.
-Every knob of the search (``explain.search``) is documented on its dataclass, ``SearchConfig`` in pipeline/config.py.
+Every knob of the search (``explain.search``) is documented on its dataclass, ``SearchConfig`` in pipeline/search_config.py.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline import cast, confinement, donors, manifest
-from pipeline.config import SearchConfig as Settings
 from pipeline.generator import pooled
 from pipeline.progress import Progress, log_odds
 from pipeline.regions import (
@@ -44,6 +43,7 @@ from pipeline.regions import (
     pixels,
     roughness,
 )
+from pipeline.search_config import SearchConfig as Settings
 
 # the share of the way to the goal (target log-odds) a paste that did not flip must have gone to be searched on
 # (donor_finish) or judged as attempt 2 (donor_attempt): half, as feedback.partial's default judges near-flips
