@@ -178,12 +178,13 @@ class DistilConfig:
     # refit it on the training images: the verdict removes a feature from every image, not only the edited (0 = off;
     # auto = one fewer than the classes: a shortcut that tells K classes apart spans K - 1 directions; hold = as
     # many as it takes for the refitted head to keep 90 % of the spurious edits at their source label; verdicts = as
-    # hold, but the true edits must keep reaching their target too, and only in a round that fine-tunes nothing)
-    erase: int | str = 1
+    # hold, but the true edits must keep reaching their target too, and only in a round that fine-tunes nothing;
+    # after a fine-tune, one per round)
+    erase: int | str = "verdicts"
     # with erase: verdicts, after a fine-tune each earlier round whose erase searched its rank has as many directions
     # of its spurious edits erased again, not one, and whole (its search already kept its true edits at their
-    # target): a shortcut that took several directions to hold stays erased
-    erase_ranks: bool = False
+    # target): a shortcut that took several directions to hold stays erased (other erase values search no rank)
+    erase_ranks: bool = True
     # after a fine-tune, a direction lying mostly in what the true edits changed is still erased when the spurious
     # edits move along it more, in sum, than the true ones: most verdicts on that kind of change said spurious
     erase_vote: bool = True

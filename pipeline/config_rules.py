@@ -159,9 +159,4 @@ def cross_checks(config: RunConfig) -> list[str]:
             f"distil.erase_finetuned: false with distil.layers: {config.distil.layers} never erases; set "
             "distil.erase: 0 to fine-tune alone, or distil.layers: staged to erase in round 1 only"
         )
-    if config.distil.erase_ranks and config.distil.erase != "verdicts":
-        issues.append(
-            "distil.erase_ranks erases again the rank an earlier round's erase searched, which only "
-            f"distil.erase: verdicts records for a later round to use (it is {config.distil.erase})"
-        )
     return issues

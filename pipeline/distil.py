@@ -185,7 +185,9 @@ def stage(
         evidence = labelled[labelled["verdict"] == "true"] if spare else None
         soft_from = explained if config.originals == "explained" else None
         true_edits = labelled[labelled["verdict"] == "true"]
-        ranks = erase.searched_ranks(Path(run_dir), taught[:-1]) if config.erase_ranks else None
+        # only erase: verdicts searches its rank with both kinds of verdict holding
+        keep_ranks = config.erase_ranks and config.erase == "verdicts"
+        ranks = erase.searched_ranks(Path(run_dir), taught[:-1]) if keep_ranks else None
         run(
             start,
             data,

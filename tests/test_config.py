@@ -99,11 +99,9 @@ def test_cfkd_sections_are_checked():
         config.from_dict({"distil": {"erase": 0}})  # the default layers need the erase
     with pytest.raises(UserError, match="distil.erase_finetuned: false with distil.layers: all never erases"):
         config.from_dict({"distil": {"layers": "all", "erase_finetuned": False}})
-    with pytest.raises(
-        UserError, match=r"distil.erase_ranks .* only distil.erase: verdicts records .*\(it is 1\)"
-    ):
-        config.from_dict({"distil": {"erase_ranks": True}})
-    assert config.from_dict({"distil": {"erase_ranks": True, "erase": "verdicts"}}).distil.erase_ranks
+    # the recommended erase searches its rank and keeps it; another erase value alone is valid (nothing to keep)
+    assert (config.RunConfig().distil.erase, config.RunConfig().distil.erase_ranks) == ("verdicts", True)
+    assert config.from_dict({"distil": {"erase": 1}}).distil.erase_ranks
     # the vote is on by default: turning the cast off alone is valid (there are no casts to vote on)
     assert config.from_dict({"explain": {"search": {"cast": False}}}).distil.cast_vote
     with pytest.raises(UserError, match=r"explain.search.pace \(0.8\) is above feedback.partial \(0.5\)"):

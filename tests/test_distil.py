@@ -895,9 +895,10 @@ def test_erase_ranks_erases_again_the_rank_an_earlier_round_searched(tiny_biased
     seen = []
     monkeypatch.setattr(distil, "run", lambda *a, **k: seen.append(a[11] if len(a) > 11 else k.get("ranks")))
     (tmp_path / "out").mkdir()
-    for ranks_on in (True, False):
-        distil.stage(run, [1, 2], ckpt, ckpt, data, replace(config, erase_ranks=ranks_on), tmp_path / "out")
-    assert seen == [{1: 3}, None]
+    for ranks_on, how in ((True, "verdicts"), (False, "verdicts"), (True, "hold")):
+        changed = replace(config, erase_ranks=ranks_on, erase=how)
+        distil.stage(run, [1, 2], ckpt, ckpt, data, changed, tmp_path / "out")
+    assert seen == [{1: 3}, None, None]  # only erase: verdicts searched its rank with the true edits holding
 
 
 def test_erase_ranks_gives_each_round_its_own_number_of_principal_directions():
@@ -930,7 +931,7 @@ def test_erase_vote_decides_a_rounds_erase_when_true_edits_share_the_direction(t
     cfs = _swap_background(data, "train", 24, tmp_path / "explain")
     few = cfs.head(4).assign(verdict="true")
     for vote in (False, True):
-        config = DistilConfig(layers="none", erase_vote=vote)
+        config = DistilConfig(layers="none", erase=1, erase_vote=vote)
         out = tmp_path / f"out-{vote}"
         result = distil.run(ckpt, data, cfs, cfs.iloc[:0], tmp_path / "explain", config, out, evidence=few)
         assert result.card.metrics["erased_directions"] == int(vote)
@@ -942,7 +943,7 @@ def test_erase_alone_does_not_spare_true_edits_in_the_features_they_flipped(tiny
     edits moved although four edits judged true moved it too; erasing in other weights spares it."""
     ckpt, data = tiny_biased
     run, other = _four_true_twenty_spurious(ckpt, data, tmp_path)
-    config = DistilConfig(layers="none", erase_vote=False)
+    config = DistilConfig(layers="none", erase=1, erase_vote=False)
     for explained, erased in ((ckpt, 1), (other, 0)):
         out = tmp_path / f"out-{erased}"
         out.mkdir()
@@ -958,7 +959,7 @@ def test_erase_spare_off_erases_what_true_edits_moved_too(tiny_biased, tmp_path)
     for spare, erased in ((True, 0), (False, 1)):
         out = tmp_path / f"out-{spare}"
         out.mkdir()
-        config = DistilConfig(layers="none", erase_vote=False, erase_spare=spare)
+        config = DistilConfig(layers="none", erase=1, erase_vote=False, erase_spare=spare)
         distil.stage(run, [1], ckpt, other, data, config, out)
         assert models.load_card(out).metrics["erased_directions"] == erased
 
@@ -1001,7 +1002,7 @@ def test_erase_finetuned_off_erases_only_in_a_round_that_fine_tunes_nothing(tiny
     ckpt, data = tiny_biased
     cfs = _swap_background(data, "train", 24, tmp_path / "explain").assign(round=1)
     for layers, erased in (("all", None), ("none", 1)):
-        config = DistilConfig(layers=layers, erase_finetuned=False, epochs=1, passes=0)
+        config = DistilConfig(layers=layers, erase=1, erase_finetuned=False, epochs=1, passes=0)
         out = tmp_path / f"out-{layers}"
         card = distil.run(ckpt, data, cfs, cfs.iloc[:0], tmp_path / "explain", config, out).card
         assert card.metrics.get("erased_directions") == erased
