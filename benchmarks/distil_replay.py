@@ -9,6 +9,10 @@ still needs a suite run.
     .venv/bin/python benchmarks/distil_replay.py --tag donors --round 2 \
         --variant start=latest,originals=explained,erase_finetuned=false --out refine-replay
 
+``--fine-tuned`` replays variants that change only the erase (``distil.erase*``) from the round's own fine-tuned
+layers (the run's distil_rR weights) instead of fine-tuning again: the erase refits only the head, so the result is
+the run's exact result under the variant, in seconds instead of minutes.
+
 ``--run DIR`` replays one run directory of any kind instead (a ``cfkd run`` of the demo, whose data the run made
 itself), named by its folder.
 
@@ -70,6 +74,28 @@ def attempts_only(keep):
         distil.training_set = every
 
 
+def erase_only(changes: dict) -> bool:
+    """Whether ``changes`` touch only what the erase does (``--fine-tuned`` can replay those exactly)."""
+    return all(key.startswith("erase") for key in changes)
+
+
+@contextlib.contextmanager
+def fine_tuned_from(weights: Path):
+    """While open, the distil stage's fine-tune loads the layers saved at ``weights`` instead of training: the
+    features the erase works in are the run's own (its refit of the head starts afresh either way)."""
+    every = distil.fine_tune
+
+    def loaded(backbone, *args, **kwargs) -> dict:
+        backbone.load_state_dict(models.load(weights)[0].state_dict())
+        return {}
+
+    distil.fine_tune = loaded
+    try:
+        yield
+    finally:
+        distil.fine_tune = every
+
+
 def only_attempts(label: str, run_dir: Path):
     """The verdicts a diagnostic variant teaches: first attempts only, all but the cast's, or all."""
     if label == "first_attempts":
@@ -93,8 +119,9 @@ def verdicts_by_attempt(run_dir: Path, r: int) -> dict:
     return {str(a): {v: int(n) for (_, v), n in group.items()} for a, group in counts.groupby(level=0)}
 
 
-def replay(run_dir: Path, r: int, changes: dict) -> dict:
-    """Round r of the run distilled again with its distil settings changed by ``changes``."""
+def replay(run_dir: Path, r: int, changes: dict, fine_tuned: bool = False) -> dict:
+    """Round r of the run distilled again with its distil settings changed by ``changes`` (``fine_tuned``: from
+    the round's own fine-tuned layers)."""
     config = cfg.load(run_dir / "config.yaml")
     distil_config = changed_distil(config, changes)
     explained = "classifier" if r == 1 else f"distil_r{r - 1}"
@@ -104,9 +131,11 @@ def replay(run_dir: Path, r: int, changes: dict) -> dict:
         start = run_dir / rounds.start(distil_config, explained)
         taught = rounds.taught(distil_config, r)
         cast_attempt = config.explain.search.cast_attempt  # as the runner passes it
-        distil.stage(
-            run_dir, taught, start, run_dir / explained, data, distil_config, out, False, cast_attempt
-        )
+        reused = fine_tuned_from(run_dir / f"distil_r{r}") if fine_tuned else contextlib.nullcontext()
+        with reused:
+            distil.stage(
+                run_dir, taught, start, run_dir / explained, data, distil_config, out, False, cast_attempt
+            )
         model, card = models.load(out)
         tested, _ = evaluate(model.eval(), card, data)
     return {
@@ -132,8 +161,17 @@ def main() -> int:
         action="store_true",
         help="also replay without the verdicts on the colour-cast attempt (explain.search.cast: the last one)",
     )
+    p.add_argument(
+        "--fine-tuned",
+        action="store_true",
+        help="erase-only variants: reuse the round's own fine-tuned layers instead of fine-tuning again",
+    )
     args = p.parse_args()
     variants = {"as_is": {}} | {v: settings(v) for v in args.variant}
+    if args.fine_tuned and (
+        args.first_attempts or args.without_casts or not all(map(erase_only, variants.values()))
+    ):  # other verdicts taught or other fine-tune settings would have fine-tuned other layers
+        raise SystemExit("--fine-tuned replays only variants of the distil.erase* settings")
     if args.first_attempts:
         variants["first_attempts"] = {}
     if args.without_casts:
@@ -151,7 +189,7 @@ def main() -> int:
         for label, changes in variants.items():
             if label not in row:
                 with only_attempts(label, run_dir):
-                    row[label] = replay(run_dir, args.round, changes)
+                    row[label] = replay(run_dir, args.round, changes, args.fine_tuned)
                 out.write_text(json.dumps(results, indent=2) + "\n")
         if (args.first_attempts or args.without_casts) and "verdicts_by_attempt" not in row:
             row["verdicts_by_attempt"] = {

@@ -143,3 +143,30 @@ def test_erase_rank_replays_the_hold_and_verdicts_choices_on_a_sweep(monkeypatch
     sums = erase_rank.summary({"a": object_lost, "b": kept_enough})
     assert sums["sum_worst_group_hold"] == 0.6 and sums["sum_worst_group_verdicts"] == 0.5
     assert object_lost["verdicts_chooses"] == 1 and sums["sum_worst_group"][2] == 0.4
+
+
+def test_distil_replay_reuses_the_rounds_fine_tuned_layers(tiny_biased, tmp_path, monkeypatch):
+    """benchmarks/distil_replay.py --fine-tuned: inside the context the stage's fine-tune loads the round's saved
+    layers instead of training, and only erase settings may vary (anything else fine-tunes other layers)."""
+    import torch
+
+    from pipeline import distil, models
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import distil_replay
+
+    ckpt, data = tiny_biased
+    saved, card = models.load(ckpt)
+    with torch.no_grad():
+        for weight in saved.parameters():
+            weight.add_(0.5)
+    models.save(saved, card, tmp_path / "distil_r2")
+    fresh, _ = models.load(ckpt)
+    real = distil.fine_tune
+    with distil_replay.fine_tuned_from(tmp_path / "distil_r2"):
+        assert distil.fine_tune(fresh, card, data, None, None, None, None, None, False, None) == {}
+    assert distil.fine_tune is real
+    pairs = zip(fresh.state_dict().values(), saved.state_dict().values())
+    assert all(torch.allclose(a, b) for a, b in pairs)
+    assert distil_replay.erase_only({"erase": "hold", "erase_ranks": False, "erase_spare": False})
+    assert not distil_replay.erase_only({"erase_ranks": True, "start": "latest"})
