@@ -266,6 +266,9 @@ def test_rounds_write_metrics_and_resume_after_an_interruption(tmp_path, tiny_co
         assert sum(r["labels"].values()) + r["not_flipped"] + r["abstained"] == r["counterfactuals"]
         assert set(r["gain"]) == {"accuracy", "worst_group_accuracy"}
     assert {"accuracy", "worst_group_accuracy", "gain"} <= set(metrics["dfr"])
+    # the default erase searched round 1's rank; round 2 reads it back from round 1's card
+    assert metrics["rounds"][0]["training"]["erased_rank"] >= 1
+    assert erase.searched_ranks(root, [1]) == {1: metrics["rounds"][0]["training"]["erased_rank"]}
     html = (root / "report.html").read_text()
     assert "CFKD rounds" in html and "DFR" in html and "feedback accuracy" in html
     assert "rejected as unrealistic" in html and "realism proxy" in html
