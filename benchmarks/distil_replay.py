@@ -33,6 +33,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import yaml
 from suite import tagged_runs
@@ -59,7 +60,6 @@ def changed_distil(config: cfg.RunConfig, changes: dict) -> cfg.DistilConfig:
     return cfg.from_dict(cfg.to_dict(config) | {"distil": cfg.to_dict(config.distil) | changes}).distil
 
 
-@contextlib.contextmanager
 def attempts_only(keep):
     """While open, the distil stage sees only the verdicts given on the attempts ``keep`` (attempt -> bool) keeps."""
     every = distil.training_set
@@ -67,11 +67,7 @@ def attempts_only(keep):
     def kept(table, consensus, use_true):
         return every(table[table["attempt"].astype(int).map(keep)], consensus, use_true)
 
-    distil.training_set = kept
-    try:
-        yield
-    finally:
-        distil.training_set = every
+    return mock.patch.object(distil, "training_set", kept)
 
 
 def erase_only(changes: dict) -> bool:
@@ -79,21 +75,15 @@ def erase_only(changes: dict) -> bool:
     return all(key.startswith("erase") for key in changes)
 
 
-@contextlib.contextmanager
 def fine_tuned_from(weights: Path):
     """While open, the distil stage's fine-tune loads the layers saved at ``weights`` instead of training: the
     features the erase works in are the run's own (its refit of the head starts afresh either way)."""
-    every = distil.fine_tune
 
     def loaded(backbone, *args, **kwargs) -> dict:
         backbone.load_state_dict(models.load(weights)[0].state_dict())
         return {}
 
-    distil.fine_tune = loaded
-    try:
-        yield
-    finally:
-        distil.fine_tune = every
+    return mock.patch.object(distil, "fine_tune", loaded)
 
 
 def only_attempts(label: str, run_dir: Path):
