@@ -182,9 +182,9 @@ def stage(
         # direction, true or spurious alike, so sharing it says nothing about what is evidence
         searched_on = config.layers == "none" and start == explained
         spare = config.erase and config.erase_spare and not searched_on
-        evidence = labelled[labelled["verdict"] == "true"] if spare else None
-        soft_from = explained if config.originals == "explained" else None
         true_edits = labelled[labelled["verdict"] == "true"]
+        evidence = true_edits if spare else None
+        soft_from = explained if config.originals == "explained" else None
         # only erase: verdicts searches its rank with both kinds of verdict holding
         keep_ranks = config.erase_ranks and config.erase == "verdicts"
         ranks = erase.searched_ranks(Path(run_dir), taught[:-1]) if keep_ranks else None
